@@ -1,0 +1,370 @@
+"""Inference of a :class:`WeightSpaceSpec` from a PyTorch module.
+
+The module is traced with torch.fx (modules that have a rule stay single ops), shapes are propagated with an example
+input, the graph is turned into a networkx architecture graph, and axis terms (:mod:`unf.spec.terms`) are pushed
+through it in topological order by the per-op rules of :mod:`unf.spec.registry`. Network inputs and outputs are fixed;
+what remains free at the end is the spec's symmetry groups.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
+from . import terms as T
+from .registry import function_rule, method_rule, module_rule
+from .spec import TensorSpec, WeightSpaceSpec
+
+
+class SpecInferenceError(RuntimeError):
+    """The spec of a module could not be inferred (untraceable model, or an unproven op with ``strict=True``)."""
+
+
+class UnprovenSymmetryWarning(UserWarning):
+    """An op had no rule, so the axes it touches were kept fixed (conservative)."""
+
+
+@dataclass
+class Sym:
+    """A symbolic tensor during inference: its shape and one axis term per axis."""
+    shape: tuple[int, ...]
+    axes: list
+    pending: Optional[list] = None  # terms to fix as soon as the tensor is used (see RuleContext.deferred)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _fixed_sym(shape) -> Sym:
+    return Sym(tuple(shape), [T.fixed(n) for n in shape])
+
+
+def _meta_to_shapes(meta) -> Any:
+    if isinstance(meta, TensorMetadata):
+        return tuple(meta.shape)
+    if isinstance(meta, (tuple, list)):
+        return type(meta)(_meta_to_shapes(m) for m in meta) if not hasattr(meta, "_fields") else \
+            tuple(_meta_to_shapes(m) for m in meta)
+    if isinstance(meta, dict):
+        return {k: _meta_to_shapes(v) for k, v in meta.items()}
+    return None
+
+
+def _syms_in(value) -> list[Sym]:
+    if isinstance(value, Sym):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [s for v in value for s in _syms_in(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _syms_in(v)]
+    return []
+
+
+class RuleContext:
+    """What a rule sees: the node, its module (for module rules), the output shape(s), and term operations."""
+
+    def __init__(self, engine: "_Inference", node: fx.Node, module: Optional[nn.Module] = None,
+                 out_shape=None, scope: Optional[str] = None):
+        self.engine, self.node, self.module = engine, node, module
+        self._out_shape = out_shape
+        self.scope = scope if scope is not None else (str(node.target) if node.op == "call_module" else "")
+
+    @property
+    def out_shape(self):
+        """Shape of the output tensor (or a nested tuple of shapes for tuple outputs)."""
+        return self._out_shape if self._out_shape is not None else self.engine.shapes.get(self.node)
+
+    def sub(self, name: str, out_shape) -> "RuleContext":
+        """Context for submodule ``name`` of a composite module rule, whose output has shape ``out_shape``."""
+        return RuleContext(self.engine, self.node, self.module.get_submodule(name), out_shape,
+                           f"{self.scope}.{name}" if self.scope else name)
+
+    def param(self, name: str) -> Optional[Sym]:
+        """The Sym of the called module's parameter/buffer ``name`` (dotted for submodules), or None if unset."""
+        obj = self.module
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        return self.engine.tensor_sym(obj) if isinstance(obj, torch.Tensor) else None
+
+    def var(self, size: int, hint: str) -> tuple:
+        """A new term: a free var named after this op (fixed if size <= 1)."""
+        return T.fresh(size, f"{self.scope}.{hint}" if self.scope else hint)
+
+    def unify(self, a, b) -> None:
+        T.unify(a, b)
+
+    def fix(self, *items) -> bool:
+        """Fix every var in the given Syms/terms; returns whether symmetry was given up."""
+        lost = False
+        for it in items:
+            for term in (it.axes if isinstance(it, Sym) else [it]):
+                lost |= T.fix(term)
+        return lost
+
+    def give_up(self, reason: str, *items) -> None:
+        """Fix the given Syms/terms because this rule cannot prove a symmetry; warns (or raises if strict)."""
+        if self.fix(*items):
+            self.engine.report(self.node, reason)
+
+    def output(self, axes: Sequence, shape=None) -> Sym:
+        shape = tuple(self.out_shape if shape is None else shape)
+        if len(axes) != len(shape):
+            raise RuntimeError(f"rule for node {self.node.name!r} gave {len(axes)} axis terms for shape {shape}")
+        return Sym(shape, list(axes))
+
+    def fixed_output(self, shapes=None):
+        shapes = self.out_shape if shapes is None else shapes
+        if shapes is None:
+            return None
+        if isinstance(shapes, tuple) and all(isinstance(n, int) for n in shapes):
+            return _fixed_sym(shapes)
+        if isinstance(shapes, dict):
+            return {k: self.fixed_output(v) for k, v in shapes.items()}
+        return tuple(self.fixed_output(s) for s in shapes)
+
+    def deferred(self, shape, terms_to_fix: list, axes: list) -> Sym:
+        """An output whose first use fixes ``terms_to_fix`` (argmax indices, an RNN's stacked per-layer states)."""
+        return Sym(tuple(shape), list(axes), pending=list(terms_to_fix))
+
+
+class _Tracer(fx.Tracer):
+    """Keeps modules with a rule (and childless torch.nn modules) as single ops; remembers where tracing fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if module_rule(m) is not None:
+            return True
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return m.__module__.startswith("torch.nn") and next(m.children(), None) is None
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx and annotate every node with its output shape (``node.meta['tensor_meta']``)."""
+    tracer = _Tracer()
+    name = type(model).__name__
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = f" inside submodule {tracer.stack[-1]!r}" if tracer.stack and tracer.stack[-1] else ""
+        raise SpecInferenceError(
+            f"torch.fx could not trace {name}{where}: {type(e).__name__}: {e}\n"
+            "Spec inference needs a forward without data-dependent control flow. Either write the spec by hand with "
+            "unf.WeightSpaceSpec.from_axes(...), or register a rule for the offending module with "
+            "unf.register_module_rule(ModuleType) so that it is treated as one op (see unf.spec.registry).") from e
+    gm = fx.GraphModule(tracer.root, graph, name)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    model.eval()  # shapes only: do not touch BatchNorm running statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as e:
+        raise SpecInferenceError(f"running {name} on the example inputs failed: {type(e).__name__}: {e}. "
+                                 "Pass example inputs the model accepts (shape and dtype).") from e
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def architecture_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The traced graph as a networkx DiGraph: nodes are fx nodes (attrs ``op``, ``target``, ``shape``)."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node, op=node.op, target=node.target, shape=_meta_to_shapes(node.meta.get("tensor_meta")))
+        for src in node.all_input_nodes:
+            g.add_edge(src, node)
+    return g
+
+
+class _Inference:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool):
+        self.model, self.gm, self.strict = model, gm, strict
+        self.shapes = {n: _meta_to_shapes(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
+        self.env: dict[fx.Node, Any] = {}
+        self.report_log: list[str] = []
+        # state_dict entries; tied tensors (same object under several keys) share one Sym
+        sd = model.state_dict(keep_vars=True)
+        self.keys = list(sd)
+        self.key_sym: dict[str, Sym] = {}
+        self.by_id: dict[int, Sym] = {}
+        self.used: set[int] = set()
+        for key, t in sd.items():
+            if id(t) not in self.by_id:
+                axes = [T.fresh(n) if t.is_floating_point() else T.fixed(n) for n in t.shape]
+                self.by_id[id(t)] = Sym(tuple(t.shape), axes)
+            self.key_sym[key] = self.by_id[id(t)]
+
+    # -- helpers for rules ---------------------------------------------------------------------------------------
+    def tensor_sym(self, t: torch.Tensor) -> Sym:
+        sym = self.by_id.get(id(t))
+        if sym is None:  # a tensor outside the state_dict is never permuted
+            return _fixed_sym(t.shape)
+        self.used.add(id(t))
+        return sym
+
+    def report(self, node: fx.Node, reason: str) -> None:
+        msg = f"node {node.name!r} ({_describe(node)}): {reason}"
+        if self.strict:
+            raise SpecInferenceError(msg + " (strict=True). Register a rule for it (unf.register_module_rule / "
+                                           "register_function_rule / register_method_rule) or pass strict=False.")
+        self.report_log.append(msg)
+        warnings.warn(msg + "; the axes it touches are kept fixed.", UnprovenSymmetryWarning, stacklevel=4)
+
+    # -- the walk ------------------------------------------------------------------------------------------------
+    def _load(self, value, consume: bool = True):
+        """Node args -> Syms; using a tensor triggers its deferred fixes (not so for picking it out of a tuple)."""
+        if isinstance(value, fx.Node):
+            v = self.env[value]
+            if isinstance(v, Sym) or consume:
+                for s in _syms_in(v):
+                    if s.pending:
+                        for t in s.pending:
+                            T.fix(t)
+                        s.pending = None
+            return v
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._load(v, consume) for v in value)
+        if isinstance(value, dict):
+            return {k: self._load(v, consume) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self._load(value.start), self._load(value.stop), self._load(value.step))
+        return value
+
+    def run(self) -> None:
+        for node in nx.topological_sort(architecture_graph(self.gm)):
+            self.env[node] = self._step(node)
+
+    def _step(self, node: fx.Node):
+        shape = self.shapes.get(node)
+        if node.op == "placeholder":
+            return _fixed_sym(shape) if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape) \
+                else RuleContext(self, node).fixed_output()
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return self.tensor_sym(obj) if isinstance(obj, torch.Tensor) else None
+        if node.op == "output":
+            for s in _syms_in(self._load(node.args)):
+                for a in s.axes:
+                    T.fix(a)
+            return None
+        consume = node.target not in (operator.getitem, getattr)
+        args, kwargs = self._load(node.args, consume), self._load(node.kwargs, consume)
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        if node.op == "call_module":
+            rule = module_rule(module)
+        elif node.op == "call_method":
+            rule = method_rule(node.target)
+        else:
+            rule = function_rule(node.target)
+        ctx = RuleContext(self, node, module)
+        if rule is None:
+            return self._fallback(ctx, args, kwargs)
+        return rule(ctx, *args, **kwargs)
+
+    def _fallback(self, ctx: RuleContext, args, kwargs):
+        if not _syms_in((args, kwargs)) and ctx.module is None:
+            return ctx.fixed_output()  # no tensor input (a constant, a shape computation): nothing to prove
+        touched = list(_syms_in((args, kwargs)))
+        if ctx.module is not None:
+            touched += [self.tensor_sym(t) for t in ctx.module.state_dict(keep_vars=True).values()]
+        ctx.give_up("no spec rule for this op", *touched)
+        return ctx.fixed_output()
+
+    # -- result --------------------------------------------------------------------------------------------------
+    def emit(self) -> WeightSpaceSpec:
+        for key, t in self.model.state_dict(keep_vars=True).items():
+            if id(t) not in self.used:  # never used in forward: keep it as it is
+                for a in self.key_sym[key].axes:
+                    T.fix(a)
+        while True:
+            try:
+                resolved = {k: [T.resolve(a) for a in s.axes] for k, s in self.key_sym.items()}
+                break
+            except T.NotExpressible as e:
+                T.fix(((e.var,),))
+        names = _group_names(self.keys, resolved)
+        groups = {name: v.size for v, name in names.items()}
+        tensors = {k: TensorSpec(self.key_sym[k].shape, tuple(_entry(t, names) for t in resolved[k]))
+                   for k in self.keys}
+        return WeightSpaceSpec(groups, tensors)
+
+
+def _group_names(keys: list[str], resolved: dict) -> dict:
+    """Readable, unique group names: a rule's hint, else the module whose output axis the group first permutes."""
+    candidates: dict[T.Var, list] = {}
+    for key in keys:
+        mod = key.rpartition(".")[0] or key
+        for axis, term in enumerate(resolved[key]):
+            for seg in term:
+                for j, f in enumerate(seg):
+                    if isinstance(f, T.Var):
+                        whole = len(term) == 1 and len(seg) == 1
+                        rank = (0 if axis == 0 and len(resolved[key]) > 1 else 1, 0 if whole else 1)
+                        name = mod if whole and axis == 0 else f"{mod}.{'out' if axis == 0 else f'in{axis}'}"
+                        candidates.setdefault(f, []).append((rank, name if whole else f"{name}.f{j}"))
+    names, used = {}, set()
+    for v, cands in candidates.items():
+        base = v.hint or min(cands, key=lambda c: c[0])[1]
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        names[v] = used.add(name) or name
+    return names
+
+
+def _entry(term, names):
+    def seg_entry(seg):
+        if all(isinstance(f, int) for f in seg):
+            return T.segment_size(seg)
+        if len(seg) == 1:
+            return names[seg[0]]
+        return tuple(names[f] if isinstance(f, T.Var) else f for f in seg)
+
+    if all(isinstance(f, int) for seg in term for f in seg):
+        return None
+    if len(term) == 1:
+        return seg_entry(term[0])
+    return [seg_entry(s) for s in term]
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    t = node.target
+    return f"function {getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}".replace("function .", "function ")
+
+
+def spec_from_module(model: nn.Module, example_inputs, strict: bool = False) -> WeightSpaceSpec:
+    """Infer the largest permutation symmetry of ``model``'s state_dict that the rules can prove.
+
+    ``example_inputs``: a tensor or a tuple of positional inputs, used to propagate shapes. Ops without a rule keep the
+    axes they touch fixed and emit an :class:`UnprovenSymmetryWarning` naming the node; ``strict=True`` raises
+    :class:`SpecInferenceError` instead. Network inputs and outputs are never permuted.
+    """
+    gm = trace(model, example_inputs)
+    engine = _Inference(model, gm, strict)
+    engine.run()
+    return engine.emit()

@@ -1,0 +1,163 @@
+"""``WeightSpaceSpec``: which permutation group acts on each axis of each tensor of a state_dict."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from .axes import (AxisEntry, axis_index, check_entry, entry_from_json, entry_groups, entry_to_json, format_entry,
+                   solve_group_sizes)
+from .permutation import Permutation
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One state_dict entry: its shape and one axis entry per axis (see :mod:`unf.spec.axes`)."""
+    shape: tuple[int, ...]
+    axes: tuple[AxisEntry, ...]
+
+    @property
+    def groups(self) -> list[str]:
+        """Distinct groups acting on this tensor, in axis order."""
+        return list(dict.fromkeys(g for e in self.axes for g in entry_groups(e)))
+
+    @property
+    def permuted(self) -> bool:
+        return bool(self.groups)
+
+
+class WeightSpaceSpec(Mapping[str, TensorSpec]):
+    """A permutation-symmetry spec for a weight space.
+
+    ``spec.groups``: group name -> size. ``spec[name]``: the :class:`TensorSpec` of a state_dict entry.
+    Build one with :func:`unf.spec_from_module` (inferred) or :meth:`from_axes` (by hand).
+    """
+
+    def __init__(self, groups: Mapping[str, int], tensors: Mapping[str, TensorSpec]):
+        self.groups: dict[str, int] = dict(groups)
+        self._tensors: dict[str, TensorSpec] = dict(tensors)
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_axes(cls, axes: Mapping[str, Sequence[AxisEntry]], shapes: Mapping[str, Sequence[int]],
+                  groups: Optional[Mapping[str, int]] = None) -> "WeightSpaceSpec":
+        """A hand-written spec. ``axes``: name -> per-axis entries; ``shapes``: name -> shape (e.g. from a state_dict,
+        tensors are accepted too). Group sizes are inferred from the axes (or given in ``groups``) and checked."""
+        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
+        if set(axes) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(axes)), sorted(set(axes) - set(shapes))
+            raise ValueError(f"axes and shapes name different tensors: no axes for {missing}, no shape for {extra}")
+        tensors = {}
+        for name, shape in shapes.items():
+            ax = tuple(axes[name])
+            if len(ax) != len(shape):
+                raise ValueError(f"tensor {name!r}: {len(ax)} axis entries for a {len(shape)}-d shape {shape}")
+            for i, e in enumerate(ax):
+                check_entry(e, f"tensor {name!r} axis {i}")
+            tensors[name] = TensorSpec(shape, ax)
+        sizes = solve_group_sizes({k: t.axes for k, t in tensors.items()}, shapes, groups)
+        order = list(dict.fromkeys(g for t in tensors.values() for g in t.groups))
+        unused = sorted(set(sizes) - set(order))
+        if unused:
+            raise ValueError(f"groups {unused} are given sizes but act on no axis")
+        return cls({g: sizes[g] for g in order}, tensors)
+
+    # -- mapping interface ----------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> TensorSpec:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, WeightSpaceSpec) and self.groups == other.groups
+                and self._tensors == other._tensors)
+
+    # -- permutations ----------------------------------------------------------------------------------------------
+    def identity(self, device=None) -> Permutation:
+        return Permutation({g: torch.arange(n, device=device) for g, n in self.groups.items()})
+
+    def sample_permutation(self, generator: Optional[torch.Generator] = None) -> Permutation:
+        device = generator.device if generator is not None else None
+        return Permutation({g: torch.randperm(n, generator=generator, device=device) for g, n in self.groups.items()})
+
+    def axis_index(self, name: str, axis: int, perm: Mapping[str, torch.Tensor], device=None) -> Optional[torch.Tensor]:
+        """Index tensor permuting ``axis`` of tensor ``name`` (``None`` if the axis is fixed)."""
+        return axis_index(self._tensors[name].axes[axis], perm, self.groups, device)
+
+    def permute(self, state_dict: Mapping[str, torch.Tensor], perm: Mapping[str, torch.Tensor]) -> dict:
+        """A new state_dict with every tensor permuted by ``perm``; the input is not modified."""
+        self.validate(state_dict)
+        missing = sorted(set(self.groups) - set(perm))
+        if missing:
+            raise ValueError(f"permutation has no entry for group(s) {missing}")
+        out = {}
+        for name, t in state_dict.items():
+            for axis in range(t.dim()):
+                idx = self.axis_index(name, axis, perm, t.device)
+                if idx is not None:
+                    t = t.index_select(axis, idx)
+            out[name] = t
+        return out
+
+    def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` if ``state_dict`` has missing/extra keys or shapes that do not fit this spec."""
+        missing = [k for k in self._tensors if k not in state_dict]
+        extra = [k for k in state_dict if k not in self._tensors]
+        if missing or extra:
+            raise ValueError(f"state_dict does not fit the spec: missing keys {missing}, unexpected keys {extra}")
+        for name, ts in self._tensors.items():
+            shape = tuple(state_dict[name].shape)
+            if shape != ts.shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {shape}; the spec expects {ts.shape}")
+
+    # -- serialisation ---------------------------------------------------------------------------------------------
+    def to_json(self, indent: Optional[int] = None) -> str:
+        return json.dumps({
+            "format": "unf.WeightSpaceSpec", "version": FORMAT_VERSION, "groups": self.groups,
+            "tensors": {k: {"shape": list(t.shape), "axes": [entry_to_json(e) for e in t.axes]}
+                        for k, t in self._tensors.items()},
+        }, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "WeightSpaceSpec":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"spec JSON is not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or obj.get("format") != "unf.WeightSpaceSpec":
+            raise ValueError("not a unf.WeightSpaceSpec JSON document (missing 'format': 'unf.WeightSpaceSpec')")
+        if obj.get("version") != FORMAT_VERSION:
+            raise ValueError(f"spec JSON version {obj.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+        tensors = obj["tensors"]
+        spec = cls.from_axes({k: [entry_from_json(e) for e in t["axes"]] for k, t in tensors.items()},
+                             {k: t["shape"] for k, t in tensors.items()}, obj["groups"])
+        spec.groups = {g: spec.groups[g] for g in obj["groups"]}  # keep the document's group order
+        return spec
+
+    # -- display -------------------------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        lines = [f"WeightSpaceSpec: {len(self.groups)} groups, {len(self)} tensors"]
+        if self.groups:
+            lines.append("groups: " + ", ".join(f"{g}={n}" for g, n in self.groups.items()))
+        rows = [(k, "x".join(map(str, t.shape)) or "scalar", ", ".join(format_entry(e) for e in t.axes))
+                for k, t in self._tensors.items()]
+        w0 = max([len("tensor")] + [len(r[0]) for r in rows])
+        w1 = max([len("shape")] + [len(r[1]) for r in rows])
+        lines.append(f"{'tensor':<{w0}}  {'shape':<{w1}}  axes")
+        lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"WeightSpaceSpec(groups={self.groups}, tensors={len(self)})"

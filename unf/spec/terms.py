@@ -1,0 +1,379 @@
+"""Symbolic axis terms and their unification (union-find with bindings).
+
+While a traced graph is walked, every axis of every tensor carries a *term*: a tuple of segments (concatenation), each
+segment a tuple of factors (row-major product), each factor an ``int`` (a fixed block) or a :class:`Var` (a candidate
+permutation group). Ops that need two axes to be permuted alike *unify* their terms. A var can be
+
+* free: it becomes a group of the spec;
+* merged with other vars (union-find);
+* bound to a term: it is permuted as that structure (a product or a concatenation of smaller groups);
+* fixed: bound to its size as a plain ``int``; this is always sound (it only forgets symmetry).
+
+Whenever two terms cannot be matched exactly the vars involved are fixed, so the result is the largest symmetry that the
+rules prove, never one they do not.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterable, Optional, Union
+
+Factor = Union[int, "Var"]
+Segment = tuple
+Term = tuple  # tuple[Segment, ...]
+
+_ids = itertools.count()
+
+
+class Var:
+    __slots__ = ("id", "size", "hint", "parent", "binding")
+
+    def __init__(self, size: int, hint: Optional[str] = None):
+        self.id, self.size, self.hint = next(_ids), size, hint
+        self.parent: Var = self
+        self.binding: Optional[Term] = None
+
+    def __repr__(self) -> str:
+        return f"v{self.id}:{self.size}" + (f"({self.hint})" if self.hint else "")
+
+
+class NotExpressible(Exception):
+    """A term whose structure the spec format cannot express; ``var`` is the one to fix."""
+
+    def __init__(self, var: Var):
+        self.var = var
+
+
+def find(v: Var) -> Var:
+    while v.parent is not v:
+        v.parent = v.parent.parent
+        v = v.parent
+    return v
+
+
+def factor_size(f: Factor) -> int:
+    return f if isinstance(f, int) else f.size
+
+
+def segment_size(seg: Segment) -> int:
+    return math.prod(factor_size(f) for f in seg)
+
+
+def term_size(t: Term) -> int:
+    return sum(segment_size(s) for s in t)
+
+
+def fixed(n: int) -> Term:
+    return ((n,),)
+
+
+def fresh(n: int, hint: Optional[str] = None) -> Term:
+    """A term with one new free var (or a fixed term for sizes <= 1, which carry no symmetry)."""
+    return ((Var(n, hint),),) if n > 1 else fixed(n)
+
+
+def _norm_segment(factors: Iterable[Factor]) -> Segment:
+    out: list = []
+    for f in factors:
+        if factor_size(f) == 1:
+            continue
+        if isinstance(f, int) and out and isinstance(out[-1], int):
+            out[-1] *= f
+        else:
+            out.append(f)
+    return tuple(out) or (1,)
+
+
+def _norm_term(segments: Iterable[Segment]) -> Term:
+    out: list = []
+    for seg in segments:
+        if segment_size(seg) == 0:
+            continue
+        if all(isinstance(f, int) for f in seg) and out and all(isinstance(f, int) for f in out[-1]):
+            out[-1] = (segment_size(out[-1]) + segment_size(seg),)
+        else:
+            out.append(seg)
+    return tuple(out) or ((0,),)
+
+
+def resolve(t: Term) -> Term:
+    """Substitute bindings and merged vars; normal form (no size-1 factors, merged fixed blocks).
+
+    Raises :class:`NotExpressible` for a concatenation nested inside a product after a permuted factor.
+    """
+    segments: list = []
+    for seg in t:
+        # expand each factor into a list of alternative segments (a concatenation), then distribute
+        parts: list[list] = [[]]
+        for f in seg:
+            if isinstance(f, Var):
+                r = find(f)
+                sub = resolve(r.binding) if r.binding is not None else ((r,),)
+            else:
+                sub = ((f,),)
+            if len(sub) > 1:
+                outer_vars = [g for p in parts for g in p if isinstance(g, Var) and g.size > 1]
+                if outer_vars:
+                    raise NotExpressible(outer_vars[0])
+                if len(parts) > 1:  # a fixed-size prefix repeats the concatenation
+                    parts = [p + list(s) for p in parts for s in sub]
+                else:
+                    prefix = parts[0]
+                    reps = math.prod(factor_size(g) for g in prefix)
+                    parts = [list(s) for _ in range(reps) for s in sub]
+            else:
+                parts = [p + list(sub[0]) for p in parts]
+        segments.extend(_norm_segment(p) for p in parts)
+    return _norm_term(segments)
+
+
+def term_vars(t: Term) -> list[Var]:
+    """Distinct free vars (roots) in a term."""
+    try:
+        r = resolve(t)
+    except NotExpressible:
+        r = _raw_roots(t)
+    return list(dict.fromkeys(f for seg in r for f in seg if isinstance(f, Var)))
+
+
+def _raw_roots(t: Term) -> Term:
+    out = []
+    for seg in t:
+        facs = []
+        for f in seg:
+            if isinstance(f, Var):
+                r = find(f)
+                if r.binding is not None:
+                    facs.extend(g for s in _raw_roots(r.binding) for g in s)
+                else:
+                    facs.append(r)
+            else:
+                facs.append(f)
+        out.append(tuple(facs))
+    return tuple(out)
+
+
+def fix(t: Term) -> bool:
+    """Make every var in ``t`` fixed; returns whether any symmetry was given up."""
+    vs = [v for v in term_vars(t) if v.size > 1]
+    for v in vs:
+        find(v).binding = fixed(v.size)
+    return bool(vs)
+
+
+def _bind(v: Var, t: Term) -> None:
+    r = find(v)
+    if r.binding is not None:
+        unify(r.binding, t)
+        return
+    if r in term_vars(t):  # occurs check: v = (..v..) has no finite solution
+        fix(t)
+        r.binding = fixed(r.size)
+        return
+    r.binding = t
+
+
+def _union(a: Var, b: Var) -> None:
+    ra, rb = find(a), find(b)
+    if ra is rb:
+        return
+    if rb.id < ra.id:
+        ra, rb = rb, ra
+    rb.parent = ra
+    if ra.hint is None:
+        ra.hint = rb.hint
+    ba, bb = ra.binding, rb.binding
+    if ba is None:
+        ra.binding = bb
+    elif bb is not None:
+        unify(ba, bb)
+
+
+def _blocks(a_sizes: list[int], b_sizes: list[int]) -> Optional[list[tuple[int, int, int, int]]]:
+    """Split two sequences with equal sums into minimal blocks of equal partial sums: (i0, i1, j0, j1) ranges."""
+    blocks, i, j, sa, sb, i0, j0 = [], 0, 0, 0, 0, 0, 0
+    while i < len(a_sizes) or j < len(b_sizes):
+        if sa <= sb and i < len(a_sizes):
+            sa += a_sizes[i]
+            i += 1
+        elif j < len(b_sizes):
+            sb += b_sizes[j]
+            j += 1
+        else:
+            return None
+        if sa == sb and i > i0 and j > j0:
+            blocks.append((i0, i, j0, j))
+            i0, j0 = i, j
+    if sa != sb:
+        return None
+    return blocks
+
+
+def product_blocks(fa: list, fb: list) -> Optional[list[tuple[int, int, int, int]]]:
+    """Like :func:`_blocks` but for products (cumulative products must meet)."""
+    blocks, i, j, pa, pb, i0, j0 = [], 0, 0, 1, 1, 0, 0
+    while i < len(fa) or j < len(fb):
+        if (pa <= pb and i < len(fa)) or j == len(fb):
+            if i == len(fa):
+                return None
+            pa *= factor_size(fa[i])
+            i += 1
+        else:
+            pb *= factor_size(fb[j])
+            j += 1
+        if pa == pb and i > i0 and j > j0:
+            blocks.append((i0, i, j0, j))
+            i0, j0 = i, j
+    if pa != pb:
+        return None
+    return blocks
+
+
+def _unify_segments(sa: Segment, sb: Segment) -> None:
+    fa, fb = list(sa), list(sb)
+    blocks = product_blocks(fa, fb)
+    if blocks is None:
+        fix((sa, sb))
+        return
+    for i0, i1, j0, j1 in blocks:
+        la, lb = fa[i0:i1], fb[j0:j1]
+        if len(la) == 1 and len(lb) == 1:
+            x, y = la[0], lb[0]
+            if isinstance(x, Var) and isinstance(y, Var):
+                _union(x, y)
+            elif isinstance(x, Var):
+                _bind(x, ((y,),))
+            elif isinstance(y, Var):
+                _bind(y, ((x,),))
+        elif len(la) == 1 and isinstance(la[0], Var):
+            _bind(la[0], (tuple(lb),))
+        elif len(lb) == 1 and isinstance(lb[0], Var):
+            _bind(lb[0], (tuple(la),))
+        else:
+            fix((tuple(la), tuple(lb)))
+
+
+def unify(a: Term, b: Term) -> None:
+    """Require two axes to be permuted identically."""
+    while True:
+        try:
+            ra, rb = resolve(a), resolve(b)
+            break
+        except NotExpressible as e:
+            fix(((e.var,),))
+    if ra == rb:
+        return
+    if term_size(ra) != term_size(rb):
+        raise ValueError(f"internal: unifying axes of different sizes {term_size(ra)} and {term_size(rb)}")
+    blocks = _blocks([segment_size(s) for s in ra], [segment_size(s) for s in rb])
+    for i0, i1, j0, j1 in blocks:
+        la, lb = ra[i0:i1], rb[j0:j1]
+        if len(la) == 1 and len(lb) == 1:
+            _unify_segments(la[0], lb[0])
+        elif len(la) == 1 and len(la[0]) == 1 and isinstance(la[0][0], Var):
+            _bind(la[0][0], lb)
+        elif len(lb) == 1 and len(lb[0]) == 1 and isinstance(lb[0][0], Var):
+            _bind(lb[0][0], la)
+        else:
+            fix(la + lb)
+
+
+def concat(terms: list[Term]) -> Term:
+    """Term of the concatenation of several axes."""
+    return _norm_term(seg for t in terms for seg in resolve(t))
+
+
+def product(terms: list[Term]) -> Term:
+    """Term of the row-major flattening of several axes (outermost first)."""
+    out: Term = ((),)
+    for t in terms:
+        t = resolve(t)
+        if len(t) == 1:
+            out = tuple(s + t[0] for s in out)
+        elif all(isinstance(f, int) for s in out for f in s):
+            reps = term_size(out) if out != ((),) else 1
+            out = tuple(s for _ in range(reps) for s in t)
+        else:  # a concatenation inside a permuted outer axis cannot be expressed: give up the outer symmetry
+            fix(out)
+            reps = term_size(out)
+            out = tuple(s for _ in range(reps) for s in t)
+    return _norm_term(_norm_segment(s) for s in out)
+
+
+def split_product(t: Term, sizes: list[int], hint: Optional[str] = None) -> list[Term]:
+    """Terms of the axes obtained by reshaping one axis ``t`` into ``sizes`` (row-major)."""
+    t = resolve(t)
+    if len(t) > 1:
+        fix(t)
+        t = fixed(term_size(t))
+    facs = [f for f in t[0]]
+    out: list[Term] = []
+    k = 0
+    for n in sizes:
+        seg: list = []
+        need = n
+        while need > 1:
+            if k >= len(facs):
+                fix(t)
+                return [fixed(m) for m in sizes]
+            f = facs[k]
+            s = factor_size(f)
+            if s <= need and need % s == 0:
+                seg.append(f)
+                need //= s
+                k += 1
+            elif s % need == 0:  # the output axis ends inside this factor: split it
+                if isinstance(f, Var):
+                    a, b = Var(need, hint), Var(s // need, hint)
+                    _bind(f, ((a, b),))
+                    seg.append(a)
+                    facs[k] = b
+                else:
+                    seg.append(need)
+                    facs[k] = s // need
+                need = 1
+            else:
+                fix(t)
+                return [fixed(m) for m in sizes]
+        out.append(_norm_term([_norm_segment(seg)]))
+    return out
+
+
+def split_concat(t: Term, sizes: list[int], hint: Optional[str] = None) -> list[Term]:
+    """Terms of the pieces obtained by cutting axis ``t`` into consecutive blocks of ``sizes``.
+
+    A free var that is cut becomes a concatenation of new vars (independent permutations per piece); a product with a
+    fixed outer factor is cut along it; anything else that is cut is fixed.
+    """
+    bounds = set(itertools.accumulate(sizes))
+    segs: list = []
+    offset = 0
+    for seg in resolve(t):
+        n = segment_size(seg)
+        cuts = sorted(b - offset for b in bounds if offset < b < offset + n)
+        if cuts:
+            edges = [0] + cuts + [n]
+            widths = [e1 - e0 for e0, e1 in zip(edges, edges[1:])]
+            if len(seg) == 1 and isinstance(seg[0], Var):
+                parts = tuple((Var(w, hint),) if w > 1 else (w,) for w in widths)
+                _bind(seg[0], parts)
+                segs.extend(parts)
+            elif isinstance(seg[0], int) and len(seg) > 1 and all(c % (n // seg[0]) == 0 for c in cuts):
+                inner = seg[1:]
+                segs.extend([inner] * seg[0])
+            else:
+                fix((seg,))
+                segs.extend((w,) for w in widths)
+        else:
+            segs.append(seg)
+        offset += n
+    # group the segments into pieces
+    out, i = [], 0
+    for n in sizes:
+        piece, acc = [], 0
+        while acc < n:
+            piece.append(segs[i])
+            acc += segment_size(segs[i])
+            i += 1
+        out.append(_norm_term(piece))
+    return out
