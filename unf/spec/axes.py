@@ -145,20 +145,23 @@ def solve_group_sizes(axes: Mapping[str, Sequence[AxisEntry]], shapes: Mapping[s
         changed = False
         for name, i, entry, n in todo:
             segs = _segments(entry)
-            # one segment with a single unknown group is solvable; so is a concatenation with one unknown in total
-            unknown = [(k, f) for k, s in enumerate(segs) for f in _factors(s) if isinstance(f, str) and f not in sizes]
-            if len(set(f for _, f in unknown)) != 1 or len(unknown) != 1:
+            # solvable when one unknown group is left and the axis size is linear in it (at most once per segment)
+            unknown = {f for s in segs for f in _factors(s) if isinstance(f, str) and f not in sizes}
+            if len(unknown) != 1:
                 continue
-            k, g = unknown[0]
+            g = unknown.pop()
+            if any(_factors(s).count(g) > 1 for s in segs):
+                continue
             rest = sum(math.prod(sizes[f] if isinstance(f, str) else f for f in _factors(s))
-                       for j, s in enumerate(segs) if j != k)
-            inner = math.prod(sizes[f] if isinstance(f, str) else f for f in _factors(segs[k]) if f != g)
+                       for s in segs if g not in _factors(s))
+            inner = sum(math.prod(sizes[f] if isinstance(f, str) else f for f in _factors(s) if f != g)
+                        for s in segs if g in _factors(s))
             if (n - rest) <= 0 or (n - rest) % inner:
                 raise ValueError(f"tensor {name!r} axis {i}: size {n} cannot be split as {format_entry(entry)}")
             sizes[g] = (n - rest) // inner
             changed = True
     for name, i, entry, n in todo:
-        missing = [g for g in entry_groups(entry) if g not in sizes]
+        missing = list(dict.fromkeys(g for g in entry_groups(entry) if g not in sizes))
         if missing:
             raise ValueError(f"tensor {name!r} axis {i}: cannot determine the size of group(s) {missing} from "
                              f"{format_entry(entry)}; pass groups={{name: size}}")

@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
@@ -173,10 +174,13 @@ def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, name)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
-    model.eval()  # shapes only: do not touch BatchNorm running statistics
+    model.eval()  # shapes only: never touch BatchNorm running statistics
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            try:  # fake tensors: shapes without the arithmetic, so the cost does not grow with the model's FLOPs
+                ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+            except Exception:  # an op without a fake implementation: run it for real
+                ShapeProp(gm).propagate(*inputs)
     except Exception as e:
         raise SpecInferenceError(f"running {name} on the example inputs failed: {type(e).__name__}: {e}. "
                                  "Pass example inputs the model accepts (shape and dtype).") from e

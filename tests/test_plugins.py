@@ -1,0 +1,86 @@
+"""Architecture-spec plugins: the registry, entry points, and the shipped unf-torch-transformer plugin."""
+import copy
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.nn as nn
+
+import unf
+from unf.spec import registry
+
+
+def _invariance_error(model, spec, x, n=20):
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        y = model(x)
+        for _ in range(n):
+            other = copy.deepcopy(model)
+            other.load_state_dict(spec.permute(model.state_dict(), spec.sample_permutation(gen)))
+            worst = max(worst, ((other(x) - y).abs().max() / y.abs().max()).item())
+    return worst
+
+
+def test_transformer_plugin_is_registered_by_entry_point():
+    names = [ep.name for ep in entry_points(group=registry.ENTRY_POINT_GROUP)]
+    assert "torch_transformer" in names, "install the plugin: pip install -e plugins/unf-torch-transformer"
+    assert registry.module_rule(nn.TransformerEncoderLayer(8, 2)) is not None
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_is_sound_and_maximal(norm_first):
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)  # the residual stream must not be the (fixed) network input itself
+            layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True, norm_first=norm_first)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.embed(x)).mean(1))
+
+    model = Net().double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    spec = unf.spec_from_module(model, x, strict=True)
+    # per layer: heads (4), qk (4), v (4), feed-forward hidden (24); plus one residual stream (16)
+    assert sorted(spec.groups.values()) == sorted([4, 4, 4, 24] * 2 + [16])
+    assert _invariance_error(model, spec, x) <= 1e-10
+
+
+def test_user_rule_makes_a_custom_module_a_leaf():
+    class Scale(nn.Module):  # per-feature scale; pretend it were untraceable
+        def __init__(self, n):
+            super().__init__()
+            self.s = nn.Parameter(torch.rand(n) + 0.5)
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(3, 6), Scale(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def scale_rule(ctx, x):
+        ctx.unify(x.axes[-1], ctx.param("s").axes[0])
+        return ctx.output(list(x.axes))
+
+    try:
+        unf.register_module_rule(Scale)(scale_rule)
+        spec = unf.spec_from_module(model, x, strict=True)
+    finally:
+        registry._module_rules.pop(Scale)
+    assert spec["1.s"].axes == spec["0.bias"].axes and spec.groups == {"0": 6}
+    assert _invariance_error(model, spec, x) <= 1e-10
+
+
+def test_subclass_overriding_forward_does_not_inherit_rule():
+    class Weird(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).cumsum(-1)
+
+    assert registry.module_rule(Weird(3, 3)) is None
+    assert registry.module_rule(nn.Linear(3, 3)) is not None
