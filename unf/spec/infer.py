@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
@@ -39,6 +40,7 @@ class Sym:
     shape: tuple[int, ...]
     axes: list
     pending: Optional[list] = None  # terms to fix as soon as the tensor is used (see RuleContext.deferred)
+    stack: Optional[list] = None  # per index along axis 0, the term of the last axis (stacked RNN states)
 
     @property
     def ndim(self) -> int:
@@ -47,6 +49,13 @@ class Sym:
 
 def _fixed_sym(shape) -> Sym:
     return Sym(tuple(shape), [T.fixed(n) for n in shape])
+
+
+def _consume(sym: Sym) -> None:
+    if sym.pending:
+        for t in sym.pending:
+            T.fix(t)
+        sym.pending = None
 
 
 def _meta_to_shapes(meta) -> Any:
@@ -132,9 +141,17 @@ class RuleContext:
             return {k: self.fixed_output(v) for k, v in shapes.items()}
         return tuple(self.fixed_output(s) for s in shapes)
 
-    def deferred(self, shape, terms_to_fix: list, axes: list) -> Sym:
-        """An output whose first use fixes ``terms_to_fix`` (argmax indices, an RNN's stacked per-layer states)."""
-        return Sym(tuple(shape), list(axes), pending=list(terms_to_fix))
+    def deferred(self, shape, terms_to_fix: list, axes: list, stack: Optional[list] = None) -> Sym:
+        """An output whose first use fixes ``terms_to_fix`` (argmax indices, an RNN's stacked per-layer states).
+
+        ``stack``: for a tensor stacked along axis 0 from parts permuted differently, the last-axis term of each
+        part; an integer index on axis 0 then picks a part without fixing anything.
+        """
+        return Sym(tuple(shape), list(axes), pending=list(terms_to_fix), stack=stack)
+
+    def use(self, sym: Sym) -> None:
+        """Mark ``sym`` as used: apply its deferred fixes (rules of pass-through ops like getitem call this)."""
+        _consume(sym)
 
 
 class _Tracer(fx.Tracer):
@@ -145,6 +162,8 @@ class _Tracer(fx.Tracer):
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if parametrize.is_parametrized(m):  # trace through, so that the parametrization's own ops are seen
+            return False
         if module_rule(m) is not None:
             return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
@@ -226,7 +245,10 @@ class _Inference:
         return sym
 
     def report(self, node: fx.Node, reason: str) -> None:
-        msg = f"node {node.name!r} ({_describe(node)}): {reason}"
+        self.report_node(f"node {node.name!r} ({_describe(node)})", reason)
+
+    def report_node(self, where: str, reason: str) -> None:
+        msg = f"{where}: {reason}"
         if self.strict:
             raise SpecInferenceError(msg + " (strict=True). Register a rule for it (unf.register_module_rule / "
                                            "register_function_rule / register_method_rule) or pass strict=False.")
@@ -238,12 +260,9 @@ class _Inference:
         """Node args -> Syms; using a tensor triggers its deferred fixes (not so for picking it out of a tuple)."""
         if isinstance(value, fx.Node):
             v = self.env[value]
-            if isinstance(v, Sym) or consume:
+            if consume:
                 for s in _syms_in(v):
-                    if s.pending:
-                        for t in s.pending:
-                            T.fix(t)
-                        s.pending = None
+                    _consume(s)
             return v
         if isinstance(value, (tuple, list)):
             return type(value)(self._load(v, consume) for v in value)
@@ -254,6 +273,10 @@ class _Inference:
         return value
 
     def run(self) -> None:
+        for path, m in self.model.named_modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                self.report_node(f"module {path or type(m).__name__!r}", "has forward hooks, which torch.fx does not "
+                                 "trace; what they do is not part of the inferred spec")
         for node in nx.topological_sort(architecture_graph(self.gm)):
             self.env[node] = self._step(node)
 
@@ -297,10 +320,13 @@ class _Inference:
 
     # -- result --------------------------------------------------------------------------------------------------
     def emit(self) -> WeightSpaceSpec:
+        unused = []
         for key, t in self.model.state_dict(keep_vars=True).items():
             if id(t) not in self.used:  # never used in forward: keep it as it is
-                for a in self.key_sym[key].axes:
-                    T.fix(a)
+                unused += [key] if any(T.fix(a) for a in self.key_sym[key].axes) else []
+        if unused:
+            warnings.warn(f"state_dict entries {unused} are not used by the traced forward; they are kept fixed",
+                          UnprovenSymmetryWarning, stacklevel=3)
         while True:
             try:
                 resolved = {k: [T.resolve(a) for a in s.axes] for k, s in self.key_sym.items()}

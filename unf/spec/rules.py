@@ -65,14 +65,18 @@ def elementwise(ctx, *args, **kwargs):
 _UNARY = ["relu", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "leaky_relu", "elu", "selu", "celu", "softplus",
           "softsign", "hardswish", "hardsigmoid", "hardtanh", "logsigmoid", "softmax", "log_softmax", "softmin",
           "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "normalize",
-          "tanhshrink", "softshrink", "hardshrink", "threshold", "rrelu", "glu_", "exp", "log", "log1p", "expm1", "abs",
+          "tanhshrink", "softshrink", "hardshrink", "threshold", "rrelu", "exp", "log", "log1p", "expm1", "abs",
           "sqrt", "rsqrt", "square", "pow", "neg", "sin", "cos", "erf", "clamp", "clip", "clamp_min", "clamp_max",
           "where", "maximum", "minimum", "add", "sub", "mul", "div", "true_divide", "sign", "reciprocal", "lerp",
-          "masked_fill", "addcmul", "addcdiv", "exp2", "logit", "nan_to_num", "floor_divide", "remainder", "fmod"]
+          "masked_fill", "addcmul", "addcdiv", "exp2", "logit", "nan_to_num", "floor_divide", "remainder", "fmod",
+          "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "logical_and", "logical_or", "logical_not",
+          "logical_xor", "isnan", "isfinite", "signbit", "heaviside", "hypot", "atan2", "floor", "ceil", "round",
+          "trunc", "frac"]
 _fns = [getattr(mod, n) for n in _UNARY for mod in (torch, F) if hasattr(mod, n)]
 register_function_rule(operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
                        operator.neg, operator.pos, operator.mod, operator.iadd, operator.isub, operator.imul,
-                       operator.itruediv, *_fns)(elementwise)
+                       operator.itruediv, operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+                       operator.and_, operator.or_, operator.xor, operator.invert, operator.abs, *_fns)(elementwise)
 register_method_rule(*_UNARY, *[n + "_" for n in _UNARY], "float", "double", "half", "bfloat16", "to", "type",
                      "type_as", "contiguous", "clone", "detach", "requires_grad_", "cpu", "cuda")(elementwise)
 register_module_rule(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -98,6 +102,20 @@ def _random_like(ctx, x, *args, **kwargs):  # equivariant in distribution: same 
     return ctx.output(list(x.axes))
 
 
+@register_function_rule(F.glu)
+def glu(ctx, x, dim=-1):
+    """``a * sigmoid(b)`` for the two halves of ``dim``: both halves are permuted alike."""
+    d = _norm_dim(dim, x.ndim)
+    a, b = T.split_concat(x.axes[d], [x.shape[d] // 2] * 2)
+    ctx.unify(a, b)
+    return ctx.output(list(x.axes[:d]) + [a] + list(x.axes[d + 1:]))
+
+
+@register_module_rule(nn.GLU)
+def _glu_module(ctx, x):
+    return glu(ctx, x, ctx.module.dim)
+
+
 @register_module_rule(nn.PReLU)
 def prelu(ctx, x):
     w = ctx.param("weight")
@@ -116,6 +134,8 @@ def _not_a_tensor(ctx, *args, **kwargs):
 def _getattr(ctx, obj, name):
     if isinstance(obj, tuple) and name in ("values", "indices"):
         return obj[0 if name == "values" else 1]
+    if _is_sym(obj):
+        ctx.use(obj)
     if _is_sym(obj) and name in ("T", "mT"):
         axes = list(obj.axes)
         axes[-2:] = axes[-2:][::-1] if (name == "mT" or obj.ndim == 2) else axes[-2:]
@@ -221,6 +241,10 @@ def getitem(ctx, obj, idx):
 
 def _index(ctx, x, idx):
     idx = idx if isinstance(idx, tuple) else (idx,)
+    if x.stack is not None and x.pending and isinstance(idx[0], int) and \
+            all(i == slice(None) for i in idx[1:]) and x.ndim >= 2:  # one part of a stack, e.g. h_n[-1]
+        return ctx.output([T.fixed(n) for n in x.shape[1:-1]] + [x.stack[idx[0]]])
+    ctx.use(x)
     if any(_is_sym(i) or isinstance(i, (list, bool)) for i in idx):
         ctx.give_up("advanced (tensor/bool/list) indexing", x)
         return ctx.fixed_output()
@@ -236,8 +260,9 @@ def _index(ctx, x, idx):
             axes.append(T.fixed(1))
             continue
         term, n = x.axes[a], x.shape[a]
-        if isinstance(i, int):
-            ctx.give_up("integer index into a permuted axis", term)
+        if isinstance(i, int):  # the picked position becomes a fixed block; the rest may still permute
+            k = i % n
+            T.split_concat(term, [k, 1, n - k - 1])
         elif isinstance(i, slice):
             m = out_shape[len(axes)]
             if m == n and i.step in (None, 1):
@@ -447,6 +472,8 @@ def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         return ctx.fixed_output()
     T.unify(query.axes[-1], key.axes[-1])
     T.unify(key.axes[-2], value.axes[-2])
+    if is_causal:  # a causal mask depends on positions
+        ctx.fix(query.axes[-2], key.axes[-2])
     parts = [(s.shape[:-2], s.axes[:-2]) for s in (query, key, value)]
     out_shape = _shape_of(ctx)
     batch = broadcast_axes(parts, out_shape[:-2])
@@ -622,6 +649,16 @@ for _k in (1, 2, 3):
     register_function_rule(*_fns)(_pool(_k))
 
 
+_WeightNorm = getattr(torch.nn.utils.parametrizations, "_WeightNorm", None)
+if _WeightNorm is not None:
+    @register_module_rule(_WeightNorm)
+    def _weight_norm(ctx, weight_g, weight_v):
+        """``g * v / ||v||`` with norms over all axes but ``dim``: permutations of the other axes leave norms alone."""
+        d = _norm_dim(ctx.module.dim, weight_v.ndim)
+        ctx.unify(weight_g.axes[d], weight_v.axes[d])
+        return ctx.output(list(weight_v.axes))
+
+
 # -- attention and recurrence ----------------------------------------------------------------------------------------
 @register_module_rule(nn.MultiheadAttention)
 def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -652,13 +689,32 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
     ctx.unify(w_o.axes[1], vv)
     if b_o is not None:
         ctx.unify(b_o.axes[0], w_o.axes[0])
+    # non-feature axes: (L, N) / (N, L) / (L,) for queries, likewise (S, ...) for keys and values
+    batched = query.ndim == 3
+    seq, bat = (1, 0) if (batched and m.batch_first) else (0, 1)
+    ctx.unify(key.axes[seq], value.axes[seq])
+    if batched:
+        for x in (key, value):
+            ctx.unify(query.axes[bat], x.axes[bat])
+    q_seq, k_seq = query.axes[seq], key.axes[seq]
+    q_bat = query.axes[bat] if batched else T.fixed(1)
+    if _is_sym(key_padding_mask):
+        ctx.unify(key_padding_mask.axes[-1], k_seq)
+        if key_padding_mask.ndim == 2:
+            ctx.unify(key_padding_mask.axes[0], q_bat)
+    if _is_sym(attn_mask):
+        ctx.unify(attn_mask.axes[-1], k_seq)
+        ctx.unify(attn_mask.axes[-2], q_seq)
+        if attn_mask.ndim == 3:  # [N * heads, L, S]
+            ctx.unify(attn_mask.axes[0], T.product([q_bat, heads]))
+    if is_causal:  # a causal mask depends on positions
+        ctx.fix(q_seq, k_seq)
     out_shape, weights_shape = ctx.out_shape
     out = ctx.output(list(query.axes[:-1]) + [w_o.axes[0]], out_shape)
-    if weights_shape is None:
-        return out, None
-    w_axes = [T.fixed(n) for n in weights_shape]
-    if len(weights_shape) == query.ndim + 1:  # per-head weights: the head axis is permuted
-        w_axes[len(weights_shape) - 3] = heads
+    if weights_shape is None or len(weights_shape) < 2:  # need_weights=False (None, or an empty tensor)
+        return out, None if weights_shape is None else ctx.output([T.fixed(n) for n in weights_shape], weights_shape)
+    per_head = len(weights_shape) == query.ndim + 1
+    w_axes = ([q_bat] if batched else []) + ([heads] if per_head else []) + [q_seq, k_seq]
     return out, ctx.output(w_axes, weights_shape)
 
 
@@ -707,8 +763,8 @@ def recurrent(ctx, x, hx=None):
     def final(shape, terms):
         if single:
             return ctx.output([T.fixed(n) for n in shape[:-1]] + [terms[0]], shape)
-        # layers are stacked on axis 0, each permuted by its own group: fix them all if this is ever used
-        return ctx.deferred(shape, terms, [T.fixed(n) for n in shape])
+        # layers are stacked on axis 0, each permuted by its own group: h_n[k] picks one; other uses fix them all
+        return ctx.deferred(shape, terms, [T.fixed(n) for n in shape], stack=list(terms))
 
     if m.mode == "LSTM":
         return out, (final(shapes[1][0], states), final(shapes[1][1], cells))

@@ -358,9 +358,10 @@ def split_concat(t: Term, sizes: list[int], hint: Optional[str] = None) -> list[
                 parts = tuple((Var(w, hint),) if w > 1 else (w,) for w in widths)
                 _bind(seg[0], parts)
                 segs.extend(parts)
-            elif isinstance(seg[0], int) and len(seg) > 1 and all(c % (n // seg[0]) == 0 for c in cuts):
-                inner = seg[1:]
-                segs.extend([inner] * seg[0])
+            elif len(seg) > 1 and all(c % (n // factor_size(seg[0])) == 0 for c in cuts):
+                # cutting along the outer factor: the outer group (if any) is lost, the inner factors survive
+                fix(((seg[0],),))
+                segs.extend([seg[1:]] * factor_size(seg[0]))
             else:
                 fix((seg,))
                 segs.extend((w,) for w in widths)
