@@ -24,16 +24,6 @@ from architectures import ARCHITECTURES, EXPECTED_GROUPS, B, finalize  # noqa: E
 N_PERMS = 20
 RTOL = 1e-10
 
-# Architectures whose inferred symmetry is known to be SMALLER than the maximal one (sound, but incomplete):
-# name -> reason. Their maximality test is xfail(strict=True), so a fix in the engine makes them fail loudly (XPASS).
-KNOWN_NOT_MAXIMAL: dict[str, str] = {
-    "transformer_timm_attention": (
-        "rules.reshape -> terms.split_product turns the qkv Linear's output var (24) into ONE product "
-        "(3 x heads x dh); unbind(0) then fixes the size-3 factor, so q, k and v all share the same (heads, dh) "
-        "vars and att@v unifies v's within-head group with q/k's: the v group (4 per block) is lost. Maximal: "
-        "[(heads x qk) | (heads x qk) | (heads x v)], as inferred for the chunk(3)-based attention."),
-}
-
 _SPECS: dict = {}
 
 
@@ -139,15 +129,7 @@ def test_zoo_is_float64_and_small():
 # ------------------------------------------------------------------------------------------------------------------
 # maximality
 # ------------------------------------------------------------------------------------------------------------------
-def _maximality_params():
-    out = []
-    for name in EXPECTED_GROUPS:
-        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_NOT_MAXIMAL[name])] if name in KNOWN_NOT_MAXIMAL else []
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
-
-@pytest.mark.parametrize("name", _maximality_params())
+@pytest.mark.parametrize("name", list(EXPECTED_GROUPS))
 def test_maximality(name):
     _, _, spec = build(name)
     assert sorted(spec.groups.values()) == EXPECTED_GROUPS[name], str(spec)

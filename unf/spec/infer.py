@@ -7,9 +7,10 @@ what remains free at the end is the spec's symmetry groups.
 """
 from __future__ import annotations
 
-import operator
+import contextlib
+import io
+import logging
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import networkx as nx
@@ -23,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from . import terms as T
 from .registry import function_rule, method_rule, module_rule
+from .symbolic import Sym, _consume, _fixed_sym
 from .spec import TensorSpec, WeightSpaceSpec
 
 
@@ -32,30 +34,6 @@ class SpecInferenceError(RuntimeError):
 
 class UnprovenSymmetryWarning(UserWarning):
     """An op had no rule, so the axes it touches were kept fixed (conservative)."""
-
-
-@dataclass
-class Sym:
-    """A symbolic tensor during inference: its shape and one axis term per axis."""
-    shape: tuple[int, ...]
-    axes: list
-    pending: Optional[list] = None  # terms to fix as soon as the tensor is used (see RuleContext.deferred)
-    stack: Optional[list] = None  # per index along axis 0, the term of the last axis (stacked RNN states)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-def _fixed_sym(shape) -> Sym:
-    return Sym(tuple(shape), [T.fixed(n) for n in shape])
-
-
-def _consume(sym: Sym) -> None:
-    if sym.pending:
-        for t in sym.pending:
-            T.fix(t)
-        sym.pending = None
 
 
 def _meta_to_shapes(meta) -> Any:
@@ -150,8 +128,12 @@ class RuleContext:
         return Sym(tuple(shape), list(axes), pending=list(terms_to_fix), stack=stack)
 
     def use(self, sym: Sym) -> None:
-        """Mark ``sym`` as used: apply its deferred fixes (rules of pass-through ops like getitem call this)."""
+        """Mark ``sym`` as used (rules with ``lazy_inputs`` call this): apply deferred fixes, collapse slots."""
         _consume(sym)
+
+    def use_pending(self, sym: Sym) -> None:
+        """Apply ``sym``'s deferred fixes but keep its slots (for pure axis moves)."""
+        _consume(sym, slots=False)
 
 
 class _Tracer(fx.Tracer):
@@ -195,17 +177,35 @@ def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
     was_training = model.training
     model.eval()  # shapes only: never touch BatchNorm running statistics
     try:
-        with torch.no_grad():
-            try:  # fake tensors: shapes without the arithmetic, so the cost does not grow with the model's FLOPs
-                ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-            except Exception:  # an op without a fake implementation: run it for real
-                ShapeProp(gm).propagate(*inputs)
+        _propagate_shapes(gm, inputs)
     except Exception as e:
-        raise SpecInferenceError(f"running {name} on the example inputs failed: {type(e).__name__}: {e}. "
-                                 "Pass example inputs the model accepts (shape and dtype).") from e
+        cause = e.__cause__ or e
+        raise SpecInferenceError(f"running {name} on the example inputs failed at node {_failed_node(e)}: "
+                                 f"{type(cause).__name__}: {cause}. Pass example inputs the model accepts "
+                                 "(shape and dtype).") from e
     finally:
         model.train(was_training)
     return gm
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Fake tensors first (shapes without arithmetic: cost independent of FLOPs), real tensors if that fails."""
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a failed fake attempt is not the user's problem
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks itself
+            try:
+                ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+            except Exception:  # an op without a fake implementation (or a real error): run it for real
+                ShapeProp(gm).propagate(*inputs)
+    finally:
+        fake_log.setLevel(level)
+
+
+def _failed_node(e: Exception) -> str:
+    text = str(e)
+    return repr(text.split("node=%", 1)[1].split(" ", 1)[0]) if "node=%" in text else "(unknown)"
 
 
 def architecture_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -295,8 +295,6 @@ class _Inference:
                 for a in s.axes:
                     T.fix(a)
             return None
-        consume = node.target not in (operator.getitem, getattr)
-        args, kwargs = self._load(node.args, consume), self._load(node.kwargs, consume)
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         if node.op == "call_module":
             rule = module_rule(module)
@@ -304,6 +302,9 @@ class _Inference:
             rule = method_rule(node.target)
         else:
             rule = function_rule(node.target)
+        # most rules see their inputs "used"; lazy ones (getitem, permute, ...) decide themselves
+        consume = not getattr(rule, "lazy_inputs", False)
+        args, kwargs = self._load(node.args, consume), self._load(node.kwargs, consume)
         ctx = RuleContext(self, node, module)
         if rule is None:
             return self._fallback(ctx, args, kwargs)
@@ -323,7 +324,7 @@ class _Inference:
         unused = []
         for key, t in self.model.state_dict(keep_vars=True).items():
             if id(t) not in self.used:  # never used in forward: keep it as it is
-                unused += [key] if any(T.fix(a) for a in self.key_sym[key].axes) else []
+                unused += [key] if any([T.fix(a) for a in self.key_sym[key].axes]) else []  # fix all axes
         if unused:
             warnings.warn(f"state_dict entries {unused} are not used by the traced forward; they are kept fixed",
                           UnprovenSymmetryWarning, stacklevel=3)

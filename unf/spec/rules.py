@@ -13,11 +13,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import terms as T
+from .symbolic import Slots, SlotState, Sym
 from .registry import register_function_rule, register_method_rule, register_module_rule
 
 
 def _is_sym(x) -> bool:
-    return type(x).__name__ == "Sym"  # avoids an import cycle with infer.py
+    return isinstance(x, Sym)
+
+
+def lazy_inputs(rule):
+    """Mark a rule that calls ``ctx.use`` on its inputs itself (pass-through ops that keep slots or stacks)."""
+    rule.lazy_inputs = True
+    return rule
 
 
 def _syms(values) -> list:
@@ -78,7 +85,7 @@ register_function_rule(operator.add, operator.sub, operator.mul, operator.truedi
                        operator.itruediv, operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
                        operator.and_, operator.or_, operator.xor, operator.invert, operator.abs, *_fns)(elementwise)
 register_method_rule(*_UNARY, *[n + "_" for n in _UNARY], "float", "double", "half", "bfloat16", "to", "type",
-                     "type_as", "contiguous", "clone", "detach", "requires_grad_", "cpu", "cuda")(elementwise)
+                     "type_as", "clone", "detach", "requires_grad_", "cpu", "cuda")(elementwise)
 register_module_rule(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
                      nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
                      nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.Softmax, nn.LogSoftmax, nn.Softmin,
@@ -131,6 +138,7 @@ def _not_a_tensor(ctx, *args, **kwargs):
 
 
 @register_function_rule(getattr)
+@lazy_inputs
 def _getattr(ctx, obj, name):
     if isinstance(obj, tuple) and name in ("values", "indices"):
         return obj[0 if name == "values" else 1]
@@ -145,21 +153,48 @@ def _getattr(ctx, obj, name):
     return None
 
 
+MAX_SLOTS = 64
+
+
 def reshape(ctx, x, *args, **kwargs):
     """view/reshape/flatten/unflatten/squeeze/unsqueeze: match blocks of equal size products; split/merge factors."""
+    ctx.use(x)
     out_shape = _shape_of(ctx)
     ins = [(n, t) for n, t in zip(x.shape, x.axes) if n != 1]
     outs = [i for i, n in enumerate(out_shape) if n != 1]
     out_axes = [T.fixed(1)] * len(out_shape)
     blocks = T.product_blocks([n for n, _ in ins], [out_shape[i] for i in outs]) or []
+    slot_block = None
     for i0, i1, j0, j1 in blocks:
         in_terms = [t for _, t in ins[i0:i1]]
         sizes = [out_shape[outs[j]] for j in range(j0, j1)]
+        term = T.resolve(in_terms[0]) if len(in_terms) == 1 else None
+        if (slot_block is None and len(sizes) >= 2 and sizes[0] <= MAX_SLOTS and len(term) == 1
+                and len(term[0]) == 1 and isinstance(term[0][0], T.Var)):
+            slot_block = (term[0][0], sizes, outs[j0:j1])
+            continue
         pieces = in_terms if (len(in_terms) == 1 and len(sizes) == 1) else \
             T.split_product(T.product(in_terms), sizes)
         for j, p in zip(range(j0, j1), pieces):
             out_axes[outs[j]] = p
-    return ctx.output(out_axes)
+    if slot_block is None:
+        return ctx.output(out_axes)
+    var, sizes, positions = slot_block
+    k = sizes[0]
+    per_slot = [T.fresh(var.size // k) for _ in range(k)]
+    T.find(var).binding = T.concat(per_slot)
+    block_terms = [T.split_product(t, sizes[1:]) for t in per_slot]
+    parts = []
+    for terms in block_terms:
+        axes = list(out_axes)
+        for pos, t in zip(positions[1:], terms):
+            axes[pos] = t
+        del axes[positions[0]]
+        parts.append(axes)
+    state = SlotState(var, k, block_terms)
+    out = ctx.output([T.fixed(n) for n in out_shape])
+    out.slots = Slots(state, positions[0], parts)
+    return out
 
 
 register_method_rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
@@ -168,25 +203,50 @@ register_function_rule(torch.reshape, torch.flatten, torch.unflatten, torch.sque
 register_module_rule(nn.Flatten, nn.Unflatten)(reshape)
 
 
+def _reorder(ctx, x, order: list):
+    """Output axis ``i`` is input axis ``order[i]``; slots (see SlotState) are carried along."""
+    out = ctx.output([x.axes[i] for i in order])
+    if x.slots is not None:
+        sl, marker = x.slots, object()
+        new_axis = order.index(sl.axis)
+        parts = []
+        for p in sl.parts:
+            full = list(p[:sl.axis]) + [marker] + list(p[sl.axis:])
+            parts.append([full[i] for i in order if i != sl.axis])
+        out.slots = Slots(sl.state, new_axis, parts)
+    return out
+
+
+@lazy_inputs
 def _perm_dims(ctx, x, *dims, **kwargs):
     dims = kwargs.get("dims", dims)
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
-    return ctx.output([x.axes[_norm_dim(d, x.ndim)] for d in dims])
+    ctx.use_pending(x)
+    return _reorder(ctx, x, [_norm_dim(d, x.ndim) for d in dims])
 
 
 register_method_rule("permute")(_perm_dims)
 register_function_rule(torch.permute)(_perm_dims)
 
 
+@lazy_inputs
 def _transpose(ctx, x, dim0=None, dim1=None, **kwargs):
-    axes = list(x.axes)
+    order = list(range(x.ndim))
     if dim0 is None:  # .t()
-        axes.reverse()
+        order.reverse()
     else:
         a, b = _norm_dim(dim0, x.ndim), _norm_dim(dim1, x.ndim)
-        axes[a], axes[b] = axes[b], axes[a]
-    return ctx.output(axes)
+        order[a], order[b] = order[b], order[a]
+    ctx.use_pending(x)
+    return _reorder(ctx, x, order)
+
+
+@register_method_rule("contiguous")
+@lazy_inputs
+def _contiguous(ctx, x, *args, **kwargs):
+    ctx.use_pending(x)
+    return _reorder(ctx, x, list(range(x.ndim)))
 
 
 register_method_rule("transpose", "swapaxes", "swapdims", "t")(_transpose)
@@ -230,6 +290,7 @@ def _repeat(ctx, x, *reps):
 
 
 @register_function_rule(operator.getitem)
+@lazy_inputs
 def getitem(ctx, obj, idx):
     if not _is_sym(obj):
         try:
@@ -241,6 +302,11 @@ def getitem(ctx, obj, idx):
 
 def _index(ctx, x, idx):
     idx = idx if isinstance(idx, tuple) else (idx,)
+    if x.slots is not None:  # x[..., i, ...] at the slot axis picks one slot
+        a = x.slots.axis
+        if len(idx) > a and isinstance(idx[a], int) and all(i == slice(None) for j, i in enumerate(idx) if j != a):
+            x.slots.state.handed_out = True
+            return ctx.output(list(x.slots.parts[idx[a]]))
     if x.stack is not None and x.pending and isinstance(idx[0], int) and \
             all(i == slice(None) for i in idx[1:]) and x.ndim >= 2:  # one part of a stack, e.g. h_n[-1]
         return ctx.output([T.fixed(n) for n in x.shape[1:-1]] + [x.stack[idx[0]]])
@@ -318,12 +384,17 @@ def stack(ctx, tensors, dim=0):
     return ctx.output(out)
 
 
+@lazy_inputs
 def _split(ctx, x, *args, **kwargs):
     name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     if name == "unbind":
         dim = kwargs.get("dim", args[0] if args else 0)
     d = _norm_dim(dim, x.ndim)
+    if name == "unbind" and x.slots is not None and x.slots.axis == d:
+        x.slots.state.handed_out = True
+        return tuple(ctx.output(list(p), s) for p, s in zip(x.slots.parts, ctx.out_shape))
+    ctx.use(x)
     shapes = ctx.out_shape
     sizes = [s[d] if name != "unbind" else 1 for s in shapes]
     pieces = T.split_concat(x.axes[d], sizes)
