@@ -230,11 +230,13 @@ class _Inference:
         self.key_sym: dict[str, Sym] = {}
         self.by_id: dict[int, Sym] = {}
         self.used: set[int] = set()
+        self.initial_axes: dict[str, list] = {}
         for key, t in sd.items():
             if id(t) not in self.by_id:
                 axes = [T.fresh(n) if t.is_floating_point() else T.fixed(n) for n in t.shape]
                 self.by_id[id(t)] = Sym(tuple(t.shape), axes)
             self.key_sym[key] = self.by_id[id(t)]
+            self.initial_axes[key] = list(self.key_sym[key].axes)
 
     # -- helpers for rules ---------------------------------------------------------------------------------------
     def tensor_sym(self, t: torch.Tensor) -> Sym:
@@ -319,6 +321,22 @@ class _Inference:
         ctx.give_up("no spec rule for this op", *touched)
         return ctx.fixed_output()
 
+    def _fixed_ids(self, resolved: dict) -> dict:
+        """Fixed axes that were unified with each other before being fixed index the same units: label them."""
+        owners: dict[T.Var, list] = {}
+        for key in self.keys:
+            for axis, (init, now) in enumerate(zip(self.initial_axes[key], resolved[key])):
+                if not any(isinstance(f, T.Var) for seg in now for f in seg) and len(init) == 1 and len(init[0]) == 1 and isinstance(init[0][0], T.Var):
+                    owners.setdefault(T.find(init[0][0]), []).append((key, axis))
+        ids: dict[str, list] = {}
+        for places in owners.values():
+            if len({k for k, _ in places}) < 2:
+                continue
+            label = "{}:{}".format(*places[0])
+            for key, axis in places:
+                ids.setdefault(key, [None] * len(resolved[key]))[axis] = label
+        return {k: tuple(v) for k, v in ids.items()}
+
     # -- result --------------------------------------------------------------------------------------------------
     def emit(self) -> WeightSpaceSpec:
         unused = []
@@ -336,8 +354,10 @@ class _Inference:
                 T.fix(((e.var,),))
         names = _group_names(self.keys, resolved)
         groups = {name: v.size for v, name in names.items()}
-        tensors = {k: TensorSpec(self.key_sym[k].shape, tuple(_entry(t, names) for t in resolved[k]))
-                   for k in self.keys}
+        fixed_ids = self._fixed_ids(resolved)
+        sd = self.model.state_dict(keep_vars=True)
+        tensors = {k: TensorSpec(self.key_sym[k].shape, tuple(_entry(t, names) for t in resolved[k]),
+                                 sd[k].is_floating_point(), fixed_ids.get(k)) for k in self.keys}
         return WeightSpaceSpec(groups, tensors)
 
 

@@ -16,9 +16,17 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One state_dict entry: its shape and one axis entry per axis (see :mod:`unf.spec.axes`)."""
+    """One state_dict entry: its shape and one axis entry per axis (see :mod:`unf.spec.axes`).
+
+    ``floating``: False for integer buffers (``num_batches_tracked``), which weight-space models skip.
+    ``fixed_ids``: per axis, for a fixed axis that indexes the same units as fixed axes of other tensors (the output
+    layer's weight rows and bias, say), a label shared by those axes; else None. Layers that treat fixed axes as
+    pseudo-groups (:mod:`unf.nn`) use it to keep such axes aligned.
+    """
     shape: tuple[int, ...]
     axes: tuple[AxisEntry, ...]
+    floating: bool = True
+    fixed_ids: Optional[tuple[Optional[str], ...]] = None
 
     @property
     def groups(self) -> list[str]:
@@ -44,10 +52,14 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_axes(cls, axes: Mapping[str, Sequence[AxisEntry]], shapes: Mapping[str, Sequence[int]],
-                  groups: Optional[Mapping[str, int]] = None) -> "WeightSpaceSpec":
-        """A hand-written spec. ``axes``: name -> per-axis entries; ``shapes``: name -> shape (e.g. from a state_dict,
-        tensors are accepted too). Group sizes are inferred from the axes (or given in ``groups``) and checked."""
+                  groups: Optional[Mapping[str, int]] = None,
+                  fixed_ids: Optional[Mapping[str, Sequence[Optional[str]]]] = None) -> "WeightSpaceSpec":
+        """A hand-written spec. ``axes``: name -> per-axis entries; ``shapes``: name -> shape, or a state_dict (then
+        integer tensors are marked ``floating=False``). Group sizes are inferred from the axes (or given in
+        ``groups``) and checked. ``fixed_ids``: optional, see :class:`TensorSpec`."""
+        floating = {k: v.is_floating_point() for k, v in shapes.items() if isinstance(v, torch.Tensor)}
         shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
+        fixed_ids = dict(fixed_ids or {})
         if set(axes) != set(shapes):
             missing, extra = sorted(set(shapes) - set(axes)), sorted(set(axes) - set(shapes))
             raise ValueError(f"axes and shapes name different tensors: no axes for {missing}, no shape for {extra}")
@@ -58,8 +70,21 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
                 raise ValueError(f"tensor {name!r}: {len(ax)} axis entries for a {len(shape)}-d shape {shape}")
             for i, e in enumerate(ax):
                 check_entry(e, f"tensor {name!r} axis {i}")
-            tensors[name] = TensorSpec(shape, ax)
+            ids = fixed_ids.get(name)
+            if ids is not None:
+                ids = tuple(ids)
+                if len(ids) != len(shape) or any(d is not None and e is not None for d, e in zip(ids, ax)):
+                    raise ValueError(f"tensor {name!r}: fixed_ids {ids} must have one entry per axis, and only "
+                                     "fixed (None) axes may carry an id")
+                ids = ids if any(d is not None for d in ids) else None
+            tensors[name] = TensorSpec(shape, ax, floating.get(name, True), ids)
         sizes = solve_group_sizes({k: t.axes for k, t in tensors.items()}, shapes, groups)
+        id_sizes: dict = {}
+        for name, t in tensors.items():
+            for i, d in enumerate(t.fixed_ids or ()):
+                if d is not None and id_sizes.setdefault(d, t.shape[i]) != t.shape[i]:
+                    raise ValueError(f"tensor {name!r} axis {i}: fixed id {d!r} is used with sizes "
+                                     f"{id_sizes[d]} and {t.shape[i]}")
         order = list(dict.fromkeys(g for t in tensors.values() for g in t.groups))
         unused = sorted(set(sizes) - set(order))
         if unused:
@@ -79,6 +104,11 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
     @property
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    @property
+    def float_names(self) -> list[str]:
+        """Entries that weight-space models see (integer buffers left out)."""
+        return [k for k, t in self._tensors.items() if t.floating]
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, WeightSpaceSpec) and self.groups == other.groups
@@ -126,7 +156,9 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
     def to_json(self, indent: Optional[int] = None) -> str:
         return json.dumps({
             "format": "unf.WeightSpaceSpec", "version": FORMAT_VERSION, "groups": self.groups,
-            "tensors": {k: {"shape": list(t.shape), "axes": [entry_to_json(e) for e in t.axes]}
+            "tensors": {k: {"shape": list(t.shape), "axes": [entry_to_json(e) for e in t.axes],
+                            **({} if t.floating else {"floating": False}),
+                            **({"fixed_ids": list(t.fixed_ids)} if t.fixed_ids else {})}
                         for k, t in self._tensors.items()},
         }, indent=indent)
 
@@ -142,7 +174,10 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
             raise ValueError(f"spec JSON version {obj.get('version')!r} is not supported (expected {FORMAT_VERSION})")
         tensors = obj["tensors"]
         spec = cls.from_axes({k: [entry_from_json(e) for e in t["axes"]] for k, t in tensors.items()},
-                             {k: t["shape"] for k, t in tensors.items()}, obj["groups"])
+                             {k: t["shape"] for k, t in tensors.items()}, obj["groups"],
+                             {k: t["fixed_ids"] for k, t in tensors.items() if "fixed_ids" in t})
+        spec._tensors = {k: (TensorSpec(t.shape, t.axes, False, t.fixed_ids)
+                             if tensors[k].get("floating", True) is False else t) for k, t in spec._tensors.items()}
         spec.groups = {g: spec.groups[g] for g in obj["groups"]}  # keep the document's group order
         return spec
 
