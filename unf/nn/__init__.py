@@ -1,6 +1,16 @@
-"""Universal neural functionals: equivariant and invariant layers built from a ``WeightSpaceSpec``."""
-from .basis import bell, set_partitions
-from .layout import Layout, Piece
-from .linear import UNFLinear
+"""Universal neural functionals: equivariant and invariant layers built from a ``WeightSpaceSpec``.
 
-__all__ = ["Layout", "Piece", "UNFLinear", "bell", "set_partitions"]
+``UNFLinear`` (equivariant linear), ``InvariantPool`` (invariant linear features), point-wise ``Pointwise``,
+``WSDropout``, ``WSNorm``, ``PositionalEncoding`` for pseudo-groups; ``UNFNet`` and ``UNFEncoder`` put them together;
+``DeepSets``, ``DeepSetsEncoder`` and ``StatNN`` are baselines with the same interface.
+"""
+from .baselines import DeepSets, DeepSetsEncoder, StatNN, tensor_statistics
+from .basis import bell, set_partitions
+from .layout import DEFAULT_FOLD_MAX, Layout, Piece
+from .linear import UNFLinear
+from .models import UNFBlock, UNFEncoder, UNFNet
+from .modules import InvariantPool, Pointwise, PositionalEncoding, WSDropout, WSNorm
+
+__all__ = ["DEFAULT_FOLD_MAX", "DeepSets", "DeepSetsEncoder", "InvariantPool", "Layout", "Piece", "Pointwise",
+           "PositionalEncoding", "StatNN", "UNFBlock", "UNFEncoder", "UNFLinear", "UNFNet", "WSDropout", "WSNorm",
+           "bell", "set_partitions", "tensor_statistics"]

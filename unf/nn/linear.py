@@ -22,11 +22,12 @@ class UNFLinear(nn.Module):
 
     Spans every linear map that commutes with the spec's permutations (the basis of :mod:`unf.nn.basis`, compiled
     once here), plus, with ``bias``, every equivariant constant. Pass a :class:`Layout` to share the fixed-axis
-    policy (``fold_max``) between layers.
+    policy (``fold_max``) between layers. Coefficients start at ``N(0, gain^2 / fan_in)`` (``fan_in``: all input
+    channels of all terms reaching an output piece), so unit-scale inputs give unit-scale outputs for ``gain=1``.
     """
 
     def __init__(self, spec: Union[WeightSpaceSpec, Layout], in_channels: int, out_channels: int,
-                 bias: bool = True, fold_max: int = DEFAULT_FOLD_MAX):
+                 bias: bool = True, fold_max: int = DEFAULT_FOLD_MAX, gain: float = 1.0):
         super().__init__()
         self.layout = as_layout(spec, fold_max)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -38,7 +39,7 @@ class UNFLinear(nn.Module):
         for q, groups in enumerate(self.plan.groups):
             cols = [sum(width[self.plan.reductions[r].source] if self.plan.reductions[r].source >= 0 else 1
                         for r, _ in g.inputs) for g in groups]
-            std = 1.0 / math.sqrt(max(1, sum(cols)))  # unit-scale outputs for unit-scale inputs
+            std = gain / math.sqrt(max(1, sum(cols)))  # unit-scale outputs for unit-scale inputs (gain 1)
             slots = []
             for c in cols:
                 slots.append(len(self.weights))

@@ -1,0 +1,138 @@
+"""Point-wise weight-space modules: non-linearities, dropout, normalisation, positional encodings, pooling.
+
+Everything here commutes with the spec's permutations: point-wise maps trivially, normalisation because its
+statistics are averages over whole tensors, pooling because it averages over every permuted axis.
+"""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..spec import WeightSpaceSpec
+from ..weights import WeightSpace
+from .basis import Reduction, reduce_piece, set_partitions
+from .layout import DEFAULT_FOLD_MAX, Layout
+from .linear import as_layout
+
+_ACTIVATIONS: dict[str, Callable] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
+                                     "identity": lambda x: x}
+
+
+class Pointwise(nn.Module):
+    """An element-wise function applied to every entry: ``"relu"``, ``"gelu"``, ``"silu"``, ``"tanh"`` or a callable."""
+
+    def __init__(self, fn: Union[str, Callable] = "relu"):
+        super().__init__()
+        if isinstance(fn, str) and fn not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {fn!r}; choose from {sorted(_ACTIVATIONS)} or pass a callable")
+        self.fn = _ACTIVATIONS[fn] if isinstance(fn, str) else fn
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        return ws.map(self.fn)
+
+
+class WSDropout(nn.Module):
+    """Element-wise dropout (equivariant in distribution)."""
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.p = p
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        return ws.map(lambda t: F.dropout(t, self.p, self.training))
+
+
+class WSNorm(nn.Module):
+    """Per sample, tensor and channel: subtract the mean and divide by the std over the tensor's entries, then a
+    learned per-tensor, per-channel scale and shift. Shapes: ``[B, C, *shape]`` in and out."""
+
+    def __init__(self, spec: WeightSpaceSpec, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.names, self.eps = spec.float_names, eps
+        self.weight = nn.Parameter(torch.ones(len(self.names), channels))
+        self.bias = nn.Parameter(torch.zeros(len(self.names), channels))
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        out = {}
+        for i, n in enumerate(self.names):
+            t = ws[n]
+            dims = tuple(range(2, t.dim()))
+            if dims:
+                t = (t - t.mean(dims, keepdim=True)) / (t.var(dims, unbiased=False, keepdim=True) + self.eps).sqrt()
+            shape = (1, -1) + (1,) * len(dims)
+            out[n] = t * self.weight[i].view(shape) + self.bias[i].view(shape)
+        return WeightSpace(ws.spec, out, ws.extras)
+
+
+class PositionalEncoding(nn.Module):
+    """Appends ``dim`` learned channels that tell apart the positions of every pseudo-group (fixed axes treated as
+    permutable, see :class:`Layout`); pieces without pseudo-groups get zeros. ``[B, C, ...] -> [B, C + dim, ...]``.
+
+    The result is still equivariant to the spec's true groups; it is no longer invariant to the pseudo-groups.
+    """
+
+    def __init__(self, spec: Union[WeightSpaceSpec, Layout], dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX):
+        super().__init__()
+        self.layout = as_layout(spec, fold_max)
+        self.dim = dim
+        self.tables = nn.ParameterDict({_key(g): nn.Parameter(torch.randn(dim, n))
+                                        for g, n in self.layout.pseudo_groups().items()})
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        b, layout = ws.batch_size, self.layout
+        blocks = []
+        for p in layout.pieces:
+            pe = torch.zeros(self.dim * p.fold, *p.kept_sizes, dtype=ws.dtype, device=ws.device)
+            for axis, g in enumerate(p.kept_labels):
+                if g.startswith("~"):
+                    table = self.tables[_key(g)].to(ws.dtype).repeat_interleave(p.fold, 0)
+                    shape = [table.shape[0]] + [1] * len(p.kept_sizes)
+                    shape[1 + axis] = table.shape[1]
+                    pe = pe + table.view(shape)
+            blocks.append(pe.expand(b, *pe.shape))
+        out = {}
+        for n in layout.spec.float_names:
+            pe = layout.insert(n, [blocks[i] for i in layout.by_tensor[n]], self.dim)
+            out[n] = torch.cat([ws[n], pe], dim=1)
+        return WeightSpace(ws.spec, out, ws.extras)
+
+
+def _key(group: str) -> str:
+    return group.replace(".", "_")  # ParameterDict keys may not contain dots
+
+
+class InvariantPool(nn.Module):
+    """All invariant linear features: per piece, for each set partition of each group's axes, the mean over the
+    corresponding diagonals. ``WeightSpace[B, C] -> [B, num_features(C)]``."""
+
+    def __init__(self, spec: Union[WeightSpaceSpec, Layout], fold_max: int = DEFAULT_FOLD_MAX):
+        super().__init__()
+        self.layout = as_layout(spec, fold_max)
+        self.reductions = []
+        for i, p in enumerate(self.layout.pieces):
+            labels = p.kept_labels
+            groups = list(dict.fromkeys(labels))
+            positions = {g: [j for j, lab in enumerate(labels) if lab == g] for g in groups}
+            combos = [[]]
+            for g in groups:
+                combos = [c + [tuple(positions[g][k] for k in blk) for blk in part]
+                          for c in combos for part in set_partitions(len(positions[g]))]
+            for blocks in combos:
+                blocks = tuple(sorted(blocks))
+                self.reductions.append(Reduction(i, blocks, (False,) * len(blocks)))
+
+    def num_features(self, channels: int) -> int:
+        return sum(channels * self.layout.pieces[r.source].fold for r in self.reductions)
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        xs = {}
+        feats = []
+        for r in self.reductions:
+            p = self.layout.pieces[r.source]
+            if r.source not in xs:
+                xs[r.source] = self.layout.extract(p, ws[p.tensor])
+            feats.append(reduce_piece(xs[r.source], r).reshape(ws.batch_size, -1))
+        return torch.cat(feats, dim=1)
