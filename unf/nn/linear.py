@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
-from .basis import Plan, embed, reduce_piece
+from .basis import Plan, Reduction, embed, reduce_piece
 from .layout import DEFAULT_FOLD_MAX, Layout
 
 
@@ -61,36 +61,76 @@ class UNFLinear(nn.Module):
         layout, plan = self.layout, self.plan
         xs = [layout.extract(p, ws[p.tensor]) for p in layout.pieces]
         b = ws.batch_size
-        one = xs[0].new_ones(b, 1)
-        reds: dict[int, torch.Tensor] = {}
-
-        def reduced(r: int) -> torch.Tensor:
-            if r not in reds:
-                red = plan.reductions[r]
-                reds[r] = one if red.source < 0 else reduce_piece(xs[red.source], red)
-            return reds[r]
-
+        reduced = _Reductions(xs, plan.reductions, xs[0].new_ones(b, 1))
         blocks = []
         for q, groups in enumerate(plan.groups):
             sizes = layout.pieces[q].kept_sizes
-            terms = []
+            terms, main = [], None
             for g, slot in zip(groups, self._slots[q]):
-                parts = []
-                for r, reorder in g.inputs:
-                    y = reduced(r)
-                    if reorder != tuple(range(len(reorder))):
-                        y = y.permute(0, 1, *[i + 2 for i in reorder])
-                    parts.append(y)
-                x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-                w = self.weights[slot]
-                y = torch.matmul(w, x.reshape(b, x.shape[1], -1)).reshape(b, w.shape[0], *x.shape[2:])
-                terms.append(embed(y, g.embedding, sizes))
+                parts = [self._reordered(reduced[r], reorder) for r, reorder in g.inputs]
+                x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # cat would copy a single part
+                w = self.weights[slot].expand(b, *self.weights[slot].shape)
+                if g.embedding.axes == tuple(("k", j) for j in range(len(sizes))):
+                    main = (w, x)  # full-size term: its matmul absorbs the sum of all others (one pass less)
+                    continue
+                # bmm on [B, C, M] keeps x in place (matmul would transpose and copy it)
+                y = torch.bmm(w, x.reshape(b, x.shape[1], -1))
+                terms.append(embed(y.view(b, w.shape[1], *x.shape[2:]), g.embedding, sizes))
             terms.sort(key=lambda t: t.numel())  # add the small broadcast terms first
-            acc = terms[0]
+            acc = terms[0] if terms else None
             for t in terms[1:]:
                 acc = acc + t
-            blocks.append(acc.expand(b, acc.shape[1], *sizes))
+            cout = self.out_channels * layout.pieces[q].fold
+            if main is not None:
+                w, x = main
+                x = x.reshape(b, x.shape[1], -1)
+                if acc is None:
+                    acc = torch.bmm(w, x)
+                else:
+                    acc = torch.baddbmm(acc.expand(b, cout, *sizes).reshape(b, cout, -1), w, x)
+                acc = acc.view(b, cout, *sizes)
+            blocks.append(acc.expand(b, cout, *sizes))
         out = {}
         for name in layout.spec.float_names:
             out[name] = layout.insert(name, [blocks[i] for i in layout.by_tensor[name]], self.out_channels)
         return WeightSpace(layout.spec, out, ws.extras)
+
+
+    @staticmethod
+    def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:
+        return y if reorder == tuple(range(len(reorder))) else y.permute(0, 1, *[i + 2 for i in reorder])
+
+
+class _Reductions:
+    """Lazily computed input reductions. Plain means (no diagonals) are taken from the smallest cached mean of the
+    same piece that keeps a superset of the axes, so each full-size piece is read as few times as possible."""
+
+    def __init__(self, xs: list, reductions: list, one: torch.Tensor):
+        self.xs, self.reductions, self.one = xs, reductions, one
+        self.cache: dict[int, torch.Tensor] = {}
+        self.sums: dict[tuple[int, frozenset], torch.Tensor] = {}  # (piece, dropped axes) -> keepdim sum
+
+    def __getitem__(self, r: int) -> torch.Tensor:
+        if r not in self.cache:
+            self.cache[r] = self._compute(self.reductions[r])
+        return self.cache[r]
+
+    def _compute(self, red: Reduction) -> torch.Tensor:
+        if red.source < 0:
+            return self.one
+        x = self.xs[red.source]
+        if any(len(blk) > 1 for blk in red.blocks):
+            return reduce_piece(x, red)
+        dropped = frozenset(blk[0] for blk, k in zip(red.blocks, red.kept) if not k)
+        if not dropped:
+            return x
+        base, done = x, frozenset()
+        for (src, d), t in self.sums.items():
+            if src == red.source and d < dropped and len(d) > len(done):
+                base, done = t, d
+        s = base.sum(dim=[i + 2 for i in sorted(dropped - done)], keepdim=True)
+        self.sums[(red.source, dropped)] = s
+        n = 1
+        for i in dropped:
+            n *= x.shape[i + 2]
+        return (s / n).squeeze([i + 2 for i in sorted(dropped)])

@@ -1,0 +1,149 @@
+"""UNFLinear against nfn's NPLinear on one MLP weight space, and UNF term counts/timings on larger specs.
+
+    python benchmarks/unf_linear.py [--repeats 10]
+
+1. Forward+backward time of ``UNFLinear`` (every fixed axis a pseudo-group: the NFN-NP setting) and ``nfn.NPLinear``
+   on the weights of 64 MLPs 64-128-128-10, 16 -> 16 channels, float32, measured in one run; and the memory-bound
+   floor: one element-wise pass (``w * 2 + 1``) over the same tensors, forward+backward.
+2. Peak memory of one UNFLinear forward (no grad), in a fresh process, against input + output size.
+3. Term counts, parameters and forward+backward time for a 2-block transformer spec and a ResNet-20 spec.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import models  # noqa: E402
+
+import unf  # noqa: E402
+from unf.nn import UNFLinear  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def mlp_spec():
+    return unf.spec_from_module(models.mlp(64, (128, 128), 10), torch.randn(1, 64))
+
+
+def random_ws(spec, batch, channels, requires_grad=False):
+    return unf.WeightSpace(spec, {n: torch.randn(batch, channels, *spec[n].shape, requires_grad=requires_grad)
+                                  for n in spec.float_names})
+
+
+def versus_nfn(repeats: int) -> None:
+    from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+    from nfn.layers import NPLinear
+
+    torch.manual_seed(0)
+    spec = mlp_spec()
+    ws = random_ws(spec, 64, 16, requires_grad=True)
+    weights = [ws[n] for n in ("0.weight", "2.weight", "4.weight")]
+    biases = [ws[n] for n in ("0.bias", "2.bias", "4.bias")]
+    feats = WeightSpaceFeatures(weights, biases)
+    ours = UNFLinear(spec, 16, 16, fold_max=0)
+    theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16)
+
+    def run_ours():
+        out = ours(ws)
+        sum(t.square().sum() for t in out.values()).backward()
+
+    def run_theirs():
+        out = theirs(feats)
+        (sum(t.square().sum() for t in out.weights) + sum(t.square().sum() for t in out.biases)).backward()
+
+    def run_floor():
+        sum((t * 2 + 1).square().sum() for t in weights + biases).backward()
+
+    rows = [("unf UNFLinear (fold_max=0)", run_ours, ours), ("nfn NPLinear", run_theirs, theirs),
+            ("floor: w*2+1", run_floor, None)]
+    res = {name: timed(fn, repeats) for name, fn, _ in rows}
+    print("\n1. MLP 64-128-128-10 weight space, 64 networks, 16 -> 16 channels, float32, forward+backward")
+    print(f"{'layer':<28} {'params':>8} {'median ms':>10} {'vs nfn':>7} {'vs floor':>9}")
+    for name, _, mod in rows:
+        n = sum(p.numel() for p in mod.parameters()) if mod is not None else 0
+        print(f"{name:<28} {n:>8} {res[name] * 1e3:>10.1f} {res[name] / res['nfn NPLinear']:>7.2f} "
+              f"{res[name] / res['floor: w*2+1']:>9.2f}")
+
+
+def _memory_child(batch: int) -> None:
+    spec = mlp_spec()
+    layer = UNFLinear(spec, 16, 16, fold_max=0)
+    with torch.no_grad():
+        layer(random_ws(spec, 1, 16))  # one-time set-up (threads, kernels) at a negligible size
+        ws = random_ws(spec, batch, 16)
+        nbytes = sum(t.numel() * t.element_size() for t in ws.values())
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = layer(ws)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"in_bytes": nbytes, "out_bytes": sum(t.numel() * t.element_size() for t in out.values()),
+                      "growth": peak - base}))
+
+
+def memory(batch: int) -> None:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(batch)], capture_output=True, text=True,
+                         check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    io = r["in_bytes"] + r["out_bytes"]
+    print(f"\n2. Peak memory of one UNFLinear forward without grad, {batch} MLPs 64-128-128-10, 16 -> 16 channels")
+    print(f"input {r['in_bytes'] / 2**20:.0f} MiB, output {r['out_bytes'] / 2**20:.0f} MiB; the process's peak RSS "
+          f"grew by {r['growth'] / 2**20:.0f} MiB during the forward (output + every intermediate); "
+          f"peak / (input + output) = {(r['in_bytes'] + r['growth']) / io:.2f}")
+
+
+def larger_specs(repeats: int) -> None:
+    print("\n3. Larger specs: one UNFLinear 8 -> 8 channels, batch 8, fold_max=4 (default), float32")
+    print(f"{'spec':<34} {'tensors':>7} {'pieces':>6} {'terms':>7} {'params':>8} {'build s':>8} {'fwd+bwd ms':>10}")
+    cases = [("transformer, 2 blocks, d=64, 4 heads", models.vit(depth=2, dim=64, heads=4), torch.randn(1, 3, 32, 32)),
+             ("ResNet-20 (x1, BatchNorm)", models.resnet20(), torch.randn(1, 3, 32, 32))]
+    for name, model, x in cases:
+        spec = unf.spec_from_module(model, x)
+        t0 = time.perf_counter()
+        layer = UNFLinear(spec, 8, 8)
+        build = time.perf_counter() - t0
+        ws = random_ws(spec, 8, 8, requires_grad=True)
+
+        def run():
+            sum(t.square().sum() for t in layer(ws).values()).backward()
+
+        t = timed(run, max(1, repeats // 3))
+        n = sum(p.numel() for p in layer.parameters())
+        print(f"{name:<34} {len(spec.float_names):>7} {len(layer.layout.pieces):>6} "
+              f"{sum(layer.num_terms().values()):>7} {n:>8} {build:>8.2f} {t * 1e3:>10.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--memory-batch", type=int, default=256)
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child is not None:
+        _memory_child(args.memory_child)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, median of "
+          f"{args.repeats}")
+    versus_nfn(args.repeats)
+    memory(args.memory_batch)
+    larger_specs(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
