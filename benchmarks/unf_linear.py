@@ -5,13 +5,14 @@
 1. Forward+backward time of ``UNFLinear`` (every fixed axis a pseudo-group: the NFN-NP setting) and ``nfn.NPLinear``
    on the weights of 64 MLPs 64-128-128-10, 16 -> 16 channels, float32, measured in one run; and the memory-bound
    floor: one element-wise pass (``w * 2 + 1``) over the same tensors, forward+backward.
-2. Peak memory of one UNFLinear forward (no grad), in a fresh process, against input + output size.
+2. Peak memory of UNFLinear (forward without grad; forward+backward), in fresh processes, against input + output.
 3. Term counts, parameters and forward+backward time for a 2-block transformer spec and a ResNet-20 spec.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,12 +30,22 @@ import unf  # noqa: E402
 from unf.nn import UNFLinear  # noqa: E402
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -44,22 +55,22 @@ def mlp_spec():
 
 
 def random_ws(spec, batch, channels, requires_grad=False):
-    return unf.WeightSpace(spec, {n: torch.randn(batch, channels, *spec[n].shape, requires_grad=requires_grad)
-                                  for n in spec.float_names})
+    return unf.WeightSpace(spec, {n: torch.randn(batch, channels, *spec[n].shape, device=DEVICE,
+                                                 requires_grad=requires_grad) for n in spec.float_names})
 
 
-def versus_nfn(repeats: int) -> None:
+def versus_nfn(repeats: int, batch: int = 64) -> None:
     from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
     from nfn.layers import NPLinear
 
     torch.manual_seed(0)
     spec = mlp_spec()
-    ws = random_ws(spec, 64, 16, requires_grad=True)
+    ws = random_ws(spec, batch, 16, requires_grad=True)
     weights = [ws[n] for n in ("0.weight", "2.weight", "4.weight")]
     biases = [ws[n] for n in ("0.bias", "2.bias", "4.bias")]
     feats = WeightSpaceFeatures(weights, biases)
-    ours = UNFLinear(spec, 16, 16, fold_max=0)
-    theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16)
+    ours = UNFLinear(spec, 16, 16, fold_max=0).to(DEVICE)
+    theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16).to(DEVICE)
 
     def run_ours():
         out = ours(ws)
@@ -75,7 +86,8 @@ def versus_nfn(repeats: int) -> None:
     rows = [("unf UNFLinear (fold_max=0)", run_ours, ours), ("nfn NPLinear", run_theirs, theirs),
             ("floor: w*2+1", run_floor, None)]
     res = {name: timed(fn, repeats) for name, fn, _ in rows}
-    print("\n1. MLP 64-128-128-10 weight space, 64 networks, 16 -> 16 channels, float32, forward+backward")
+    print(f"\n1. MLP 64-128-128-10 weight space, {batch} networks, 16 -> 16 channels, float32, forward+backward, "
+          f"{DEVICE.type}")
     print(f"{'layer':<28} {'params':>8} {'median ms':>10} {'vs nfn':>7} {'vs floor':>9}")
     for name, _, mod in rows:
         n = sum(p.numel() for p in mod.parameters()) if mod is not None else 0
@@ -83,29 +95,36 @@ def versus_nfn(repeats: int) -> None:
               f"{res[name] / res['floor: w*2+1']:>9.2f}")
 
 
-def _memory_child(batch: int) -> None:
+def _memory_child(batch: int, train: bool) -> None:
     spec = mlp_spec()
     layer = UNFLinear(spec, 16, 16, fold_max=0)
-    with torch.no_grad():
+    with torch.set_grad_enabled(train):
         layer(random_ws(spec, 1, 16))  # one-time set-up (threads, kernels) at a negligible size
-        ws = random_ws(spec, batch, 16)
+        ws = random_ws(spec, batch, 16, requires_grad=train)
         nbytes = sum(t.numel() * t.element_size() for t in ws.values())
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = layer(ws)
+        if train:
+            sum(t.sum() for t in out.values()).backward()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"in_bytes": nbytes, "out_bytes": sum(t.numel() * t.element_size() for t in out.values()),
                       "growth": peak - base}))
 
 
 def memory(batch: int) -> None:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(batch)], capture_output=True, text=True,
-                         check=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
-    io = r["in_bytes"] + r["out_bytes"]
-    print(f"\n2. Peak memory of one UNFLinear forward without grad, {batch} MLPs 64-128-128-10, 16 -> 16 channels")
-    print(f"input {r['in_bytes'] / 2**20:.0f} MiB, output {r['out_bytes'] / 2**20:.0f} MiB; the process's peak RSS "
-          f"grew by {r['growth'] / 2**20:.0f} MiB during the forward (output + every intermediate); "
-          f"peak / (input + output) = {(r['in_bytes'] + r['growth']) / io:.2f}")
+    print(f"\n2. Peak memory of UNFLinear, {batch} MLPs 64-128-128-10, 16 -> 16 channels, float32 "
+          "(growth of the process's peak RSS: output, gradients and every intermediate)")
+    # a fixed mmap threshold makes glibc return every large block at once, so peak RSS measures live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    for train in (False, True):
+        cmd = [sys.executable, __file__, "--memory-child", str(batch)] + (["--train"] if train else [])
+        runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+                           .split("\n")[-2]) for _ in range(3)]
+        r = max(runs, key=lambda run: run["growth"])  # RSS readings vary a little: report the worst of 3 processes
+        io = r["in_bytes"] + r["out_bytes"]
+        print(f"{'forward+backward' if train else 'forward, no grad':<17} input {r['in_bytes'] / 2**20:.0f} MiB, "
+              f"output {r['out_bytes'] / 2**20:.0f} MiB, growth {r['growth'] / 2**20:.0f} MiB: "
+              f"peak / (input + output) = {(r['in_bytes'] + r['growth']) / io:.2f}")
 
 
 def larger_specs(repeats: int) -> None:
@@ -116,7 +135,7 @@ def larger_specs(repeats: int) -> None:
     for name, model, x in cases:
         spec = unf.spec_from_module(model, x)
         t0 = time.perf_counter()
-        layer = UNFLinear(spec, 8, 8)
+        layer = UNFLinear(spec, 8, 8).to(DEVICE)
         build = time.perf_counter() - t0
         ws = random_ws(spec, 8, 8, requires_grad=True)
 
@@ -133,15 +152,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--memory-batch", type=int, default=256)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the memory part runs on the CPU only)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64], help="networks per batch in part 1")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child is not None:
-        _memory_child(args.memory_child)
+        _memory_child(args.memory_child, args.train)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, median of "
-          f"{args.repeats}")
-    versus_nfn(args.repeats)
-    memory(args.memory_batch)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {platform.machine()}, median of {args.repeats}")
+    for batch in args.batch:
+        versus_nfn(args.repeats, batch)
+    if DEVICE.type == "cpu":
+        memory(args.memory_batch)
     larger_specs(args.repeats)
 
 

@@ -955,3 +955,13 @@ EXPECTED_GROUPS = {
 }
 
 assert set(EXPECTED_GROUPS) == set(ARCHITECTURES)
+
+
+def require_plugins(name: str) -> None:
+    """Skip architectures whose spec needs a plugin that is not installed (``vit``: unf-torch-transformer)."""
+    import pytest
+
+    from unf.spec import registry
+
+    if name == "vit" and registry.module_rule(nn.TransformerEncoderLayer(8, 2)) is None:
+        pytest.skip("needs the unf-torch-transformer plugin: pip install -e plugins/unf-torch-transformer")

@@ -15,7 +15,7 @@ from unf.nn import (DeepSets, DeepSetsEncoder, InvariantPool, Layout, Positional
                     UNFLinear, UNFNet, WSNorm, bell)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from architectures import ARCHITECTURES  # noqa: E402
+from architectures import ARCHITECTURES, require_plugins  # noqa: E402
 from brute_force import equivariance_defect, equivariant_dim, span_dim  # noqa: E402
 
 TOL = 1e-10
@@ -23,6 +23,7 @@ _SPECS = {}
 
 
 def arch_spec(name):
+    require_plugins(name)
     if name not in _SPECS:
         model, x = ARCHITECTURES[name]()
         with warnings.catch_warnings():

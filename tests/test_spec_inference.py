@@ -19,7 +19,7 @@ import torch.nn as nn
 import unf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from architectures import ARCHITECTURES, EXPECTED_GROUPS, B, finalize  # noqa: E402
+from architectures import ARCHITECTURES, EXPECTED_GROUPS, B, finalize, require_plugins  # noqa: E402
 
 N_PERMS = 20
 RTOL = 1e-10
@@ -29,6 +29,7 @@ _SPECS: dict = {}
 
 def build(name):
     """(model, example_input, spec); spec inference is run once per architecture (the model is rebuilt each time)."""
+    require_plugins(name)
     model, x = ARCHITECTURES[name]()
     if name not in _SPECS:
         with warnings.catch_warnings():
