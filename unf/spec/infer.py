@@ -223,7 +223,6 @@ class _Inference:
         self.model, self.gm, self.strict = model, gm, strict
         self.shapes = {n: _meta_to_shapes(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
         self.env: dict[fx.Node, Any] = {}
-        self.report_log: list[str] = []
         # state_dict entries; tied tensors (same object under several keys) share one Sym
         sd = model.state_dict(keep_vars=True)
         self.keys = list(sd)
@@ -254,7 +253,6 @@ class _Inference:
         if self.strict:
             raise SpecInferenceError(msg + " (strict=True). Register a rule for it (unf.register_module_rule / "
                                            "register_function_rule / register_method_rule) or pass strict=False.")
-        self.report_log.append(msg)
         warnings.warn(msg + "; the axes it touches are kept fixed.", UnprovenSymmetryWarning, stacklevel=4)
 
     # -- the walk ------------------------------------------------------------------------------------------------

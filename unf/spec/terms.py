@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from typing import Iterable, Optional, Union
 
 Factor = Union[int, "Var"]
@@ -189,44 +190,29 @@ def _union(a: Var, b: Var) -> None:
         unify(ba, bb)
 
 
-def _blocks(a_sizes: list[int], b_sizes: list[int]) -> Optional[list[tuple[int, int, int, int]]]:
-    """Split two sequences with equal sums into minimal blocks of equal partial sums: (i0, i1, j0, j1) ranges."""
-    blocks, i, j, sa, sb, i0, j0 = [], 0, 0, 0, 0, 0, 0
-    while i < len(a_sizes) or j < len(b_sizes):
-        if sa <= sb and i < len(a_sizes):
-            sa += a_sizes[i]
-            i += 1
-        elif j < len(b_sizes):
-            sb += b_sizes[j]
-            j += 1
+def _match_blocks(a: list[int], b: list[int], combine, unit: int) -> Optional[list[tuple[int, int, int, int]]]:
+    """Split two size sequences with equal totals into minimal blocks whose partial totals meet.
+
+    Returns ``(i0, i1, j0, j1)`` ranges, or None if the totals differ. ``combine``: ``+`` for concatenations, ``*``
+    for products.
+    """
+    blocks, i, j, ta, tb, i0, j0 = [], 0, 0, unit, unit, 0, 0
+    while i < len(a) or j < len(b):
+        if (ta <= tb and i < len(a)) or j == len(b):
+            if i == len(a):
+                return None
+            ta, i = combine(ta, a[i]), i + 1
         else:
-            return None
-        if sa == sb and i > i0 and j > j0:
+            tb, j = combine(tb, b[j]), j + 1
+        if ta == tb and i > i0 and j > j0:
             blocks.append((i0, i, j0, j))
             i0, j0 = i, j
-    if sa != sb:
-        return None
-    return blocks
+    return blocks if ta == tb else None
 
 
 def product_blocks(fa: list, fb: list) -> Optional[list[tuple[int, int, int, int]]]:
-    """Like :func:`_blocks` but for products (cumulative products must meet)."""
-    blocks, i, j, pa, pb, i0, j0 = [], 0, 0, 1, 1, 0, 0
-    while i < len(fa) or j < len(fb):
-        if (pa <= pb and i < len(fa)) or j == len(fb):
-            if i == len(fa):
-                return None
-            pa *= factor_size(fa[i])
-            i += 1
-        else:
-            pb *= factor_size(fb[j])
-            j += 1
-        if pa == pb and i > i0 and j > j0:
-            blocks.append((i0, i, j0, j))
-            i0, j0 = i, j
-    if pa != pb:
-        return None
-    return blocks
+    """Blocks of two factor lists (ints or vars) whose cumulative products meet."""
+    return _match_blocks([factor_size(f) for f in fa], [factor_size(f) for f in fb], operator.mul, 1)
 
 
 def _unify_segments(sa: Segment, sb: Segment) -> None:
@@ -265,7 +251,7 @@ def unify(a: Term, b: Term) -> None:
         return
     if term_size(ra) != term_size(rb):
         raise ValueError(f"internal: unifying axes of different sizes {term_size(ra)} and {term_size(rb)}")
-    blocks = _blocks([segment_size(s) for s in ra], [segment_size(s) for s in rb])
+    blocks = _match_blocks([segment_size(s) for s in ra], [segment_size(s) for s in rb], operator.add, 0)
     for i0, i1, j0, j1 in blocks:
         la, lb = ra[i0:i1], rb[j0:j1]
         if len(la) == 1 and len(lb) == 1:
@@ -300,7 +286,7 @@ def product(terms: list[Term]) -> Term:
     return _norm_term(_norm_segment(s) for s in out)
 
 
-def split_product(t: Term, sizes: list[int], hint: Optional[str] = None) -> list[Term]:
+def split_product(t: Term, sizes: list[int]) -> list[Term]:
     """Terms of the axes obtained by reshaping one axis ``t`` into ``sizes`` (row-major)."""
     t = resolve(t)
     if len(t) > 1:
@@ -324,7 +310,7 @@ def split_product(t: Term, sizes: list[int], hint: Optional[str] = None) -> list
                 k += 1
             elif s % need == 0:  # the output axis ends inside this factor: split it
                 if isinstance(f, Var):
-                    a, b = Var(need, hint), Var(s // need, hint)
+                    a, b = Var(need), Var(s // need)
                     _bind(f, ((a, b),))
                     seg.append(a)
                     facs[k] = b
@@ -339,7 +325,7 @@ def split_product(t: Term, sizes: list[int], hint: Optional[str] = None) -> list
     return out
 
 
-def split_concat(t: Term, sizes: list[int], hint: Optional[str] = None) -> list[Term]:
+def split_concat(t: Term, sizes: list[int]) -> list[Term]:
     """Terms of the pieces obtained by cutting axis ``t`` into consecutive blocks of ``sizes``.
 
     A free var that is cut becomes a concatenation of new vars (independent permutations per piece); a product with a
@@ -355,7 +341,7 @@ def split_concat(t: Term, sizes: list[int], hint: Optional[str] = None) -> list[
             edges = [0] + cuts + [n]
             widths = [e1 - e0 for e0, e1 in zip(edges, edges[1:])]
             if len(seg) == 1 and isinstance(seg[0], Var):
-                parts = tuple((Var(w, hint),) if w > 1 else (w,) for w in widths)
+                parts = tuple((Var(w),) if w > 1 else (w,) for w in widths)
                 _bind(seg[0], parts)
                 segs.extend(parts)
             elif len(seg) > 1 and all(c % (n // factor_size(seg[0])) == 0 for c in cuts):
