@@ -1,0 +1,259 @@
+"""Weight matching (Git Re-Basin, Ainsworth et al. 2023) for any ``WeightSpaceSpec``, batched over many models.
+
+Find permutations ``P`` maximising ``sum_t <reference_t, P(other)_t>`` over every float tensor of the spec. Coordinate
+descent: for one group at a time, with every other permutation held, the objective is linear in that group's
+permutation, so it is a linear assignment problem (``scipy.optimize.linear_sum_assignment``). Groups are visited in a
+seeded random order; the descent stops after a sweep in which no permutation changes (or ``max_iter`` sweeps).
+
+A group may act on many places: whole axes, factors of product axes (conv channels before a flatten, heads and
+within-head units), segments of concatenated axes (Q, K and V), several axes of one tensor (a recurrent weight). Each
+place contributes ``reference_slices @ other_slices^T`` to the group's ``[n, n]`` similarity, computed for all models
+at once with batched matmuls; a group appearing twice in one tensor is linearised at the current permutation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..spec import Permutation, WeightSpaceSpec
+from ..spec.axes import _factors, _segments
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a group acts: tensor ``name``, ``axis``, segment ``[start, start+length)``, factor ``j`` of ``factors``."""
+    name: str
+    axis: int
+    start: int
+    length: int
+    factors: tuple  # sizes of the segment's factors
+    j: int
+    segment: int
+
+
+def places(spec: WeightSpaceSpec) -> dict[str, list[Place]]:
+    """Every place each group acts on (float tensors only)."""
+    out: dict[str, list[Place]] = {g: [] for g in spec.groups}
+    for name in spec.float_names:
+        for axis, entry in enumerate(spec[name].axes):
+            if entry is None:
+                continue
+            start = 0
+            for k, seg in enumerate(_segments(entry)):
+                facs = _factors(seg)
+                sizes = tuple(spec.groups[f] if isinstance(f, str) else f for f in facs)
+                length = math.prod(sizes)
+                for j, f in enumerate(facs):
+                    if isinstance(f, str):
+                        out[f].append(Place(name, axis, start, length, sizes, j, k))
+                start += length
+    return out
+
+
+def _axis_index(spec: WeightSpaceSpec, name: str, axis: int, perms: Mapping[str, torch.Tensor], n_models: int,
+                skip: Optional[Place] = None) -> Optional[torch.Tensor]:
+    """``[N, axis size]`` indices permuting ``axis`` of tensor ``name`` for each model; ``skip``: leave that place as is."""
+    entry = spec[name].axes[axis]
+    if entry is None:
+        return None
+    pieces, offset = [], 0
+    device = next(iter(perms.values())).device if perms else None
+    for k, seg in enumerate(_segments(entry)):
+        idx = torch.zeros(n_models, 1, dtype=torch.long, device=device)
+        for j, f in enumerate(_factors(seg)):
+            n = spec.groups[f] if isinstance(f, str) else f
+            if isinstance(f, str) and not (skip is not None and skip.axis == axis and skip.segment == k
+                                           and skip.j == j):
+                sub = perms[f]
+            else:
+                sub = torch.arange(n, device=device).expand(n_models, n)
+            idx = (idx[:, :, None] * n + sub[:, None, :]).reshape(n_models, -1)
+        pieces.append(idx + offset)
+        offset += idx.shape[1]
+    return torch.cat(pieces, dim=1)
+
+
+def permute_batched(spec: WeightSpaceSpec, name: str, x: torch.Tensor, perms: Mapping[str, torch.Tensor],
+                    skip: Optional[Place] = None) -> torch.Tensor:
+    """Permute ``x`` (``[N, *shape]``, one tensor of N models) by per-model permutations ``perms[g]: [N, n]``."""
+    n_models = x.shape[0]
+    rows = torch.arange(n_models, device=x.device)[:, None]
+    for axis in range(x.dim() - 1):
+        idx = _axis_index(spec, name, axis, perms, n_models, skip)
+        if idx is not None:
+            x = x.movedim(axis + 1, 1)[rows, idx].movedim(1, axis + 1)
+    return x
+
+
+def _slices(x: torch.Tensor, p: Place) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[N, n, rest]``: the place's factor first, everything else flattened."""
+    seg = x.narrow(p.axis + 1, p.start, p.length)
+    shape = list(seg.shape)
+    seg = seg.reshape(*shape[:p.axis + 1], *p.factors, *shape[p.axis + 2:])
+    return seg.movedim(p.axis + 1 + p.j, 1).reshape(x.shape[0], p.factors[p.j], -1)
+
+
+def unit_signatures(spec: WeightSpaceSpec, group: str, tensors: Mapping[str, torch.Tensor],
+                    where: Optional[list[Place]] = None) -> torch.Tensor:
+    """``[N, n, features]``: per unit of ``group``, its slices in every place, each sorted -- unchanged by any
+    permutation of the other axes, so comparable before anything else is aligned."""
+    where = places(spec)[group] if where is None else where
+    return torch.cat([_slices(tensors[p.name], p).sort(dim=2).values for p in where], dim=2)
+
+
+def signature_init(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                   groups: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A starting point for coordinate descent: each group assigned by distances between unit signatures."""
+    where = places(spec)
+    out = {}
+    for g in groups:
+        if not where[g]:
+            continue
+        ref, oth = unit_signatures(spec, g, reference, where[g]), unit_signatures(spec, g, other, where[g])
+        out[g] = solve_assignment(-torch.cdist(ref.expand(oth.shape[0], *ref.shape[1:]), oth).square())
+    return out
+
+
+def solve_assignment(sim: torch.Tensor) -> torch.Tensor:
+    """``[N, n, n]`` similarities -> ``[N, n]`` permutations maximising the total (one LAP per model)."""
+    cost = sim.detach().to("cpu", torch.float64).numpy()
+    out = np.empty(cost.shape[:2], dtype=np.int64)
+    for m in range(cost.shape[0]):
+        _, cols = linear_sum_assignment(cost[m], maximize=True)
+        out[m] = cols
+    return torch.from_numpy(out).to(sim.device)
+
+
+def _stack(spec: WeightSpaceSpec, models: Union[StateDict, Sequence[StateDict]], dtype) -> dict[str, torch.Tensor]:
+    models = [models] if isinstance(models, Mapping) else list(models)
+    for i, sd in enumerate(models):
+        try:
+            spec.validate(sd)
+        except ValueError as e:
+            raise ValueError(f"model #{i}: {e}") from None
+    return {n: torch.stack([sd[n].detach().to(dtype) for sd in models]) for n in spec.float_names}
+
+
+class _Matcher:
+    """Coordinate-descent state: ``other`` kept permuted by the current permutations (only tensors a changed group
+    touches are redone), reference slices cached. A place's own permutation is undone by indexing rows."""
+
+    def __init__(self, spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor],
+                 other: Mapping[str, torch.Tensor], perms: dict[str, torch.Tensor]):
+        self.spec, self.other, self.perms = spec, other, perms
+        self.where = places(spec)
+        self.ref_slices = {p: _slices(reference[p.name], p) for ps in self.where.values() for p in ps}
+        self.current = {n: permute_batched(spec, n, x, perms) for n, x in other.items()}
+
+    def similarity(self, group: str) -> torch.Tensor:
+        """``[N, n, n]``: entry ``[i, j]`` = how well unit ``j`` of ``other`` fits unit ``i`` of the reference, all
+        other permutations held."""
+        inv = torch.argsort(self.perms[group], dim=1)
+        sim = None
+        for p in self.where[group]:
+            cur = _slices(self.current[p.name], p)
+            own = cur.gather(1, inv[:, :, None].expand(-1, -1, cur.shape[2]))  # place p un-permuted
+            term = torch.matmul(self.ref_slices[p], own.transpose(1, 2))
+            sim = term if sim is None else sim + term
+        n_models, n = self.perms[group].shape
+        return sim.expand(n_models, n, n)
+
+    def update(self, group: str, new: torch.Tensor) -> None:
+        self.perms[group] = new
+        for name in {p.name for p in self.where[group]}:
+            self.current[name] = permute_batched(self.spec, name, self.other[name], self.perms)
+
+
+def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                  max_iter: int = 100, seed: int = 0, init: Optional[Mapping[str, torch.Tensor]] = None,
+                  frozen: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], int]:
+    """Coordinate descent on stacked tensors (name -> ``[N or 1, *shape]``); returns per-group ``[N, n]`` permutations
+    and the number of sweeps. ``frozen`` groups keep their ``init`` permutation."""
+    n_models = next(iter(other.values())).shape[0]
+    device = next(iter(other.values())).device
+    perms = {g: (init[g].to(device) if init is not None and g in init else
+                 torch.arange(n, device=device).expand(n_models, n).clone()) for g, n in spec.groups.items()}
+    state = _Matcher(spec, reference, other, perms)
+    free = [g for g in spec.groups if g not in frozen and state.where[g]]
+    rng = np.random.default_rng(seed)
+    sweeps = 0
+    for sweeps in range(1, max_iter + 1):
+        changed = False
+        for g in rng.permutation(free):
+            sim = state.similarity(g)
+            new = solve_assignment(sim)
+            old_score = sim.gather(2, perms[g][:, :, None]).sum((1, 2))
+            new_score = sim.gather(2, new[:, :, None]).sum((1, 2))
+            better = new_score > old_score + 1e-6 * old_score.abs().clamp_min(1e-6)
+            if better.any():
+                state.update(g, torch.where(better[:, None], new, perms[g]))
+                changed = True
+        if not changed:
+            break
+    return perms, sweeps
+
+
+def weight_matching(spec: WeightSpaceSpec, reference: StateDict, other: StateDict, max_iter: int = 100,
+                    seed: int = 0, heads: Union[bool, str] = "auto", init: str = "signature") -> Permutation:
+    """The permutation that aligns ``other`` to ``reference``: ``spec.permute(other, perm)`` is the aligned model.
+
+    Deterministic for a ``seed``. ``heads``: match attention heads first by a permutation-invariant signature
+    (TransFusion; see :mod:`unf.align.heads`) and hold them; ``"auto"`` does so whenever the spec has head groups.
+    ``init``: ``"signature"`` starts the descent from an assignment of sorted unit slices (invariant to all other
+    permutations); ``"identity"`` starts from no permutation, as in Ainsworth et al.
+    """
+    return align_many(spec, reference, [other], max_iter, seed, heads, init)[0]
+
+
+def align_many(spec: WeightSpaceSpec, reference: StateDict, others: Sequence[StateDict], max_iter: int = 100,
+               seed: int = 0, heads: Union[bool, str] = "auto", init: str = "signature",
+               dtype: torch.dtype = torch.float32) -> list[Permutation]:
+    """Align many models to one reference at once (batched similarities, one LAP per model and group)."""
+    from .heads import head_groups, match_heads
+
+    ref = _stack(spec, reference, dtype)
+    oth = _stack(spec, others, dtype)
+    use_heads = head_groups(spec) if heads in (True, "auto") else []
+    if heads is True and not use_heads:
+        raise ValueError("heads=True but the spec has no head groups (groups acting only as the outer factor of "
+                         "a product with other groups)")
+    if init not in ("signature", "identity"):
+        raise ValueError(f"init={init!r}: choose 'signature' or 'identity'")
+    start = signature_init(spec, ref, oth, [g for g in spec.groups if g not in use_heads]) \
+        if init == "signature" else {}
+    if use_heads:
+        start.update(match_heads(spec, ref, oth, use_heads))
+    perms, _ = match_batched(spec, ref, oth, max_iter, seed, start, frozen=use_heads)
+    return [Permutation({g: p[m] for g, p in perms.items()}) for m in range(len(others))]
+
+
+def merge_many(spec: WeightSpaceSpec, models: Sequence[StateDict], max_iter: int = 100, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> tuple[list[Permutation], dict[str, torch.Tensor]]:
+    """MergeMany: align every model to the mean of the others (aligned), repeatedly, until no permutation changes.
+
+    Returns the permutations (one per model, for ``spec.permute``) and the barycentre (mean of aligned models).
+    """
+    if len(models) < 2:
+        raise ValueError("merge_many needs at least two models")
+    w = _stack(spec, models, dtype)
+    n_models = len(models)
+    perms = {g: torch.arange(n).expand(n_models, n).clone() for g, n in spec.groups.items()}
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        aligned = {k: permute_batched(spec, k, v, perms) for k, v in w.items()}
+        total = {k: v.sum(0, keepdim=True) for k, v in aligned.items()}
+        others_mean = {k: (total[k] - aligned[k]) / (n_models - 1) for k in w}
+        new, _ = match_batched(spec, others_mean, w, max_iter, int(rng.integers(1 << 31)), init=perms)
+        if all(torch.equal(new[g], perms[g]) for g in perms):
+            break
+        perms = new
+    aligned = {k: permute_batched(spec, k, v, perms) for k, v in w.items()}
+    barycentre = {k: v.mean(0) for k, v in aligned.items()}
+    return [Permutation({g: p[m] for g, p in perms.items()}) for m in range(n_models)], barycentre
