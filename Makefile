@@ -1,5 +1,6 @@
 # Two commands do all the setup on a fresh machine:
-#   make demo   install, then infer and print the symmetry spec of a bundled ResNet-20
+#   make demo   install, then the main job on embedded data: two MLPs trained on digits, their symmetry spec,
+#               re-basin alignment, the loss barrier before/after and a PNG (unf_demo/)
 #   make test   install, then run the test suite
 PYTHON ?= python
 
@@ -10,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]" -e plugins/unf-torch-transformer
 
 demo: install
-	unf spec examples/models.py:resnet20 --input-shape 1,3,32,32
+	unf demo --out unf_demo
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -206,6 +206,34 @@ def time_rebasin(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, repeat
     return result
 
 
+def time_unf(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, repeats: int = 3) -> dict:
+    """The same measurement for ``unf``: spec inference + ``unf.align.weight_matching`` + applying the permutation."""
+    import unf
+
+    def once():
+        t0 = time.perf_counter()
+        spec = unf.spec_from_module(model_a, x)
+        t1 = time.perf_counter()
+        perm = unf.align.weight_matching(spec, model_a.state_dict(), model_b.state_dict())
+        t2 = time.perf_counter()
+        aligned = copy.deepcopy(model_b)
+        aligned.load_state_dict(spec.permute(model_b.state_dict(), perm))
+        return spec, aligned, (t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    t0 = time.perf_counter()
+    once()
+    cold = time.perf_counter() - t0
+    runs = [once() for _ in range(repeats)]
+    spec, aligned, _ = runs[-1]
+    med = [statistics.median(r[2][i] for r in runs) for i in range(3)]
+    before, after = _outputs(model_b, x), _outputs(aligned, x)
+    return {"construct_s": med[0], "match_s": med[1], "apply_s": med[2], "total_s": sum(med), "cold_total_s": cold,
+            "n_groups": len(spec.groups), "group_sizes": sorted(spec.groups.values()),
+            "max_abs_diff_eval": float((before["eval"] - after["eval"]).abs().max()),
+            "max_abs_diff_train": float((before["train"] - after["train"]).abs().max()),
+            "dist_before": param_distance(model_a, model_b), "dist_after": param_distance(model_a, aligned)}
+
+
 def run_case(name: str, repeats: int = 3, no_grad: bool = False) -> dict:
     """``time_rebasin`` on one entry of ``CASES``; an exception inside rebasin is recorded, not raised."""
     model_a, model_b, x = make_case(name)
@@ -254,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         r = run_case(name, args.repeats, args.no_grad)
         results.append(r)
         print(_fmt(r), flush=True)
+        u = time_unf(*make_case(name), repeats=args.repeats)
+        results.append({"case": name, "library": "unf", **u})
+        print(f"{'  unf':<28}total {u['total_s']:.3f}s (spec {u['construct_s']:.3f} + match {u['match_s']:.3f} + "
+              f"apply {u['apply_s']:.4f})  first run {u['cold_total_s']:.3f}s  groups={u['n_groups']} "
+              f"sizes={u['group_sizes']}\n{'':<28}max|dy| eval={u['max_abs_diff_eval']:.2e} "
+              f"train={u['max_abs_diff_train']:.2e}  ||a-b|| {u['dist_before']:.3f} -> {u['dist_after']:.3f}  "
+              f"ratio unf/rebasin {u['total_s'] / r['total_s']:.2f}" if "total_s" in r else "", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -145,3 +145,14 @@ def test_reset_bn_stats_uses_the_given_batches():
     reset_bn_stats(net, data)
     h = torch.cat([net[0](d) for d in data])
     assert torch.allclose(net[1].running_mean, h.mean(0).detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer_mha"])
+def test_activation_matching_recovers_permutations(name):
+    model, x, spec = build(name)
+    p = spec.sample_permutation(torch.Generator().manual_seed(3))
+    other = copy.deepcopy(model)
+    other.load_state_dict(spec.permute(model.state_dict(), p))
+    data = [torch.randn(32, *x.shape[1:], dtype=torch.float64) for _ in range(2)]
+    q = unf.align.activation_matching(model, other, spec, data)
+    assert q == p.inverse()

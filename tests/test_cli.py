@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import unf
 from unf.cli import main
@@ -60,3 +61,68 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "unf.cli", "spec", f"{ROOT}/examples/models.py:small_cnn",
                           "--input-shape", "1,1,8,8", "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["format"] == "unf.WeightSpaceSpec"
+
+
+def _two_checkpoints(tmp_path):
+    from unf.io import save_state_dict
+    from unf.training import train_classifier
+
+    split = unf.data.load("digits-flat")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        train_classifier(net, split.x_train, split.y_train, epochs=2, seed=seed)
+        paths.append(tmp_path / f"net{seed}.safetensors")
+        save_state_dict(net.state_dict(), paths[-1])
+    factory = tmp_path / "arch.py"
+    factory.write_text("import torch\n"
+                       "def net():\n"
+                       "    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n")
+    return factory, paths
+
+
+def test_align_command_writes_aligned_checkpoint_and_plot(tmp_path, capsys):
+    from unf.io import load_state_dict
+
+    factory, (a, b) = _two_checkpoints(tmp_path)
+    out, plot = tmp_path / "aligned.safetensors", tmp_path / "lmc.png"
+    assert main(["align", f"{factory}:net", "--a", str(a), "--b", str(b), "--points", "5", "--out", str(out),
+                 "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    naive, aligned = (float(v) for v in text.split("naive ")[1].split(", aligned ")[0:1] +
+                      [text.split("aligned ")[1].split(" ")[0]])
+    assert aligned < naive
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the aligned checkpoint is the same function as B
+    net_b, net_al = (torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+                     for _ in range(2))
+    net_b.load_state_dict(load_state_dict(b))
+    net_al.load_state_dict(load_state_dict(out))
+    x = torch.randn(5, 64)
+    assert torch.allclose(net_b(x), net_al(x), atol=1e-5)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_align_command_rejects_mismatched_checkpoint(tmp_path):
+    from unf.io import save_state_dict
+
+    factory, (a, _) = _two_checkpoints(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    save_state_dict({"0.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(SystemExit, match=r"bad.safetensors: state_dict does not fit the spec"):
+        main(["align", f"{factory}:net", "--a", str(a), "--b", str(bad)])
+
+
+def test_checkpoint_errors(tmp_path):
+    from unf.io import load_state_dict
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="broken.safetensors.*could not be read"):
+        load_state_dict(broken)
+    pt = tmp_path / "sd.pt"
+    torch.save({"w": torch.ones(2)}, pt)
+    assert torch.equal(load_state_dict(pt)["w"], torch.ones(2))

@@ -1,6 +1,7 @@
 """The ``unf`` command line.
 
     unf spec examples/models.py:resnet18 --input-shape 1,3,32,32 [--json] [--strict]
+    unf align examples/models.py:mlp --a a.safetensors --b b.safetensors --data digits-flat --out b_aligned.safetensors
 """
 from __future__ import annotations
 
@@ -79,6 +80,109 @@ def _cmd_spec(args) -> int:
     return 0
 
 
+def _cmd_align(args) -> int:
+    import unf
+    from unf.align import activation_matching, loss_barrier, weight_matching
+    from unf.io import load_state_dict, save_state_dict
+    from unf.training import evaluate
+
+    split = unf.data.load(args.data, seed=args.split_seed)
+    model = load_factory(args.model)(**_parse_kwargs(args.arg))
+    spec = unf.spec_from_module(model, split.x_train[:1])
+    a, b = load_state_dict(args.a), load_state_dict(args.b)
+    for path, sd in ((args.a, a), (args.b, b)):
+        try:
+            spec.validate(sd)
+        except ValueError as e:
+            raise SystemExit(f"unf: {path}: {e}")
+    if args.method == "weight":
+        perm = weight_matching(spec, a, b, seed=args.seed)
+    else:
+        ma, mb = load_factory(args.model)(**_parse_kwargs(args.arg)), load_factory(args.model)(**_parse_kwargs(args.arg))
+        ma.load_state_dict(a)
+        mb.load_state_dict(b)
+        perm = activation_matching(ma, mb, spec, split.x_train.split(256), seed=args.seed)
+    aligned = spec.permute(b, perm)
+    ts = [i / (args.points - 1) for i in range(args.points)]
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    bn_batches = (lambda: split.x_train.split(256)) if has_bn else None  # training data only
+    curves = {}
+    for name, end in (("naive", b), ("aligned", aligned)):
+        accs = []
+
+        def test_loss(net):
+            loss, acc = evaluate(net, split.x_test, split.y_test)
+            accs.append(acc)
+            return loss
+
+        res = loss_barrier(model, a, end, test_loss, ts, bn_batches)
+        curves[name] = (res["values"], accs, res["barrier"])
+    naive, al = curves["naive"][2], curves["aligned"][2]
+    print(f"test-loss barrier: naive {naive:.4f}, aligned {al:.4f} "
+          f"({100 * (1 - al / naive) if naive > 0 else 0:.1f}% lower)")
+    for name, (losses, accs, _) in curves.items():
+        print(f"{name:>8}: " + "  ".join(f"t={t:.2f} loss={v:.3f} acc={acc:.3f}" for t, v, acc in
+                                         zip(ts[::max(1, len(ts) // 5)], losses[::max(1, len(ts) // 5)],
+                                             accs[::max(1, len(ts) // 5)])))
+    if args.out:
+        save_state_dict(aligned, args.out)
+        print(f"aligned state_dict written to {args.out}")
+    if args.plot:
+        _plot_lmc(ts, curves, args.plot, f"{args.model} on {args.data}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The main job on embedded data: spec -> two trained MLPs -> alignment -> loss barrier and a PNG."""
+    from pathlib import Path
+
+    import unf
+    from unf import _demo_model
+    from unf.io import save_state_dict
+    from unf.training import evaluate, train_classifier
+
+    out = Path(args.out)
+    split = unf.data.load("digits-flat")
+    print(f"data: {split}")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = _demo_model.mlp(args.width)
+        train_classifier(net, split.x_train, split.y_train, epochs=args.epochs, seed=seed)
+        loss, acc = evaluate(net, split.x_test, split.y_test)
+        print(f"MLP 64-{args.width}-{args.width}-10, seed {seed}: test loss {loss:.3f}, accuracy {acc:.3f}")
+        paths.append(out / f"mlp_seed{seed}.safetensors")
+        save_state_dict(net.state_dict(), paths[-1])
+    print(unf.spec_from_module(net, split.x_train[:1]))
+    return _cmd_align(argparse.Namespace(
+        model="unf._demo_model:mlp", a=str(paths[0]), b=str(paths[1]), data="digits-flat", split_seed=0, method="weight",
+        points=11, seed=0, arg=[f"width={args.width}"], out=str(out / "mlp_seed1_aligned.safetensors"),
+        plot=str(out / "lmc.png")))
+
+
+def _plot_lmc(ts, curves, path, title) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unf.io import atomic_write
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, (losses, accs, barrier) in curves.items():
+        ax1.plot(ts, losses, marker="o", label=f"{name} (barrier {barrier:.3f})")
+        ax2.plot(ts, accs, marker="o", label=name)
+    ax1.set(xlabel="interpolation t (0 = model A, 1 = model B)", ylabel="test loss")
+    ax2.set(xlabel="interpolation t", ylabel="test accuracy")
+    ax1.legend()
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unf", description="Learning on neural-network weights.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
     p.add_argument("--strict", action="store_true", help="fail instead of fixing axes of ops without a rule")
     p.set_defaults(func=_cmd_spec)
+
+    p = sub.add_parser("align", help="align checkpoint B to checkpoint A by permutation; report the loss barrier")
+    p.add_argument("model", help="'file.py:factory' or 'package.module:factory' building the architecture")
+    p.add_argument("--a", required=True, help="reference checkpoint (.safetensors, or .pt state_dict)")
+    p.add_argument("--b", required=True, help="checkpoint to align to --a")
+    p.add_argument("--data", default="digits-flat", help="embedded dataset for the barrier (unf.data.available())")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the dataset's train/test split")
+    p.add_argument("--method", choices=["weight", "activation"], default="weight")
+    p.add_argument("--points", type=int, default=11, help="points along the linear path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="factory keyword argument")
+    p.add_argument("--out", help="write the aligned B here (.safetensors)")
+    p.add_argument("--plot", help="write a PNG of test loss and accuracy along both paths here")
+    p.set_defaults(func=_cmd_align)
+
+    p = sub.add_parser("demo", help="the main job on embedded data: train two MLPs on digits, infer their spec, "
+                                    "align them, report the loss barrier, write a PNG")
+    p.add_argument("--out", default="unf_demo", help="folder for checkpoints and the plot")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=10)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
