@@ -238,19 +238,24 @@ def merge_many(spec: WeightSpaceSpec, models: Sequence[StateDict], max_iter: int
                dtype: torch.dtype = torch.float32) -> tuple[list[Permutation], dict[str, torch.Tensor]]:
     """MergeMany: align every model to the mean of the others (aligned), repeatedly, until no permutation changes.
 
+    Starts from every model aligned to the first one; each round is one descent sweep per model.
+
     Returns the permutations (one per model, for ``spec.permute``) and the barycentre (mean of aligned models).
     """
     if len(models) < 2:
         raise ValueError("merge_many needs at least two models")
     w = _stack(spec, models, dtype)
     n_models = len(models)
-    perms = {g: torch.arange(n).expand(n_models, n).clone() for g, n in spec.groups.items()}
+    # start from every model aligned to the first, then move towards the barycentre round by round
+    first = align_many(spec, models[0], models, max_iter, seed, dtype=dtype)
+    perms = {g: torch.stack([p[g] for p in first]) for g in spec.groups}
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
         aligned = {k: permute_batched(spec, k, v, perms) for k, v in w.items()}
         total = {k: v.sum(0, keepdim=True) for k, v in aligned.items()}
         others_mean = {k: (total[k] - aligned[k]) / (n_models - 1) for k in w}
-        new, _ = match_batched(spec, others_mean, w, max_iter, int(rng.integers(1 << 31)), init=perms)
+        # one sweep per round: the barycentre moves with every round anyway
+        new, _ = match_batched(spec, others_mean, w, 1, int(rng.integers(1 << 31)), init=perms)
         if all(torch.equal(new[g], perms[g]) for g in perms):
             break
         perms = new
