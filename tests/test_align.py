@@ -156,3 +156,68 @@ def test_activation_matching_recovers_permutations(name):
     data = [torch.randn(32, *x.shape[1:], dtype=torch.float64) for _ in range(2)]
     q = unf.align.activation_matching(model, other, spec, data)
     assert q == p.inverse()
+
+
+# -- regressions found in review --------------------------------------------------------------------------------------
+def test_descent_converges_when_a_group_acts_twice_on_a_tensor():
+    from unf.align.matching import _Matcher, match_batched, signature_init
+
+    a, _, spec = build("lstm", 0)
+    b, _, _ = build("lstm", 1)
+    ref, oth = _stack(spec, a.state_dict(), torch.float32), _stack(spec, [b.state_dict()], torch.float32)
+    start = signature_init(spec, ref, oth, list(spec.groups))
+    perms, sweeps = match_batched(spec, ref, oth, 100, 0, dict(start))
+    assert sweeps < 100
+
+    def total(p):
+        m = _Matcher(spec, ref, oth, dict(p))
+        return sum((ref[k] * m.current[k]).sum() for k in ref).item()
+
+    assert total(perms) >= total({g: start.get(g, torch.arange(n)[None]) for g, n in spec.groups.items()}) - 1e-4
+
+
+def test_merge_many_converges_on_independent_models():
+    nets = [build("mlp", s)[0].state_dict() for s in range(5)]
+    spec = build("mlp")[2]
+    perms, centre = merge_many(spec, nets, max_iter=50)
+    aligned = [spec.permute(n, p) for n, p in zip(nets, perms)]
+    spread = lambda sds: sum((sd[k] - sum(s[k] for s in sds) / len(sds)).square().sum()  # noqa: E731
+                             for sd in sds for k in spec.float_names)
+    assert spread(aligned) < spread(nets)
+    for k in spec.float_names:
+        assert torch.allclose(centre[k].double(), sum(sd[k] for sd in aligned) / len(aligned), atol=1e-5)
+
+
+def test_loss_barrier_needs_endpoints():
+    a, x, _ = build("mlp")
+    with pytest.raises(ValueError, match="increase from 0 to 1"):
+        loss_barrier(a, a.state_dict(), a.state_dict(), lambda m: 0.0, ts=[0.25, 0.5, 0.75])
+    with pytest.raises(ValueError, match="increase from 0 to 1"):
+        loss_barrier(a, a.state_dict(), a.state_dict(), lambda m: 0.0, ts=[1, 0.5, 0])
+
+
+def test_activation_matching_skips_modules_that_never_run():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)  # out_proj registered before emb
+            self.emb, self.head = nn.Linear(5, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.head((h + self.attn(h, h, h)[0]).mean(1))
+
+    torch.manual_seed(0)
+    a, x = Net().double(), torch.randn(8, 4, 5, dtype=torch.float64)
+    spec = unf.spec_from_module(a, x)
+    p = spec.sample_permutation(torch.Generator().manual_seed(0))
+    b = copy.deepcopy(a)
+    b.load_state_dict(spec.permute(a.state_dict(), p))
+    q = unf.align.activation_matching(a, b, spec, [(x, None)])
+    assert q == p.inverse()
+
+
+def test_reset_bn_stats_restores_momentum_and_takes_labelled_batches():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    reset_bn_stats(net, [(torch.randn(8, 3), torch.zeros(8))])
+    assert net[1].momentum == 0.1

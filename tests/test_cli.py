@@ -126,3 +126,23 @@ def test_checkpoint_errors(tmp_path):
     pt = tmp_path / "sd.pt"
     torch.save({"w": torch.ones(2)}, pt)
     assert torch.equal(load_state_dict(pt)["w"], torch.ones(2))
+
+
+def test_atomic_writes_keep_usual_permissions(tmp_path):
+    import os
+    from unf.io import save_state_dict
+
+    save_state_dict({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_model_files_with_dataclasses_load(tmp_path, capsys):
+    f = tmp_path / "cfg_model.py"
+    f.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\nimport torch\n"
+                 "@dataclass\nclass Cfg:\n    width: int = 4\n"
+                 "def net():\n    return torch.nn.Sequential(torch.nn.Linear(3, Cfg().width), torch.nn.ReLU(),"
+                 " torch.nn.Linear(Cfg().width, 2))\n")
+    assert main(["spec", f"{f}:net", "--input-shape", "1,3"]) == 0
+    assert "0=4" in capsys.readouterr().out

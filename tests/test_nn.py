@@ -252,3 +252,12 @@ def test_unf_linear_reduces_to_nfn_np_layer():
                 np_maps.append(m)
     # same span: each is contained in the other
     assert span_dim(unf_maps) == span_dim(np_maps) == span_dim(unf_maps + np_maps)
+
+
+def test_positional_encoding_keys_do_not_collide():
+    spec = unf.WeightSpaceSpec.from_axes({"fc.1.weight": (None, "h"), "fc_1.weight": (None, "h")},
+                                         {"fc.1.weight": (5, 8), "fc_1.weight": (6, 8)})
+    pe = PositionalEncoding(spec, 2, fold_max=0).double()
+    assert len(pe.tables) == 2  # one pseudo-group per output axis: keys must not merge them
+    out = pe(random_ws(spec, channels=1))
+    assert out["fc.1.weight"].shape == (2, 3, 5, 8) and out["fc_1.weight"].shape == (2, 3, 6, 8)

@@ -87,3 +87,10 @@ def test_errors_name_the_tensor():
         unf.WeightSpace(spec, tensors)
     with pytest.raises(ValueError, match="needs 1 channel"):
         ws.map(lambda t: t.repeat(1, 2, *[1] * (t.dim() - 2))).to_state_dicts()
+
+
+def test_arithmetic_refuses_other_specs():
+    s1 = unf.WeightSpaceSpec.from_axes({"w": ("h", None)}, {"w": (4, 3)})
+    s2 = unf.WeightSpaceSpec.from_axes({"w": ("h", None)}, {"w": (1, 3)}, groups={})
+    with pytest.raises(ValueError, match="different specs"):
+        unf.WeightSpace.zeros(s1, 2) + unf.WeightSpace.zeros(s2, 2)

@@ -26,8 +26,10 @@ def load_factory(ref: str) -> Callable:
         path = Path(target)
         if not path.is_file():
             raise SystemExit(f"unf: model file {str(path)!r} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        name = f"unf_user_model_{abs(hash(str(path.resolve())))}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module  # dataclasses, pickling and tracing look modules up by name
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             mod_spec.loader.exec_module(module)
@@ -86,6 +88,8 @@ def _cmd_align(args) -> int:
     from unf.io import load_state_dict, save_state_dict
     from unf.training import evaluate
 
+    if args.points < 2:
+        raise SystemExit("unf: --points must be at least 2 (the two endpoints)")
     split = unf.data.load(args.data, seed=args.split_seed)
     model = load_factory(args.model)(**_parse_kwargs(args.arg))
     spec = unf.spec_from_module(model, split.x_train[:1])
@@ -203,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits-flat", help="embedded dataset for the barrier (unf.data.available())")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the dataset's train/test split")
     p.add_argument("--method", choices=["weight", "activation"], default="weight")
-    p.add_argument("--points", type=int, default=11, help="points along the linear path")
+    p.add_argument("--points", type=int, default=11, help="points along the linear path (>= 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="factory keyword argument")
     p.add_argument("--out", help="write the aligned B here (.safetensors)")

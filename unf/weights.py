@@ -174,7 +174,7 @@ class WeightSpace:
     # -- arithmetic --------------------------------------------------------------------------------------------------
     def _binary(self, other, op) -> "WeightSpace":
         if isinstance(other, WeightSpace):
-            if other.spec is not self.spec and other.names != self.names:
+            if other.spec is not self.spec and other.spec != self.spec:
                 raise ValueError("weight spaces of different specs cannot be combined")
             return WeightSpace(self.spec, {n: op(t, other[n]) for n, t in self._tensors.items()}, self.extras)
         return self.map(lambda t: op(t, other))

@@ -7,45 +7,56 @@ import torch
 import torch.nn as nn
 
 from ..spec import Permutation, WeightSpaceSpec
+from .lmc import batch_input
 from .matching import _stack, match_batched, solve_assignment
 
 
-def _unit_outputs(spec: WeightSpaceSpec, model: nn.Module) -> dict[str, str]:
-    """group -> a module whose output channels are exactly that group (a Linear/Conv whose weight rows it permutes)."""
-    out = {}
+def _unit_outputs(spec: WeightSpaceSpec, model: nn.Module) -> dict[str, list[str]]:
+    """group -> modules whose output channels are exactly that group (Linear/Conv layers whose weight rows it
+    permutes). Several may qualify; some may never run their own forward (``MultiheadAttention.out_proj``)."""
+    out: dict[str, list[str]] = {}
     for path, m in model.named_modules():
         key = f"{path}.weight" if path else "weight"
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(m, "transposed", False) \
                 and key in spec and isinstance(spec[key].axes[0], str):
-            out.setdefault(spec[key].axes[0], path)
+            out.setdefault(spec[key].axes[0], []).append(path)
     return out
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, modules: dict[str, str], batches: Iterable) -> dict[str, torch.Tensor]:
-    acts = {g: [] for g in modules}
+def _collect(model: nn.Module, modules: dict[str, list[str]], batches: list) -> dict[str, torch.Tensor]:
+    """Per group, the ``[samples, units]`` outputs of the first of its modules that actually ran."""
+    acts: dict[tuple, list] = {}
     hooks = []
-    for g, path in modules.items():
-        def hook(_, __, y, g=g):
-            channel = -1 if y.dim() == 2 or isinstance(model.get_submodule(modules[g]), nn.Linear) else 1
-            acts[g].append(y.movedim(channel, -1).reshape(-1, y.shape[channel]).double())
-        hooks.append(model.get_submodule(path).register_forward_hook(hook))
+    for g, paths in modules.items():
+        for path in paths:
+            module = model.get_submodule(path)
+
+            def hook(_, __, y, key=(g, path), linear=isinstance(module, nn.Linear)):
+                channel = -1 if linear else 1
+                acts.setdefault(key, []).append(y.movedim(channel, -1).reshape(-1, y.shape[channel]).double())
+            hooks.append(module.register_forward_hook(hook))
     was = model.training
     model.eval()
     try:
-        for x in batches:
-            model(*(x if isinstance(x, (tuple, list)) else (x,)))
+        for batch in batches:
+            model(batch_input(batch))
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    return {g: torch.cat(v) for g, v in acts.items()}
+    out = {}
+    for g, paths in modules.items():
+        ran = [p for p in paths if (g, p) in acts]
+        if ran:
+            out[g] = torch.cat(acts[(g, ran[0])])
+    return out
 
 
 def activation_matching(model_ref: nn.Module, model_other: nn.Module, spec: WeightSpaceSpec,
                         data: Union[torch.Tensor, Iterable], max_iter: int = 100, seed: int = 0) -> Permutation:
-    """Align ``model_other`` to ``model_ref`` by correlating unit activations on ``data`` (a batch tensor or an
-    iterable of batches; use training data).
+    """Align ``model_other`` to ``model_ref`` by correlating unit activations on ``data``: an input tensor, or an
+    iterable of batches, each an input tensor or a tuple whose first element is the input. Use training data.
 
     Groups that are some Linear/Conv layer's output channels are matched by correlation (pre-activation outputs,
     standardised per unit); the rest (attention heads, within-head units, ...) by weight matching with those held.
@@ -54,7 +65,7 @@ def activation_matching(model_ref: nn.Module, model_other: nn.Module, spec: Weig
     batches = [data] if isinstance(data, torch.Tensor) else list(data)
     ref, oth = _collect(model_ref, modules, batches), _collect(model_other, modules, batches)
     perms = {}
-    for g in modules:
+    for g in ref:
         za = (ref[g] - ref[g].mean(0)) / ref[g].std(0).clamp_min(1e-8)
         zb = (oth[g] - oth[g].mean(0)) / oth[g].std(0).clamp_min(1e-8)
         perms[g] = solve_assignment((za.T @ zb / za.shape[0])[None])

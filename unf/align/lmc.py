@@ -24,19 +24,29 @@ def interpolate(a: StateDict, b: StateDict, ts: Sequence[float]) -> list[dict[st
 @torch.no_grad()
 def reset_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
     """Recompute every BatchNorm's running statistics from ``batches`` (training data, never test data): the
-    statistics of an interpolated network are not the interpolation of its endpoints' (the REPAIR observation)."""
+    statistics of an interpolated network are not the interpolation of its endpoints' (the REPAIR observation).
+    A batch is an input tensor or a tuple whose first element is the input. Momenta are restored afterwards."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
-    was = model.training
+    was, momenta = model.training, [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
     model.train()
-    for x in batches:
-        model(x)
-    model.train(was)
+    try:
+        for batch in batches:
+            model(batch_input(batch))
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.train(was)
     return model
+
+
+def batch_input(batch):
+    """The input of a batch: the batch itself if it is a tensor, else its first element (``(x, y)`` batches)."""
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
 
 
 def loss_barrier(model: nn.Module, a: StateDict, b: StateDict, evaluate: Callable[[nn.Module], float],
@@ -49,6 +59,8 @@ def loss_barrier(model: nn.Module, a: StateDict, b: StateDict, evaluate: Callabl
     ``barrier`` = max over t of ``value(t) - ((1 - t) value(0) + t value(1))``.
     """
     ts = list(torch.linspace(0, 1, 11).tolist() if ts is None else ts)
+    if len(ts) < 2 or ts[0] != 0 or ts[-1] != 1 or any(t1 <= t0 for t0, t1 in zip(ts, ts[1:])):
+        raise ValueError(f"ts must increase from 0 to 1 (the barrier is measured against the endpoints); got {ts}")
     net = copy.deepcopy(model)
     values = []
     for sd in interpolate(a, b, ts):

@@ -150,6 +150,7 @@ class _Matcher:
         self.spec, self.other, self.perms = spec, other, perms
         self.where = places(spec)
         self.ref_slices = {p: _slices(reference[p.name], p) for ps in self.where.values() for p in ps}
+        self.ref_full = reference
         self.current = {n: permute_batched(spec, n, x, perms) for n, x in other.items()}
 
     def similarity(self, group: str) -> torch.Tensor:
@@ -170,6 +171,20 @@ class _Matcher:
         for name in {p.name for p in self.where[group]}:
             self.current[name] = permute_batched(self.spec, name, self.other[name], self.perms)
 
+    def repeated(self, group: str) -> bool:
+        """Does the group act more than once on some tensor (then its similarity is only a linearisation)?"""
+        names = [p.name for p in self.where[group]]
+        return len(names) != len(set(names))
+
+    def objective(self, group: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[N]``: the exact objective restricted to the tensors ``group`` touches, under ``perms``."""
+        total = 0
+        for name in {p.name for p in self.where[group]}:
+            cur = permute_batched(self.spec, name, self.other[name], perms)
+            ref = self.ref_full[name]
+            total = total + (ref * cur).flatten(1).sum(1)
+        return total
+
 
 def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
                   max_iter: int = 100, seed: int = 0, init: Optional[Mapping[str, torch.Tensor]] = None,
@@ -189,8 +204,11 @@ def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], 
         for g in rng.permutation(free):
             sim = state.similarity(g)
             new = solve_assignment(sim)
-            old_score = sim.gather(2, perms[g][:, :, None]).sum((1, 2))
-            new_score = sim.gather(2, new[:, :, None]).sum((1, 2))
+            if state.repeated(g):  # the similarity is a linearisation: judge the step by the exact objective
+                old_score, new_score = state.objective(g, perms), state.objective(g, {**perms, g: new})
+            else:
+                old_score = sim.gather(2, perms[g][:, :, None]).sum((1, 2))
+                new_score = sim.gather(2, new[:, :, None]).sum((1, 2))
             better = new_score > old_score + 1e-6 * old_score.abs().clamp_min(1e-6)
             if better.any():
                 state.update(g, torch.where(better[:, None], new, perms[g]))
@@ -236,29 +254,37 @@ def align_many(spec: WeightSpaceSpec, reference: StateDict, others: Sequence[Sta
 
 def merge_many(spec: WeightSpaceSpec, models: Sequence[StateDict], max_iter: int = 100, seed: int = 0,
                dtype: torch.dtype = torch.float32) -> tuple[list[Permutation], dict[str, torch.Tensor]]:
-    """MergeMany: align every model to the mean of the others (aligned), repeatedly, until no permutation changes.
+    """MergeMany (Ainsworth et al.): align the models to a common barycentre.
 
-    Starts from every model aligned to the first one; each round is one descent sweep per model.
-
-    Returns the permutations (one per model, for ``spec.permute``) and the barycentre (mean of aligned models).
+    Starts from every model aligned to the first one; then, model by model in a seeded random order, aligns it to the
+    mean of the others (held). Each step can only bring the models closer to each other, and the rounds stop when one
+    changes nothing (or after ``max_iter`` rounds). Returns the permutations (for ``spec.permute``) and the barycentre.
     """
     if len(models) < 2:
         raise ValueError("merge_many needs at least two models")
     w = _stack(spec, models, dtype)
     n_models = len(models)
-    # start from every model aligned to the first, then move towards the barycentre round by round
     first = align_many(spec, models[0], models, max_iter, seed, dtype=dtype)
     perms = {g: torch.stack([p[g] for p in first]) for g in spec.groups}
+    aligned = {k: permute_batched(spec, k, v, perms) for k, v in w.items()}
+    total = {k: v.sum(0) for k, v in aligned.items()}
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
-        aligned = {k: permute_batched(spec, k, v, perms) for k, v in w.items()}
-        total = {k: v.sum(0, keepdim=True) for k, v in aligned.items()}
-        others_mean = {k: (total[k] - aligned[k]) / (n_models - 1) for k in w}
-        # one sweep per round: the barycentre moves with every round anyway
-        new, _ = match_batched(spec, others_mean, w, 1, int(rng.integers(1 << 31)), init=perms)
-        if all(torch.equal(new[g], perms[g]) for g in perms):
+        changed = False
+        for i in rng.permutation(n_models):
+            others_mean = {k: ((total[k] - aligned[k][i]) / (n_models - 1))[None] for k in w}
+            mine = {k: v[i:i + 1] for k, v in w.items()}
+            new, _ = match_batched(spec, others_mean, mine, max_iter, int(rng.integers(1 << 31)),
+                                   init={g: p[i:i + 1] for g, p in perms.items()})
+            if any(not torch.equal(new[g][0], perms[g][i]) for g in perms):
+                changed = True
+                for g in perms:
+                    perms[g][i] = new[g][0]
+                for k in w:
+                    moved = permute_batched(spec, k, mine[k], new)[0]
+                    total[k] += moved - aligned[k][i]
+                    aligned[k][i] = moved
+        if not changed:
             break
-        perms = new
-    aligned = {k: permute_batched(spec, k, v, perms) for k, v in w.items()}
-    barycentre = {k: v.mean(0) for k, v in aligned.items()}
+    barycentre = {k: v / n_models for k, v in total.items()}
     return [Permutation({g: p[m] for g, p in perms.items()}) for m in range(n_models)], barycentre

@@ -23,7 +23,8 @@ class UNFLinear(nn.Module):
     Spans every linear map that commutes with the spec's permutations (the basis of :mod:`unf.nn.basis`, compiled
     once here), plus, with ``bias``, every equivariant constant. Pass a :class:`Layout` to share the fixed-axis
     policy (``fold_max``) between layers. Coefficients start at ``N(0, gain^2 / fan_in)`` (``fan_in``: all input
-    channels of all terms reaching an output piece), so unit-scale inputs give unit-scale outputs for ``gain=1``.
+    channels of all terms reaching an output piece). Pooled terms have less variance than the identity term, so a
+    bare layer shrinks unit-scale inputs somewhat (std ~0.4-0.6); ``UNFNet`` normalises between layers.
     """
 
     def __init__(self, spec: Union[WeightSpaceSpec, Layout], in_channels: int, out_channels: int,

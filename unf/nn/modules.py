@@ -78,8 +78,9 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.layout = as_layout(spec, fold_max)
         self.dim = dim
-        self.tables = nn.ParameterDict({_key(g): nn.Parameter(torch.randn(dim, n))
-                                        for g, n in self.layout.pseudo_groups().items()})
+        pseudo = self.layout.pseudo_groups()
+        self.keys = {g: f"pg{i}" for i, g in enumerate(pseudo)}  # group names may hold dots: not valid keys
+        self.tables = nn.ParameterDict({self.keys[g]: nn.Parameter(torch.randn(dim, n)) for g, n in pseudo.items()})
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
         b, layout = ws.batch_size, self.layout
@@ -88,7 +89,7 @@ class PositionalEncoding(nn.Module):
             pe = torch.zeros(self.dim * p.fold, *p.kept_sizes, dtype=ws.dtype, device=ws.device)
             for axis, g in enumerate(p.kept_labels):
                 if g.startswith("~"):
-                    table = self.tables[_key(g)].to(ws.dtype).repeat_interleave(p.fold, 0)
+                    table = self.tables[self.keys[g]].to(ws.dtype).repeat_interleave(p.fold, 0)
                     shape = [table.shape[0]] + [1] * len(p.kept_sizes)
                     shape[1 + axis] = table.shape[1]
                     pe = pe + table.view(shape)
@@ -98,10 +99,6 @@ class PositionalEncoding(nn.Module):
             pe = layout.insert(n, [blocks[i] for i in layout.by_tensor[n]], self.dim)
             out[n] = torch.cat([ws[n], pe], dim=1)
         return WeightSpace(ws.spec, out, ws.extras)
-
-
-def _key(group: str) -> str:
-    return group.replace(".", "_")  # ParameterDict keys may not contain dots
 
 
 class InvariantPool(nn.Module):
