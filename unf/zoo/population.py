@@ -148,23 +148,28 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
                      progress: bool = False) -> Population:
     """Cross-entropy training of every member on its own subset (``train_fraction``) and its own batch order.
 
+    A member's subset comes from its ``seed``, its batch order from ``(seed, member.seed)``, and an epoch is
+    ``ceil(len(x) / batch_size)`` steps for everyone (a smaller subset is cycled), so a member trains the same alone
+    or in any population.
+
     ``on_epoch(epoch, pop)`` is called after each epoch (1-based), e.g. to evaluate and save checkpoints.
     """
     n = len(pop.members)
-    gen = torch.Generator().manual_seed(seed)
-    subsets = []
+    # each member draws its subset and batch order from its own generator: it trains the same in any population
+    gens, subsets = [], []
     for m in pop.members:
         g = torch.Generator().manual_seed(m.seed)
         k = max(batch_size, int(round(m.train_fraction * len(x))))
         subsets.append(torch.randperm(len(x), generator=g)[:k])
-    steps = math.ceil(min(len(s) for s in subsets) / batch_size)
+        gens.append(torch.Generator().manual_seed(seed * 1_000_003 + m.seed))
+    steps = math.ceil(len(x) / batch_size)  # the same for every member; smaller subsets are cycled
     epochs_iter: Iterable[int] = range(1, epochs + 1)
     if progress:
         from tqdm.auto import tqdm
 
         epochs_iter = tqdm(epochs_iter, desc=f"training {n} networks", unit="epoch")
     for epoch in epochs_iter:
-        orders = [s[torch.randperm(len(s), generator=gen)] for s in subsets]
+        orders = [s[torch.randperm(len(s), generator=g)] for s, g in zip(subsets, gens)]
         for i in range(steps):
             idx = torch.stack([o[(i * batch_size + torch.arange(batch_size)) % len(o)] for o in orders])  # [N, B]
             out = _forward(pop, x[idx], same_input=False, train=True)  # [N, B, classes]

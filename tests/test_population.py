@@ -1,0 +1,74 @@
+"""Population training (groundwork for model zoos): members are independent, match torch's optimizers, and load."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import unf
+from unf.training import evaluate
+from unf.zoo import (Member, MemberDropout, MixedActivation, evaluate_population, make_population,
+                     train_population)
+
+
+def make():
+    return nn.Sequential(nn.Linear(64, 16), MixedActivation(), MemberDropout(), nn.Linear(16, 10))
+
+
+@pytest.fixture(scope="module")
+def split():
+    return unf.data.load("digits-flat")
+
+
+def test_a_member_trains_the_same_alone_or_in_a_population(split):
+    members = [Member(seed=1, lr=2e-3, activation="tanh", train_fraction=0.5),
+               Member(seed=2, lr=0.05, optimizer="sgd", activation="gelu"),
+               Member(seed=3, init_scale=0.5, weight_decay=1e-2, activation="sigmoid")]
+    x, y = split.x_train[:256], split.y_train[:256]
+    together = make_population(make, members)
+    train_population(together, x, y, epochs=2, batch_size=32, seed=7)
+    for i, m in enumerate(members):
+        alone = make_population(make, [m])
+        train_population(alone, x, y, epochs=2, batch_size=32, seed=7)
+        for k, v in alone.params.items():
+            assert torch.allclose(v[0], together.params[k][i], atol=1e-5), (i, k)
+    loss, acc = evaluate_population(together, split.x_test, split.y_test)
+    assert loss.shape == acc.shape == (3,)
+
+
+def test_adam_member_matches_torch_adamw(split):
+    member = Member(seed=0, lr=1e-3, weight_decay=0.01, activation="relu")
+    pop = make_population(make, [member])
+    x, y = split.x_train[:64], split.y_train[:64]
+    torch.manual_seed(0)
+    ref = make()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+    order_gen = torch.Generator().manual_seed(5 * 1_000_003 + 0)
+    subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:64]
+    train_population(pop, x, y, epochs=3, batch_size=64, seed=5)
+    for _ in range(3):  # the same batch order as train_population's single-member case
+        idx = subset[torch.randperm(64, generator=order_gen)]
+        opt.zero_grad()
+        F.cross_entropy(ref(x[idx]), y[idx]).backward()
+        opt.step()
+    sd = pop.state_dicts()[0]
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(sd[k], v, atol=1e-5), k
+
+
+def test_state_dicts_load_into_plain_models(split):
+    members = [Member(seed=s, activation=a, dropout=d) for s, a, d in ((0, "relu", 0.1), (1, "tanh", 0.0))]
+    pop = make_population(make, members)
+    train_population(pop, split.x_train, split.y_train, epochs=1, batch_size=64)
+    _, acc = evaluate_population(pop, split.x_test, split.y_test)
+    for m, sd, a in zip(members, pop.state_dicts(), acc):
+        net = make()
+        net.load_state_dict(sd)
+        assert net[1].choice.argmax().item() == ["relu", "tanh", "gelu", "sigmoid"].index(m.activation)
+        assert evaluate(net, split.x_test, split.y_test)[1] == pytest.approx(a.item(), abs=1e-6)
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match="activation 'swish'"):
+        Member(activation="swish")
+    with pytest.raises(ValueError, match="train_fraction"):
+        Member(train_fraction=0)
