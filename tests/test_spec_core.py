@@ -179,3 +179,13 @@ def test_integer_buffers_pass_through():
     sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).state_dict()
     out = spec.permute(sd, spec.sample_permutation(G))
     assert torch.equal(out["1.num_batches_tracked"], sd["1.num_batches_tracked"])
+
+
+def test_buffers_are_marked_and_round_trip():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    spec = unf.spec_from_module(net, torch.randn(5, 3))
+    assert spec["1.running_mean"].buffer and spec["1.running_var"].buffer and not spec["1.weight"].buffer
+    assert "1.running_var" not in spec.parameter_names and "1.running_var" in spec.float_names
+    assert "1.num_batches_tracked" not in spec.float_names
+    back = unf.WeightSpaceSpec.from_json(spec.to_json())
+    assert back == spec and back["1.running_mean"].buffer

@@ -72,7 +72,7 @@ def activation_matching(model_ref: nn.Module, model_other: nn.Module, spec: Weig
     rest = [g for g in spec.groups if g not in perms]
     if rest:
         w_ref = _stack(spec, model_ref.state_dict(), torch.float32)
-        w_oth = _stack(spec, [model_other.state_dict()], torch.float32)
+        w_oth = _stack(spec, [model_other.state_dict()], torch.float32)  # parameters only
         full, _ = match_batched(spec, w_ref, w_oth, max_iter, seed, perms, frozen=list(perms))
         perms = full
     return Permutation({g: perms[g][0] for g in spec.groups})

@@ -36,7 +36,7 @@ def _inner_has_group(spec: WeightSpaceSpec, p) -> bool:
 def head_signatures(spec: WeightSpaceSpec, group: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[N, heads, features]``: per head, the singular values of its block in every place of ``group``."""
     feats = []
-    for p in places(spec)[group]:
+    for p in places(spec, list(tensors))[group]:
         x = tensors[p.name]  # [N, *shape]
         seg = x.narrow(p.axis + 1, p.start, p.length)
         shape = list(seg.shape)

@@ -354,8 +354,9 @@ class _Inference:
         groups = {name: v.size for v, name in names.items()}
         fixed_ids = self._fixed_ids(resolved)
         sd = self.model.state_dict(keep_vars=True)
+        buffers = {k for k, _ in self.model.named_buffers(remove_duplicate=False)}
         tensors = {k: TensorSpec(self.key_sym[k].shape, tuple(_entry(t, names) for t in resolved[k]),
-                                 sd[k].is_floating_point(), fixed_ids.get(k)) for k in self.keys}
+                                 sd[k].is_floating_point(), fixed_ids.get(k), k in buffers) for k in self.keys}
         return WeightSpaceSpec(groups, tensors)
 
 

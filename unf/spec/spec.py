@@ -19,6 +19,7 @@ class TensorSpec:
     """One state_dict entry: its shape and one axis entry per axis (see :mod:`unf.spec.axes`).
 
     ``floating``: False for integer buffers (``num_batches_tracked``), which weight-space models skip.
+    ``buffer``: True for buffers (BatchNorm running statistics): permuted like parameters, but not learned.
     ``fixed_ids``: per axis, for a fixed axis that indexes the same units as fixed axes of other tensors (the output
     layer's weight rows and bias, say), a label shared by those axes; else None. Layers that treat fixed axes as
     pseudo-groups (:mod:`unf.nn`) use it to keep such axes aligned.
@@ -27,6 +28,7 @@ class TensorSpec:
     axes: tuple[AxisEntry, ...]
     floating: bool = True
     fixed_ids: Optional[tuple[Optional[str], ...]] = None
+    buffer: bool = False
 
     @property
     def groups(self) -> list[str]:
@@ -53,10 +55,11 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
     @classmethod
     def from_axes(cls, axes: Mapping[str, Sequence[AxisEntry]], shapes: Mapping[str, Sequence[int]],
                   groups: Optional[Mapping[str, int]] = None,
-                  fixed_ids: Optional[Mapping[str, Sequence[Optional[str]]]] = None) -> "WeightSpaceSpec":
+                  fixed_ids: Optional[Mapping[str, Sequence[Optional[str]]]] = None,
+                  buffers: Sequence[str] = ()) -> "WeightSpaceSpec":
         """A hand-written spec. ``axes``: name -> per-axis entries; ``shapes``: name -> shape, or a state_dict (then
         integer tensors are marked ``floating=False``). Group sizes are inferred from the axes (or given in
-        ``groups``) and checked. ``fixed_ids``: optional, see :class:`TensorSpec`."""
+        ``groups``) and checked. ``fixed_ids`` and ``buffers`` (names of buffer entries): see :class:`TensorSpec`."""
         floating = {k: v.is_floating_point() for k, v in shapes.items() if isinstance(v, torch.Tensor)}
         shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
         fixed_ids = dict(fixed_ids or {})
@@ -77,7 +80,7 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
                     raise ValueError(f"tensor {name!r}: fixed_ids {ids} must have one entry per axis, and only "
                                      "fixed (None) axes may carry an id")
                 ids = ids if any(d is not None for d in ids) else None
-            tensors[name] = TensorSpec(shape, ax, floating.get(name, True), ids)
+            tensors[name] = TensorSpec(shape, ax, floating.get(name, True), ids, name in set(buffers))
         sizes = solve_group_sizes({k: t.axes for k, t in tensors.items()}, shapes, groups)
         id_sizes: dict = {}
         for name, t in tensors.items():
@@ -104,6 +107,11 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
     @property
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Float entries that are parameters (not buffers)."""
+        return [k for k, t in self._tensors.items() if t.floating and not t.buffer]
 
     @property
     def float_names(self) -> list[str]:
@@ -158,6 +166,7 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
             "format": "unf.WeightSpaceSpec", "version": FORMAT_VERSION, "groups": self.groups,
             "tensors": {k: {"shape": list(t.shape), "axes": [entry_to_json(e) for e in t.axes],
                             **({} if t.floating else {"floating": False}),
+                            **({"buffer": True} if t.buffer else {}),
                             **({"fixed_ids": list(t.fixed_ids)} if t.fixed_ids else {})}
                         for k, t in self._tensors.items()},
         }, indent=indent)
@@ -175,8 +184,9 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
         tensors = obj["tensors"]
         spec = cls.from_axes({k: [entry_from_json(e) for e in t["axes"]] for k, t in tensors.items()},
                              {k: t["shape"] for k, t in tensors.items()}, obj["groups"],
-                             {k: t["fixed_ids"] for k, t in tensors.items() if "fixed_ids" in t})
-        spec._tensors = {k: (TensorSpec(t.shape, t.axes, False, t.fixed_ids)
+                             {k: t["fixed_ids"] for k, t in tensors.items() if "fixed_ids" in t},
+                             [k for k, t in tensors.items() if t.get("buffer")])
+        spec._tensors = {k: (TensorSpec(t.shape, t.axes, False, t.fixed_ids, t.buffer)
                              if tensors[k].get("floating", True) is False else t) for k, t in spec._tensors.items()}
         spec.groups = {g: spec.groups[g] for g in obj["groups"]}  # keep the document's group order
         return spec
