@@ -12,19 +12,32 @@ Protocol (the same for every case):
 * Two networks per pair, trained independently: pair ``k`` uses seeds ``(2k, 2k + 1)``; the seed sets both the
   initialisation and the order of the mini-batches. Every network is trained for a fixed number of epochs; there is
   no early stopping and no checkpoint selection, and the test split is never used for any choice.
-* Alignment: ``unf.align.weight_matching(spec, model_a, model_b)`` on the weights only (no data), ``seed=0``;
+* Alignment: ``unf.align.weight_matching(spec, model_a, model_b)`` on the weights only (no data), ``seed=0``,
+  parameters only (the default; ``include_buffers=True`` rows add the BatchNorm running statistics);
   ``spec.permute(model_b, perm)`` is checked to compute the same function as ``model_b`` ("func diff").
 * Path: ``unf.align.loss_barrier`` at evenly spaced ``t`` in [0, 1]. Every point (endpoints included) is evaluated
   on the test split for loss and error (evaluation only), and on the train split for loss. For BatchNorm networks the
   running statistics of every point are recomputed from the training set (``bn_batches``), never from test data.
 * Barrier: ``max_t [f(t) - ((1 - t) f(0) + t f(1))]``, for test loss, test error (in points of %) and train loss.
   Reduction = ``1 - aligned / naive`` of the test-loss barrier.
+* "self-recovery": weight matching of a randomly permuted copy of model A (pair 0) back onto A; the max |weight
+  difference| left (0 = the permutation was found exactly).
+
+Two things the tables show:
+
+* BatchNorm networks, ``include_buffers=True``. With buffers, every float tensor is scored unweighted, running
+  statistics included. ``running_var``/``running_mean`` are large (norms 10-100 here, against ~5-10 for a whole
+  conv weight). They make up most of the objective, so matching mostly pairs channels by their activation
+  statistics: after matching, the running statistics' cosine similarity goes from ~0 to 0.8-0.99, but the conv
+  weights' stays at 0.01-0.07. The aligned barrier can then be worse than the naive one. That is why the default
+  (parameters only) leaves the buffers out of the objective; they are still permuted.
+* ``init="identity"`` (plain coordinate descent, as in Ainsworth et al.) can stall in a poor local optimum, e.g.
+  with the transformer's residual stream left at the identity. Self-recovery tests this directly.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -182,9 +195,18 @@ def _clone(model: nn.Module, sd: dict) -> nn.Module:
 
 
 def align(spec, sd_a, sd_b, **kw):
+    """``weight_matching`` (timed); the permutation is applied to the whole state_dict, buffers included."""
     t = time.perf_counter()
     perm = weight_matching(spec, sd_a, sd_b, seed=ALIGN_SEED, **kw)
     return spec.permute(sd_b, perm), time.perf_counter() - t, perm
+
+
+def self_recovery(spec, sd_a, kw) -> float:
+    """Align a randomly permuted copy of ``sd_a`` back to ``sd_a``: max |weight difference| left (0 = recovered)."""
+    perm = spec.sample_permutation(torch.Generator().manual_seed(1234))
+    shuffled = spec.permute(sd_a, perm)
+    back, _, _ = align(spec, sd_a, shuffled, **kw)
+    return max((back[k].float() - sd_a[k].float()).abs().max().item() for k in spec.float_names)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -297,12 +319,14 @@ def run_pair(make: Callable[[int], nn.Module], data, pair: int, ts, bn: bool, me
     sd_a, sd_b = sd_of(a), sd_of(b)
     out = {"acc": {"train": (accuracy(a, data.x_train, data.y_train), accuracy(b, data.x_train, data.y_train)),
                    "test": (accuracy(a, data.x_test, data.y_test), accuracy(b, data.x_test, data.y_test))},
-           "paths": {"naive": path(a, sd_a, sd_b, data, ts, bn)}, "time": {}, "func": {}, "perms": {}}
+           "paths": {"naive": path(a, sd_a, sd_b, data, ts, bn)}, "time": {}, "func": {}, "perms": {}, "recover": {}}
     for name, kw in methods.items():
         sd_p, secs, perm = align(spec, sd_a, sd_b, **kw)
         out["time"][name] = secs
         out["func"][name] = func_diff(a, sd_b, sd_p, data.x_test)
         out["perms"][name] = perm
+        if pair == 0:
+            out["recover"][name] = self_recovery(spec, sd_a, kw)
         out["paths"][name] = path(a, sd_a, sd_p, data, ts, bn)
     return out
 
@@ -320,11 +344,16 @@ def summarise(title: str, results: list[dict], methods: list[str]) -> None:
         red = "" if m == "naive" else mean_std_pct([reduction(n["test_loss"], x["test_loss"]) for n, x in zip(naive, b)])
         secs = "" if m == "naive" else mean_std_pct([r["time"][m] for r in results], 2)
         fd = "" if m == "naive" else f"{max(r['func'][m] for r in results):.1e}"
+        rec = "" if m == "naive" else f"{results[0]['recover'][m]:.1e}"
         mid = mean_std_pct([100 - r["paths"][m]["test_err"][len(r["paths"][m]["ts"]) // 2] for r in results])
         rows.append([m, mean_std([x["test_loss"] for x in b]), mean_std_pct([x["test_err"] for x in b]),
-                     mean_std([x["train_loss"] for x in b]), mid, red, secs, fd])
+                     mean_std([x["train_loss"] for x in b]), mid, red, secs, fd, rec])
     print(table(["path", "test-loss barrier", "test-error barrier (pts)", "train-loss barrier", "test acc at t=0.5 (%)",
-                 "test-loss reduction (%)", "matching time (s)", "func diff"], rows))
+                 "test-loss reduction (%)", "matching time (s)", "func diff", "self-recovery"], rows))
+    if len(results) > 1:
+        print("\nPer pair, test-loss barrier: " + "; ".join(
+            f"{m}: " + ", ".join(f"{r['paths'][m]['barrier']['test_loss']:.3f}" for r in results)
+            for m in ["naive"] + methods))
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -334,6 +363,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke version: fewer epochs, pairs and widths")
     ap.add_argument("--figures", default=str(ROOT / "benchmarks" / "figures"), help="where PNGs go ('' for none)")
     ap.add_argument("--resnet-width", type=int, default=None, help="ResNet-20 width multiplier (default 4; quick 1)")
+    ap.add_argument("--resnet-pairs", type=int, default=2, help="ResNet seed pairs in the full run (default 2)")
     ap.add_argument("--only", default="mlp,width,resnet,transformer", help="comma-separated subset of cases")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -341,7 +371,7 @@ def main() -> None:
     cfg = dict(
         mlp_epochs=10 if q else 30, mlp_pairs=1 if q else 3,
         widths=(32, 128, 512) if q else (32, 64, 128, 256, 512, 1024), width_pairs=1 if q else 3,
-        resnet_w=args.resnet_width or (1 if q else 4), resnet_epochs=3 if q else 8, resnet_pairs=1,
+        resnet_w=args.resnet_width or (1 if q else 4), resnet_epochs=3 if q else 8, resnet_pairs=1 if q else args.resnet_pairs,
         tf_epochs=10 if q else 40, tf_pairs=1 if q else 3,
     )
     figs = Figures(Path(args.figures) if args.figures else None)
@@ -407,12 +437,17 @@ def main() -> None:
                 return train(net, img.x_train, img.y_train, ep, seed, batch=64, opt="sgd", lr=0.1)
 
             methods = {"wm": {}, "wm (init=identity)": {"init": "identity"}}
+            if norm == "bn":  # running statistics in the objective: see the module docstring
+                methods["wm, include_buffers=True"] = {"include_buffers": True}
+                methods["wm (init=identity), include_buffers=True"] = {"init": "identity", "include_buffers": True}
             res = [run_pair(make, img, k, ts11, norm == "bn", methods) for k in range(cfg["resnet_pairs"])]
             bn_note = ", BN stats recomputed from train data at every point" if norm == "bn" else ""
             summarise(f"3. ResNet-20 x{w} ({label}; SGD one-cycle lr 0.1, batch 64, {ep} epochs), "
-                      f"{cfg['resnet_pairs']} seed pair, 11 points{bn_note}", res, list(methods))
+                      f"{cfg['resnet_pairs']} seed pair(s), 11 points{bn_note}", res, list(methods))
             figs.paths(f"resnet20_{norm}_lmc.png", f"ResNet-20 x{w} ({norm.upper()}), digits",
-                       {"naive": [r["paths"]["naive"] for r in res], "weight matching": [r["paths"]["wm"] for r in res]})
+                       {"naive": [r["paths"]["naive"] for r in res], "weight matching": [r["paths"]["wm"] for r in res],
+                        **({"weight matching, include_buffers=True":
+                            [r["paths"]["wm, include_buffers=True"] for r in res]} if norm == "bn" else {})})
             print(f"({time.perf_counter() - t0:.0f} s)")
 
     # 4. Transformer
@@ -432,13 +467,15 @@ def main() -> None:
             "default (heads=auto, init=signature)": {},
         }
         res = [run_pair(make_tf, img, k, ts21, False, methods) for k in range(cfg["tf_pairs"])]
+        print()
         summarise(f"4. Transformer (8 tokens x 8 pixels, d=64, 4 heads, 2 blocks; AdamW one-cycle lr 3e-3, "
                   f"batch 64, {ep} epochs), {cfg['tf_pairs']} seed pairs, 21 points", res, list(methods))
+        print()
         spec = unf.spec_from_module(DigitTransformer(), img.x_train[:2])
         hg = unf.align.head_groups(spec)
         for k, r in enumerate(res):
             hp = {m: [r["perms"][m][g].tolist() for g in hg] for m in methods}
-            print(f"pair {k}: head permutations {hg}: " + "; ".join(f"{m.split(' (')[0]}: {v}" for m, v in hp.items()))
+            print(f"pair {k}, head permutations of {hg}: " + "; ".join(f"{m}: {v}" for m, v in hp.items()))
         figs.paths("transformer_lmc.png", "2-block transformer, digits",
                    {"naive": [r["paths"]["naive"] for r in res],
                     "head-agnostic": [r["paths"]["head-agnostic (heads=False, init=identity)"] for r in res],
