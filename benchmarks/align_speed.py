@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,16 +18,7 @@ import models  # noqa: E402
 import unf  # noqa: E402
 from unf.align import align_many, merge_many, weight_matching  # noqa: E402
 from unf.align.matching import _stack, match_batched  # noqa: E402
-
-
-def median_time(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +29,8 @@ def main() -> None:
         a, b = models.resnet20(width=width), models.resnet20(width=width)
         spec = unf.spec_from_module(a, torch.randn(1, 3, 32, 32))
         ref, oth = _stack(spec, a.state_dict(), torch.float32), _stack(spec, [b.state_dict()], torch.float32)
-        sweep = median_time(lambda: match_batched(spec, ref, oth, max_iter=1))
-        full = median_time(lambda: weight_matching(spec, a.state_dict(), b.state_dict()))
+        sweep = median_time(lambda: match_batched(spec, ref, oth, max_iter=1), 3)
+        full = median_time(lambda: weight_matching(spec, a.state_dict(), b.state_dict()), 3)
         _, sweeps = match_batched(spec, ref, oth)
         print(f"{label}: {sum(p.numel() for p in a.parameters()) / 1e6:.2f}M params, {len(spec.groups)} groups; "
               f"one sweep {sweep:.2f} s; full weight_matching {full:.2f} s")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,7 @@ import models  # noqa: E402
 
 import unf  # noqa: E402
 from unf.spec.infer import trace  # noqa: E402
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -51,8 +42,8 @@ def main() -> None:
         t0 = time.perf_counter()
         spec = unf.spec_from_module(model, x)  # the first call in a process also pays one-time torch set-up
         first = time.perf_counter() - t0
-        total = median_time(lambda: unf.spec_from_module(model, x), args.repeats)
-        traced = median_time(lambda: trace(model, x), args.repeats)
+        total = median_time(lambda: unf.spec_from_module(model, x), args.repeats, warmup=False)
+        traced = median_time(lambda: trace(model, x), args.repeats, warmup=False)
         n = sum(p.numel() for p in model.parameters())
         print(f"{name:<34} {n / 1e6:>7.1f}M {len(spec.groups):>6} {first:>10.3f}s {total:>16.3f}s {traced:>21.3f}s")
 

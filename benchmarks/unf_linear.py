@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import models  # noqa: E402
 
 import unf  # noqa: E402
 from unf.nn import UNFLinear  # noqa: E402
+from timing import median_time  # noqa: E402
 
 
 DEVICE = torch.device("cpu")
@@ -39,15 +39,7 @@ def _sync() -> None:
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats, sync=_sync)
 
 
 def mlp_spec():

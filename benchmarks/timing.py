@@ -1,0 +1,22 @@
+"""Shared timing helper for the benchmark scripts."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: bool = True,
+                sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (after one untimed call if ``warmup``); ``sync`` waits for
+    asynchronous devices (``torch.cuda.synchronize``) around each call."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
