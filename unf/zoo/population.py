@@ -26,8 +26,11 @@ class MixedActivation(nn.Module):
     def __init__(self, name: str = "relu"):
         super().__init__()
         self.register_buffer("choice", F.one_hot(torch.tensor(ACTIVATIONS.index(name)), len(ACTIVATIONS)).float())
+        self.only: Optional[int] = None  # set when every member uses one activation: skip the blend (4x less work)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.only is not None:
+            return _ACT_FNS[self.only](x)
         return sum(w * f(x) for w, f in zip(self.choice, _ACT_FNS))
 
 
@@ -107,6 +110,10 @@ def make_population(make_model: Callable[[], nn.Module], members: Sequence[Membe
     models = [build_member(make_model, m) for m in members]
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
+    if len({m.activation for m in members}) == 1:
+        for mod in base.modules():
+            if isinstance(mod, MixedActivation):
+                mod.only = ACTIVATIONS.index(members[0].activation)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     return Population(base, list(members), params, buffers)
 
