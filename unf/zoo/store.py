@@ -1,0 +1,190 @@
+"""Zoo storage: a directory of safetensors shards, a metadata table, the spec and a manifest.
+
+    ZOO/
+      manifest.json                      format, version, name, info, shards (file, rows, sha256), complete
+      spec.json                          the WeightSpaceSpec of the architecture
+      metadata.csv                       one row per stored network and epoch: model_id, epoch, hyperparameters, metrics
+      weights/shard-00000.safetensors    tensors keyed "<model_id>/<epoch>/<state_dict key>"
+
+Nothing is pickled: a zoo cannot execute code when read. Every file is written atomically (temporary file, then
+rename), and the manifest is written last: a shard or rows of a chunk that the manifest does not list are simply
+redone on resume, so a generation stopped at any point continues with nothing lost or duplicated. Shards carry a
+SHA-256 in the manifest; a truncated or altered file is reported by name.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+
+from ..io import atomic_write
+from ..spec import WeightSpaceSpec
+
+FORMAT, VERSION = "unf.zoo", 1
+PathLike = Union[str, Path]
+
+
+class ZooFormatError(ValueError):
+    """A zoo file is missing, truncated, altered or not in the expected format."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+class ZooWriter:
+    """Create a zoo, or reopen one to continue it. Chunks are the unit of work and of atomicity."""
+
+    def __init__(self, root: PathLike, spec: WeightSpaceSpec, name: str = "zoo", info: Optional[dict] = None):
+        self.root = Path(root)
+        self.spec = spec
+        manifest = self.root / "manifest.json"
+        if manifest.exists():
+            self.manifest = _read_manifest(self.root)
+            stored = WeightSpaceSpec.from_json((self.root / "spec.json").read_text())
+            if stored != spec:
+                raise ZooFormatError(f"{self.root}: the zoo holds networks of another spec; use a new directory")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _write_text(self.root / "spec.json", spec.to_json(indent=1))
+            self.manifest = {"format": FORMAT, "version": VERSION, "name": name, "info": info or {},
+                             "shards": [], "complete": False}
+            _write_text(manifest, json.dumps(self.manifest, indent=1))
+
+    @property
+    def done(self) -> set[int]:
+        """Chunks already stored."""
+        return {s["chunk"] for s in self.manifest["shards"]}
+
+    def write_chunk(self, chunk: int, records: Sequence[dict], state_dicts: Sequence[dict]) -> None:
+        """Store one chunk: ``records[i]`` (must hold ``model_id`` and ``epoch``) describes ``state_dicts[i]``."""
+        from safetensors.torch import save_file
+
+        if chunk in self.done:
+            raise ValueError(f"chunk {chunk} is already stored in {self.root}")
+        if len(records) != len(state_dicts):
+            raise ValueError(f"{len(records)} records for {len(state_dicts)} state_dicts")
+        tensors = {}
+        for rec, sd in zip(records, state_dicts):
+            if "model_id" not in rec or "epoch" not in rec:
+                raise ValueError(f"record {rec} needs 'model_id' and 'epoch'")
+            self.spec.validate(sd)
+            for k, v in sd.items():
+                tensors[f"{rec['model_id']}/{rec['epoch']}/{k}"] = v.detach().to("cpu").contiguous().clone()
+        rel = f"weights/shard-{chunk:05d}.safetensors"
+        atomic_write(self.root / rel, lambda tmp: save_file(tensors, tmp))
+        # rows of chunks the manifest lists, plus this chunk's (rows of an interrupted attempt are dropped)
+        done = self.done
+        rows = [r for r in _read_rows(self.root) if int(r["chunk"]) in done]
+        rows += [{"chunk": chunk, **rec} for rec in records]
+        _write_rows(self.root, rows)
+        self.manifest["shards"].append({"chunk": chunk, "file": rel, "rows": len(records),
+                                        "sha256": _sha256(self.root / rel)})
+        _write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
+
+    def finish(self) -> None:
+        self.manifest["complete"] = True
+        _write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
+
+
+def build(root: PathLike, spec: WeightSpaceSpec, chunks: int, make_chunk: Callable[[int], tuple[list, list]],
+          name: str = "zoo", info: Optional[dict] = None, progress: bool = True) -> "Zoo":
+    """Generate a zoo chunk by chunk (``make_chunk(i) -> (records, state_dicts)``), skipping stored chunks."""
+    writer = ZooWriter(root, spec, name, info)
+    todo: Iterable[int] = [i for i in range(chunks) if i not in writer.done]
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(list(todo), desc=f"building {name}", unit="chunk", initial=len(writer.done), total=chunks)
+    for i in todo:
+        records, sds = make_chunk(i)
+        writer.write_chunk(i, records, sds)
+    writer.finish()
+    return Zoo(root)
+
+
+class Zoo:
+    """Read a zoo: ``zoo.metadata`` (list of row dicts), ``zoo.state_dict(model_id, epoch)``, ``zoo.spec``."""
+
+    def __init__(self, root: PathLike, verify: bool = True):
+        self.root = Path(root)
+        self.manifest = _read_manifest(self.root)
+        try:
+            self.spec = WeightSpaceSpec.from_json((self.root / "spec.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ZooFormatError(f"{self.root / 'spec.json'}: {e}") from None
+        self.shards = {s["chunk"]: s for s in self.manifest["shards"]}
+        if verify:
+            for s in self.shards.values():
+                path = self.root / s["file"]
+                if not path.is_file():
+                    raise ZooFormatError(f"{path}: missing (listed in the manifest)")
+                if _sha256(path) != s["sha256"]:
+                    raise ZooFormatError(f"{path}: contents do not match the manifest (truncated or altered)")
+        self.metadata = [r for r in _read_rows(self.root) if int(r["chunk"]) in self.shards]
+        self._where = {(str(r["model_id"]), str(r["epoch"])): int(r["chunk"]) for r in self.metadata}
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def state_dict(self, model_id, epoch) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        key = (str(model_id), str(epoch))
+        if key not in self._where:
+            raise KeyError(f"no network {model_id!r} at epoch {epoch!r} in {self.root}")
+        path = self.root / self.shards[self._where[key]]["file"]
+        prefix = f"{model_id}/{epoch}/"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            return {k: found[k] for k in self.spec.names if k in found}  # state_dict order
+        except Exception as e:
+            raise ZooFormatError(f"{path}: cannot be read ({e})") from None
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ZooFormatError(f"{path}: missing; is {root} a zoo directory?") from None
+    except json.JSONDecodeError as e:
+        raise ZooFormatError(f"{path}: not valid JSON ({e})") from None
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise ZooFormatError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    return m
+
+
+def _read_rows(root: Path) -> list[dict]:
+    path = root / "metadata.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(root: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(root / "metadata.csv", buf.getvalue())
