@@ -91,3 +91,44 @@ def test_files_are_not_pickles(tmp_path):
     for f in root.rglob("*"):
         if f.is_file():
             assert not f.read_bytes().startswith(b"\x80"), f  # pickle protocol header
+
+
+def test_split_by_run_keeps_runs_together():
+    from unf.zoo import split_by_run
+
+    rows = [{"model_id": m, "epoch": e} for m in range(20) for e in (1, 2, 3)]
+    splits = split_by_run(rows, (0.6, 0.2, 0.2), seed=1)
+    assert sorted(i for s in splits for i in s) == list(range(60))
+    runs = [{rows[i]["model_id"] for i in s} for s in splits]
+    assert [len(r) for r in runs] == [12, 4, 4] and not (runs[0] & runs[1] or runs[0] & runs[2] or runs[1] & runs[2])
+    assert split_by_run(rows, (0.6, 0.2, 0.2), seed=1) == splits
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_by_run(rows, (0.5, 0.2))
+
+
+def test_weight_dataset_batches_normalises_and_augments(tmp_path):
+    from unf.zoo import WeightDataset, collate
+
+    zoo = build(tmp_path / "z", SPEC, chunks=2, make_chunk=make_chunk, progress=False)
+    ds = WeightDataset(zoo, "test_acc")
+    ws, y = collate(zoo.spec)([ds[i] for i in range(4)])
+    assert ws.batch_size == 4 and ws.channels == 1 and y.shape == (4,)
+    stats = ws.tensor_stats()
+    norm = WeightDataset(zoo, "test_acc", rows=[0], stats=stats)[0][0]
+    mean, std = stats["0.weight"]
+    assert torch.allclose(norm["0.weight"], (ds[0][0]["0.weight"] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
+    aug = WeightDataset(zoo, "test_acc", augment=True, seed=0)[0][0]
+    assert not torch.equal(aug["0.weight"], ds[0][0]["0.weight"])
+    assert torch.allclose(aug["0.weight"].sort(dim=-1).values.sum(), ds[0][0]["0.weight"].sort(dim=-1).values.sum())
+    with pytest.raises(ValueError, match="target 'nope' is missing"):
+        WeightDataset(zoo, "nope")
+
+
+def test_regression_metrics_known_values():
+    from unf.zoo import regression_metrics
+
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    m = regression_metrics(y * 2, y)
+    assert m["kendall_tau"] == pytest.approx(1.0) and m["mae"] == pytest.approx(2.5)
+    assert m["r2"] == pytest.approx(1 - ((y * 2 - y) ** 2).sum().item() / 5.0)
+    assert regression_metrics(-y, y)["kendall_tau"] == pytest.approx(-1.0)

@@ -1,7 +1,8 @@
 """Model zoos: train populations of networks (``population``) and store them safely (``store``). Work in progress."""
 from .population import (ACTIVATIONS, Member, MemberDropout, MixedActivation, Population, build_member,
                          evaluate_population, make_population, train_population)
+from .dataset import WeightDataset, collate, regression_metrics, split_by_run
 from .store import Zoo, ZooFormatError, ZooWriter, build
 
-__all__ = ["ACTIVATIONS", "Member", "MemberDropout", "MixedActivation", "Population", "Zoo", "ZooFormatError",
-           "ZooWriter", "build", "build_member", "evaluate_population", "make_population", "train_population"]
+__all__ = ["ACTIVATIONS", "Member", "MemberDropout", "MixedActivation", "Population", "WeightDataset", "Zoo",
+           "ZooFormatError", "ZooWriter", "build", "collate", "regression_metrics", "split_by_run", "build_member", "evaluate_population", "make_population", "train_population"]
