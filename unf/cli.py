@@ -165,6 +165,53 @@ def _cmd_demo(args) -> int:
         plot=str(out / "lmc.png")))
 
 
+def _cmd_zoo_build(args) -> int:
+    from unf.zoo.builtin import build_builtin
+
+    zoo = build_builtin(args.name, args.out, args.num_models, args.seed, progress=not args.quiet)
+    print(f"{args.name}: {len(zoo)} stored networks (rows) in {args.out}")
+    return 0
+
+
+def _cmd_zoo_info(args) -> int:
+    from statistics import mean
+
+    from unf.zoo import Zoo
+
+    zoo = Zoo(args.dir)
+    m = zoo.manifest
+    runs = {r["model_id"] for r in zoo.metadata}
+    print(f"zoo {m['name']!r} at {args.dir}: {len(runs)} networks, {len(zoo)} rows (network x epoch), "
+          f"{len(zoo.shards)} shards, {'complete' if zoo.complete else 'INCOMPLETE (rerun the build to resume)'}")
+    print(f"spec: {len(zoo.spec.groups)} groups, {len(zoo.spec)} tensors, "
+          f"{sum(torch.Size(zoo.spec[n].shape).numel() for n in zoo.spec.parameter_names)} parameters per network")
+    for k, v in m.get("info", {}).items():
+        print(f"  {k}: {v}")
+    numeric = [c for c in zoo.metadata[0] if c not in ("chunk", "model_id")] if zoo.metadata else []
+    for c in numeric:
+        try:
+            vals = [float(r[c]) for r in zoo.metadata]
+        except ValueError:
+            print(f"  {c}: {sorted({r[c] for r in zoo.metadata})}")
+            continue
+        print(f"  {c}: mean {mean(vals):.4g}, min {min(vals):.4g}, max {max(vals):.4g}")
+    return 0
+
+
+def _cmd_predict_fit(args) -> int:
+    from unf.zoo import Zoo
+    from unf.zoo.predict import fit_predictor
+
+    result = fit_predictor(Zoo(args.zoo), args.model, args.target, args.seed, args.epochs, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} on {args.zoo}, target {args.target}, seed {args.seed}: Kendall tau "
+              f"{result['kendall_tau']:.4f}, R^2 {result['r2']:.4f}, MAE {result['mae']:.4f} "
+              f"(test split, {result['n_test']} rows)")
+    return 0
+
+
 def _plot_lmc(ts, curves, path, title) -> None:
     import matplotlib
 
@@ -220,6 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=10)
     p.set_defaults(func=_cmd_demo)
+
+    zoo = sub.add_parser("zoo", help="build and inspect model zoos").add_subparsers(dest="zoo_command", required=True)
+    p = zoo.add_parser("build", help="build (or resume) a built-in zoo on embedded data")
+    p.add_argument("name", help="digits-mlp or digits-cnn")
+    p.add_argument("--out", required=True, help="zoo directory")
+    p.add_argument("--num-models", type=int, default=None, help="networks to train (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_zoo_build)
+    p = zoo.add_parser("info", help="summarise a zoo directory")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_zoo_info)
+
+    pred = sub.add_parser("predict", help="predict network properties from weights").add_subparsers(
+        dest="predict_command", required=True)
+    p = pred.add_parser("fit", help="train a predictor on a zoo's train split, report test-split metrics")
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--model", choices=["unf", "statnn", "deepsets", "gmn"], default="unf")
+    p.add_argument("--target", default="test_acc")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_predict_fit)
     return parser
 
 

@@ -144,6 +144,30 @@ class Zoo:
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
 
+    def weight_space(self, rows: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32):
+        """All (or the given) rows of ``metadata`` as one ``WeightSpace`` ``[N, 1, ...]``, reading each shard once."""
+        from safetensors import safe_open
+
+        from ..weights import WeightSpace
+
+        rows = list(range(len(self.metadata))) if rows is None else list(rows)
+        names = self.spec.float_names
+        out = {n: torch.empty(len(rows), 1, *self.spec[n].shape, dtype=dtype) for n in names}
+        by_chunk: dict[int, list[tuple[int, dict]]] = {}
+        for j, i in enumerate(rows):
+            r = self.metadata[i]
+            by_chunk.setdefault(int(r["chunk"]), []).append((j, r))
+        for chunk, items in by_chunk.items():
+            path = self.root / self.shards[chunk]["file"]
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for j, r in items:
+                        for n in names:
+                            out[n][j, 0] = f.get_tensor(f"{r['model_id']}/{r['epoch']}/{n}")
+            except Exception as e:
+                raise ZooFormatError(f"{path}: cannot be read ({e})") from None
+        return WeightSpace(self.spec, out)
+
     def state_dict(self, model_id, epoch) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 

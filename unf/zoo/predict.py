@@ -1,0 +1,89 @@
+"""Predict a property of trained networks (test accuracy, ...) from their weights, behind one interface."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import DeepSetsEncoder, StatNN, UNFEncoder
+from ..spec import WeightSpaceSpec
+from .dataset import regression_metrics, split_by_run
+from .store import Zoo
+
+
+def _gmn(spec: WeightSpaceSpec, hidden: int) -> nn.Module:
+    from .graph import GraphMetanetwork  # needs torch_geometric
+
+    return GraphMetanetwork(spec, hidden=hidden, out_features=1)
+
+
+PREDICTORS: dict[str, Callable[[WeightSpaceSpec, int], nn.Module]] = {
+    "unf": lambda spec, hidden: UNFEncoder(spec, 1, hidden, 1, depth=2, head_hidden=4 * hidden),
+    "statnn": lambda spec, hidden: StatNN(spec, 1, 1, hidden=4 * hidden),
+    "deepsets": lambda spec, hidden: DeepSetsEncoder(spec, 1, 4 * hidden, 1),
+    "gmn": _gmn,
+}
+
+
+def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: int = 0, epochs: int = 30,
+                  batch_size: int = 64, lr: float = 1e-3, hidden: int = 16, fractions=(0.8, 0.1, 0.1),
+                  augment: bool = False, progress: bool = False) -> dict:
+    """Train a predictor on the train split (runs never straddle splits), pick its epoch on the validation split,
+    and report Kendall tau, R^2 and MAE on the test split. Inputs are normalised with training-split statistics;
+    targets are standardised with training-split mean and std."""
+    if model not in PREDICTORS:
+        raise ValueError(f"unknown predictor {model!r}; choose from {sorted(PREDICTORS)}")
+    torch.manual_seed(seed)
+    rows = zoo.metadata
+    if not rows or target not in rows[0]:
+        raise ValueError(f"target {target!r} is not a column of {zoo.root}/metadata.csv")
+    train, val, test = split_by_run(rows, fractions, seed)
+    ws = zoo.weight_space()
+    y = torch.tensor([float(r[target]) for r in rows])
+    train_ws = _subset(ws, train)
+    stats = train_ws.tensor_stats()
+    ws = ws.normalize(stats)
+    mu, sd = y[train].mean(), y[train].std().clamp_min(1e-8)
+    net = PREDICTORS[model](zoo.spec, hidden)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state = math.inf, None
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc=f"fitting {model}", unit="epoch")
+    train_idx = torch.tensor(train)
+    for _ in epoch_iter:
+        net.train()
+        order = train_idx[torch.randperm(len(train), generator=gen)]
+        for i in range(0, len(train), batch_size):
+            idx = order[i:i + batch_size]
+            batch = _subset(ws, idx.tolist())
+            if augment:
+                batch = batch.permute(zoo.spec.sample_permutation(gen))
+            loss = F.mse_loss(net(batch).squeeze(1), (y[idx] - mu) / sd)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        val_loss = F.mse_loss(_predict(net, ws, val, batch_size), (y[val] - mu) / sd).item()
+        if val_loss < best:
+            best, best_state = val_loss, copy.deepcopy(net.state_dict())
+    net.load_state_dict(best_state)
+    pred = _predict(net, ws, test, batch_size) * sd + mu
+    return {"model": model, "target": target, "seed": seed, **regression_metrics(pred, y[test]),
+            "n_train": len(train), "n_val": len(val), "n_test": len(test), "val_mse": best}
+
+
+def _subset(ws, idx):
+    return ws.map(lambda t: t[idx])
+
+
+@torch.no_grad()
+def _predict(net: nn.Module, ws, rows, batch_size: int) -> torch.Tensor:
+    net.eval()
+    return torch.cat([net(_subset(ws, rows[i:i + batch_size])).squeeze(1) for i in range(0, len(rows), batch_size)])
