@@ -22,7 +22,9 @@ def _gmn(spec: WeightSpaceSpec, hidden: int) -> nn.Module:
 
 
 PREDICTORS: dict[str, Callable[[WeightSpaceSpec, int], nn.Module]] = {
-    "unf": lambda spec, hidden: UNFEncoder(spec, 1, hidden, 1, depth=2, head_hidden=4 * hidden),
+    # fold_max=0: conv kernel taps as pseudo-groups with positional encodings instead of 9x channels; ten times
+    # cheaper on the digits CNN zoo (20 s instead of ~200 s per epoch on 2 cores)
+    "unf": lambda spec, hidden: UNFEncoder(spec, 1, hidden, 1, depth=2, head_hidden=4 * hidden, fold_max=0),
     "statnn": lambda spec, hidden: StatNN(spec, 1, 1, hidden=4 * hidden),
     "deepsets": lambda spec, hidden: DeepSetsEncoder(spec, 1, 4 * hidden, 1),
     "gmn": _gmn,
