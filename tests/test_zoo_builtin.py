@@ -44,7 +44,7 @@ def test_builtin_zoo_resumes(tmp_path):
     assert sum(p.numel() for p in mlp().parameters()) == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
 
 
-@pytest.mark.parametrize("model", ["unf", "statnn", "deepsets"])
+@pytest.mark.parametrize("model", ["unf", "statnn", "deepsets", "gmn"])
 def test_predictors_fit_and_report(small_zoo, model):
     r = fit_predictor(small_zoo, model, epochs=2, seed=0)
     assert set(r) >= {"kendall_tau", "r2", "mae"} and r["n_train"] + r["n_val"] + r["n_test"] == len(small_zoo)
