@@ -91,7 +91,8 @@ def _cmd_align(args) -> int:
     if args.points < 2:
         raise SystemExit("unf: --points must be at least 2 (the two endpoints)")
     split = unf.data.load(args.data, seed=args.split_seed)
-    model = load_factory(args.model)(**_parse_kwargs(args.arg))
+    factory, kwargs = load_factory(args.model), _parse_kwargs(args.arg)
+    model = factory(**kwargs)
     spec = unf.spec_from_module(model, split.x_train[:1])
     a, b = load_state_dict(args.a), load_state_dict(args.b)
     for path, sd in ((args.a, a), (args.b, b)):
@@ -102,7 +103,7 @@ def _cmd_align(args) -> int:
     if args.method == "weight":
         perm = weight_matching(spec, a, b, seed=args.seed)
     else:
-        ma, mb = load_factory(args.model)(**_parse_kwargs(args.arg)), load_factory(args.model)(**_parse_kwargs(args.arg))
+        ma, mb = factory(**kwargs), factory(**kwargs)
         ma.load_state_dict(a)
         mb.load_state_dict(b)
         perm = activation_matching(ma, mb, spec, split.x_train.split(256), seed=args.seed)

@@ -98,6 +98,7 @@ class Population:
     buffers: dict
     opt_state: dict = field(default_factory=dict)
     step: int = 0
+    columns: Optional[tuple] = None  # per-member lr, weight decay, is-Adam (see _columns)
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """One ordinary state_dict per member (parameters and buffers, in the base model's order)."""
@@ -127,9 +128,14 @@ def _forward(pop: Population, x: torch.Tensor, same_input: bool, train: bool) ->
     return vmap(one, in_dims=(0, 0, None if same_input else 0), randomness="different")(pop.params, pop.buffers, x)
 
 
-def _column(pop: Population, name: str, like: torch.Tensor) -> torch.Tensor:
-    v = torch.tensor([getattr(m, name) for m in pop.members], dtype=like.dtype, device=like.device)
-    return v.view(-1, *[1] * (like.dim() - 1))
+def _columns(pop: Population, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-member ``lr``, ``weight_decay`` and is-Adam as ``[N]`` vectors (built once per population)."""
+    if pop.columns is None:
+        pop.columns = (
+            torch.tensor([m.lr for m in pop.members], dtype=like.dtype, device=like.device),
+            torch.tensor([m.weight_decay for m in pop.members], dtype=like.dtype, device=like.device),
+            torch.tensor([m.optimizer == "adam" for m in pop.members], device=like.device))
+    return pop.columns
 
 
 @torch.no_grad()
@@ -137,10 +143,11 @@ def _update(pop: Population) -> None:
     """One optimizer step for every member: Adam or SGD with momentum 0.9, decoupled weight decay."""
     pop.step += 1
     t = pop.step
+    lrs, wds, adams = _columns(pop, next(iter(pop.params.values())))
     for k, p in pop.params.items():
         g = p.grad
-        lr, wd = _column(pop, "lr", p), _column(pop, "weight_decay", p)
-        adam = torch.tensor([m.optimizer == "adam" for m in pop.members], device=p.device).view(lr.shape)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        lr, wd, adam = lrs.view(shape), wds.view(shape), adams.view(shape)
         st = pop.opt_state.setdefault(k, {"m": torch.zeros_like(p), "v": torch.zeros_like(p)})
         # Adam moments (also used as SGD momentum buffer where the member uses SGD)
         st["m"] = torch.where(adam, 0.9 * st["m"] + 0.1 * g, 0.9 * st["m"] + g)

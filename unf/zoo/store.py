@@ -63,6 +63,8 @@ class ZooWriter:
             self.manifest = {"format": FORMAT, "version": VERSION, "name": name, "info": info or {},
                              "shards": [], "complete": False}
             _write_text(manifest, json.dumps(self.manifest, indent=1))
+        done = self.done  # rows of chunks the manifest lists (rows of an interrupted attempt are dropped)
+        self.rows = [r for r in _read_rows(self.root) if int(r["chunk"]) in done]
 
     @property
     def done(self) -> set[int]:
@@ -86,11 +88,8 @@ class ZooWriter:
                 tensors[f"{rec['model_id']}/{rec['epoch']}/{k}"] = v.detach().to("cpu").contiguous().clone()
         rel = f"weights/shard-{chunk:05d}.safetensors"
         atomic_write(self.root / rel, lambda tmp: save_file(tensors, tmp))
-        # rows of chunks the manifest lists, plus this chunk's (rows of an interrupted attempt are dropped)
-        done = self.done
-        rows = [r for r in _read_rows(self.root) if int(r["chunk"]) in done]
-        rows += [{"chunk": chunk, **rec} for rec in records]
-        _write_rows(self.root, rows)
+        self.rows += [{"chunk": chunk, **rec} for rec in records]
+        _write_rows(self.root, self.rows)
         self.manifest["shards"].append({"chunk": chunk, "file": rel, "rows": len(records),
                                         "sha256": _sha256(self.root / rel)})
         _write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
@@ -178,8 +177,7 @@ class Zoo:
         prefix = f"{model_id}/{epoch}/"
         try:
             with safe_open(str(path), framework="pt") as f:
-                found = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-            return {k: found[k] for k in self.spec.names if k in found}  # state_dict order
+                return {k: f.get_tensor(prefix + k) for k in self.spec.names}  # state_dict order
         except Exception as e:
             raise ZooFormatError(f"{path}: cannot be read ({e})") from None
 
