@@ -1,4 +1,5 @@
 """WeightSpace: round trips, permutation, arithmetic, statistics, errors."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -70,6 +71,28 @@ def test_stats_normalise_round_trip_and_invariance():
     permuted = ws.permute(p).tensor_stats()
     assert all(torch.allclose(permuted[n][0], stats[n][0]) and torch.allclose(permuted[n][1], stats[n][1])
                for n in stats)
+
+
+def test_robust_stats_ignore_diverged_networks_and_clip():
+    spec, nets = make()
+    ws = unf.WeightSpace.from_module(spec, nets, dtype=torch.float64)
+    flat = ws["0.weight"].reshape(-1).numpy()
+    centre, scale = ws.tensor_stats(robust=True)["0.weight"]
+    q25, q50, q75 = np.quantile(flat, [0.25, 0.5, 0.75], method="nearest")
+    assert centre.item() == pytest.approx(q50) and scale.item() == pytest.approx((q75 - q25) / 1.349)
+    p = spec.sample_permutation()
+    assert torch.equal(ws.permute(p).tensor_stats(robust=True)["0.weight"][1], scale)
+    # one diverged weight: the std explodes, the robust scale barely moves
+    bad = ws.map(lambda t: t.clone())
+    bad["0.weight"][0, 0, 0, 0] = 1e6
+    assert bad.tensor_stats()["0.weight"][1] > 1e4 * ws.tensor_stats()["0.weight"][1]
+    assert bad.tensor_stats(robust=True)["0.weight"][1].item() == pytest.approx(scale.item(), rel=0.2)
+    robust = bad.tensor_stats(robust=True)
+    clipped, unclipped = bad.normalize(robust, clip=10.0)["0.weight"], bad.normalize(robust)["0.weight"]
+    assert clipped[0, 0, 0, 0].item() == 10.0 and unclipped[0, 0, 0, 0].item() > 1e5
+    assert unclipped[1:].abs().max() < 10 and torch.equal(clipped[1:], unclipped[1:])  # healthy networks untouched
+    half = ws.to(dtype=torch.float16).map(lambda t: t * 0)  # constant tensors: the scale floor must not be 0 in half
+    assert torch.isfinite(half.normalize(half.tensor_stats(robust=True))["0.weight"]).all()
 
 
 def test_errors_name_the_tensor():

@@ -8,7 +8,7 @@ import unf
 from unf.cli import main
 from unf.training import evaluate
 from unf.zoo import Zoo
-from unf.zoo.builtin import build_builtin, cnn, mlp
+from unf.zoo.builtin import GRID_ACTIVATIONS, build_builtin, cnn, mlp, sample_members
 from unf.zoo.predict import fit_predictor
 
 
@@ -42,6 +42,18 @@ def test_builtin_zoo_resumes(tmp_path):
     with pytest.raises(ValueError, match="unknown zoo 'nope'"):
         build_builtin("nope", str(tmp_path / "x"))
     assert sum(p.numel() for p in mlp().parameters()) == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+
+
+def test_hyperparameter_grid():
+    members = sample_members(400, seed=3, first_id=100)
+    assert [m.seed for m in members] == list(range(100, 500))
+    assert [m.to_dict() for m in members] == [m.to_dict() for m in sample_members(400, seed=3, first_id=100)]
+    assert {m.activation for m in members} == set(GRID_ACTIVATIONS)
+    for opt, lo, hi in (("adam", 1e-3, 10 ** -1.75), ("sgd", 10 ** -1.5, 10 ** -0.25)):
+        lrs = [m.lr for m in members if m.optimizer == opt]
+        assert len(lrs) > 100 and lo <= min(lrs) and max(lrs) <= hi
+    assert {m.train_fraction for m in members} == {0.1, 0.25, 0.5, 1.0}
+    assert sample_members(5, seed=4)[0].to_dict() != sample_members(5, seed=3)[0].to_dict()
 
 
 @pytest.mark.parametrize("model", ["unf", "statnn", "deepsets", "gmn"])

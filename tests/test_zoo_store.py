@@ -79,6 +79,12 @@ def test_bad_manifest_and_other_spec(tmp_path):
     other = unf.spec_from_module(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), torch.randn(2, 4))
     with pytest.raises(ZooFormatError, match="another spec"):
         ZooWriter(root, other)
+    # resuming with other build settings would mix two zoos in one directory
+    root2 = tmp_path / "z2"
+    build(root2, SPEC, chunks=1, make_chunk=make_chunk, info={"grid": 1, "seed": 0}, progress=False)
+    assert ZooWriter(root2, SPEC, info={"seed": 0, "grid": 1}).done == {0}
+    with pytest.raises(ZooFormatError, match=r"other settings \(grid: stored \[1\], asked \[2\]\)"):
+        ZooWriter(root2, SPEC, info={"grid": 2, "seed": 0})
     (root / "manifest.json").write_text("{broken")
     with pytest.raises(ZooFormatError, match="manifest.json: not valid JSON"):
         Zoo(root)
@@ -117,6 +123,9 @@ def test_weight_dataset_batches_normalises_and_augments(tmp_path):
     norm = WeightDataset(zoo, "test_acc", rows=[0], stats=stats)[0][0]
     mean, std = stats["0.weight"]
     assert torch.allclose(norm["0.weight"], (ds[0][0]["0.weight"] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
+    clipped = WeightDataset(zoo, "test_acc", rows=[0], stats=stats, clip=0.5)[0][0]
+    assert torch.equal(clipped["0.weight"], norm["0.weight"].clamp(-0.5, 0.5))
+    assert not torch.equal(clipped["0.weight"], norm["0.weight"])
     aug = WeightDataset(zoo, "test_acc", augment=True, seed=0)[0][0]
     assert not torch.equal(aug["0.weight"], ds[0][0]["0.weight"])
     assert torch.allclose(aug["0.weight"].sort(dim=-1).values.sum(), ds[0][0]["0.weight"].sort(dim=-1).values.sum())

@@ -152,20 +152,32 @@ class WeightSpace:
         return WeightSpace(self.spec, out, self.extras)
 
     # -- statistics --------------------------------------------------------------------------------------------------
-    def tensor_stats(self, eps: float = 1e-8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per tensor and channel: mean and std over the batch and all entries, shaped ``[channels]``.
+    def tensor_stats(self, eps: float = 1e-8, robust: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per tensor and channel: a centre and a scale over the batch and all entries, each shaped ``[channels]``.
 
-        Permutation-invariant, so normalising by them keeps a weight-space model equivariant.
+        ``robust=False``: mean and std. ``robust=True``: median and IQR / 1.349 (the std for Gaussian entries), which
+        a few diverged networks in a zoo (weights of 1e6 beside typical 0.5) cannot inflate. Both are
+        permutation-invariant, so normalising by them keeps a weight-space model equivariant.
         """
         stats = {}
         for n, t in self._tensors.items():
             flat = t.transpose(0, 1).reshape(t.shape[1], -1)
-            stats[n] = (flat.mean(1), flat.std(1, unbiased=False).clamp_min(eps))
+            eps = max(eps, torch.finfo(t.dtype).tiny) if t.is_floating_point() else eps  # 1e-8 is 0 in half
+            if robust:
+                q25, q50, q75 = (_quantile(flat, q) for q in (0.25, 0.5, 0.75))
+                stats[n] = (q50, ((q75 - q25) / 1.349).clamp_min(eps))
+            else:
+                stats[n] = (flat.mean(1), flat.std(1, unbiased=False).clamp_min(eps))
         return stats
 
-    def normalize(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "WeightSpace":
-        return WeightSpace(self.spec, {n: (t - _bc(stats[n][0], t)) / _bc(stats[n][1], t)
-                                       for n, t in self._tensors.items()}, self.extras)
+    def normalize(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                  clip: Optional[float] = None) -> "WeightSpace":
+        """``(t - centre) / scale`` per tensor and channel; with ``clip``, clamped to ``[-clip, clip]`` afterwards
+        (element-wise, so equivariance is kept; not undone by :meth:`denormalize`)."""
+        out = {n: (t - _bc(stats[n][0], t)) / _bc(stats[n][1], t) for n, t in self._tensors.items()}
+        if clip is not None:
+            out = {n: t.clamp(-clip, clip) for n, t in out.items()}
+        return WeightSpace(self.spec, out, self.extras)
 
     def denormalize(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "WeightSpace":
         return WeightSpace(self.spec, {n: t * _bc(stats[n][1], t) + _bc(stats[n][0], t)
@@ -212,3 +224,9 @@ def _numel(shape) -> int:
 def _bc(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Channel vector ``[C]`` broadcast against ``[B, C, *shape]``."""
     return v.view(1, -1, *([1] * (t.dim() - 2)))
+
+
+def _quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """Row-wise ``q``-quantile of ``[C, N]`` (nearest rank): ``kthvalue`` has no size limit, unlike ``torch.quantile``."""
+    k = min(flat.shape[1], max(1, round(q * (flat.shape[1] - 1)) + 1))
+    return flat.kthvalue(k, dim=1).values

@@ -33,13 +33,15 @@ class WeightDataset(torch.utils.data.Dataset):
     """Items ``(tensors, target)``: ``tensors`` name -> ``[1, *shape]`` (one channel), ``target`` a float.
 
     ``rows``: indices into ``zoo.metadata`` (e.g. one split); ``stats``: per-tensor normalisation (from
-    :meth:`WeightSpace.tensor_stats` on the training split only); ``augment``: apply a random permutation from the spec
+    :meth:`WeightSpace.tensor_stats` on the training split only, ``robust=True`` for zoos with diverged networks);
+    ``clip``: clamp normalised entries to ``[-clip, clip]`` (only with ``stats``); ``augment``: apply a random permutation from the spec
     to every item (the target is invariant). Batch with :func:`collate`.
     """
 
     def __init__(self, zoo: Zoo, target: str, rows: Optional[Sequence[int]] = None,
-                 stats: Optional[Mapping[str, tuple]] = None, augment: bool = False, seed: int = 0):
-        self.zoo, self.target, self.stats, self.augment = zoo, target, stats, augment
+                 stats: Optional[Mapping[str, tuple]] = None, augment: bool = False, seed: int = 0,
+                 clip: Optional[float] = None):
+        self.zoo, self.target, self.stats, self.augment, self.clip = zoo, target, stats, augment, clip
         self.rows = list(range(len(zoo.metadata))) if rows is None else list(rows)
         missing = [i for i in self.rows if target not in zoo.metadata[i] or zoo.metadata[i][target] in ("", None)]
         if missing:
@@ -62,6 +64,8 @@ class WeightDataset(torch.utils.data.Dataset):
             if self.stats is not None:
                 mean, std = self.stats[n]
                 t = (t - mean.view(-1, *[1] * (t.dim() - 1))) / std.view(-1, *[1] * (t.dim() - 1))
+                if self.clip is not None:
+                    t = t.clamp(-self.clip, self.clip)
             tensors[n] = t
         return tensors, torch.tensor(float(row[self.target]))
 

@@ -57,6 +57,13 @@ class ZooWriter:
             stored = WeightSpaceSpec.from_json((self.root / "spec.json").read_text())
             if stored != spec:
                 raise ZooFormatError(f"{self.root}: the zoo holds networks of another spec; use a new directory")
+            want = json.loads(json.dumps(info)) if info is not None else None
+            have = self.manifest.get("info", {})
+            if want is not None and want != have:
+                keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+                raise ZooFormatError(f"{self.root}: the zoo was built with other settings ({', '.join(keys)}: stored "
+                                     f"{[have.get(k) for k in keys]}, asked {[want.get(k) for k in keys]}); "
+                                     "continuing would mix them, so use a new directory")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             _write_text(self.root / "spec.json", spec.to_json(indent=1))
