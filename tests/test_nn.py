@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import unf
 from unf.nn import (DeepSets, DeepSetsEncoder, InvariantPool, Layout, PositionalEncoding, StatNN, UNFEncoder,
-                    UNFLinear, UNFNet, WSNorm, bell)
+                    UNFLinear, UNFNet, WSNorm, bell, tensor_statistics)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from architectures import ARCHITECTURES, require_plugins  # noqa: E402
@@ -70,6 +70,44 @@ def test_networks_are_equivariant_and_invariant(name):
     p = spec.sample_permutation(torch.Generator().manual_seed(2))
     assert ws_err(net(ws.permute(p)), out.permute(p)) <= TOL
     assert (enc(ws.permute(p)) - feat).abs().max() <= TOL * feat.abs().max().clamp_min(1)
+    stats = UNFEncoder(spec, 1, 4, 3, depth=1, head_hidden=8, readout="stats").double()
+    feat = stats(ws)
+    assert (stats(ws.permute(p)) - feat).abs().max() <= TOL * feat.abs().max().clamp_min(1)
+
+
+def test_stats_readout_sees_the_input_statistics():
+    spec = arch_spec("cnn_flatten")
+    torch.manual_seed(0)
+    ws = random_ws(spec, batch=3, channels=1)
+    enc = UNFEncoder(spec, 1, 4, 1, depth=1, head_hidden=8, readout="stats", fold_max=0).double()
+    seen = []
+    enc.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    enc(ws)
+    stats = tensor_statistics(ws)
+    assert seen[0].shape[1] == enc.pool.num_features(4) + 7 * 5 * len(spec.float_names)
+    assert torch.equal(seen[0][:, -stats.shape[1]:], stats)  # StatNN's features, verbatim
+    with pytest.raises(ValueError, match="readout 'max'"):
+        UNFEncoder(spec, 1, 4, 1, readout="max")
+
+
+def test_tensor_statistics_match_torch_quantile_in_any_size_and_precision():
+    spec = arch_spec("mlp")
+    ws = random_ws(spec, batch=3, channels=2)
+    got = tensor_statistics(ws).view(3, 2, -1, 7).transpose(1, 2)  # [B, tensors, C, 7]
+    for i, t in enumerate(ws.values()):
+        flat = t.flatten(2)
+        q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=flat.dtype), dim=2).permute(1, 2, 0)
+        assert torch.allclose(got[:, i, :, 2:], q, atol=1e-12)
+        assert torch.allclose(got[:, i, :, 1], flat.var(2, unbiased=False), atol=1e-12)
+    half = tensor_statistics(ws.to(dtype=torch.float16))
+    assert half.dtype == torch.float32 and torch.allclose(half, tensor_statistics(ws).float(), atol=2e-2)
+    # torch.quantile refuses inputs over 2^24 entries; a 4096x4097 layer must still work
+    lin = torch.nn.Linear(4097, 4096)
+    big = unf.WeightSpace.from_module(unf.spec_from_module(lin, torch.randn(1, 4097)), [lin])
+    w = big["weight"].flatten()
+    stats = tensor_statistics(big.detach())[0, :7]  # the weight tensor: mean, var, 5 quantiles
+    assert stats[2].item() == w.min().item() and stats[6].item() == w.max().item()
+    assert abs(stats[4].item() - w.median().item()) < 1e-6
 
 
 def test_baselines_share_the_interface():

@@ -4,12 +4,12 @@
 ``WSDropout``, ``WSNorm``, ``PositionalEncoding`` for pseudo-groups; ``UNFNet`` and ``UNFEncoder`` put them together;
 ``DeepSets``, ``DeepSetsEncoder`` and ``StatNN`` are baselines with the same interface.
 """
-from .baselines import DeepSets, DeepSetsEncoder, StatNN, tensor_statistics
+from .baselines import DeepSets, DeepSetsEncoder, StatNN
 from .basis import bell, set_partitions
 from .layout import DEFAULT_FOLD_MAX, Layout, Piece
 from .linear import UNFLinear
 from .models import UNFBlock, UNFEncoder, UNFNet
-from .modules import InvariantPool, Pointwise, PositionalEncoding, WSDropout, WSNorm
+from .modules import InvariantPool, Pointwise, PositionalEncoding, WSDropout, WSNorm, tensor_statistics
 
 __all__ = ["DEFAULT_FOLD_MAX", "DeepSets", "DeepSetsEncoder", "InvariantPool", "Layout", "Piece", "Pointwise",
            "PositionalEncoding", "StatNN", "UNFBlock", "UNFEncoder", "UNFLinear", "UNFNet", "WSDropout", "WSNorm",

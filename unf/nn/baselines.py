@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
+from .modules import tensor_statistics
 
 
 def _channel_mlp(cin: int, hidden: int, cout: int, depth: int) -> nn.Sequential:
@@ -53,19 +54,6 @@ class DeepSetsEncoder(nn.Module):
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         pooled = [self.phi(t.flatten(2).transpose(1, 2)).mean(1) for t in ws.values()]
         return self.rho(torch.cat(pooled, dim=1))
-
-
-def tensor_statistics(ws: WeightSpace) -> torch.Tensor:
-    """``[B, 7 * channels * tensors]``: mean, variance and 0/25/50/75/100% quantiles of every tensor and channel."""
-    q = None
-    feats = []
-    for t in ws.values():
-        flat = t.flatten(2)  # [B, C, N]
-        if q is None or q.dtype != flat.dtype:
-            q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=flat.dtype, device=flat.device)
-        quant = torch.quantile(flat, q, dim=2).permute(1, 2, 0)  # [B, C, 5]
-        feats += [flat.mean(2, keepdim=True), flat.var(2, unbiased=False, keepdim=True), quant]
-    return torch.cat(feats, dim=2).flatten(1)
 
 
 class StatNN(nn.Module):

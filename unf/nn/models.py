@@ -11,7 +11,7 @@ from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
 from .layout import DEFAULT_FOLD_MAX, Layout
 from .linear import UNFLinear, as_layout
-from .modules import InvariantPool, Pointwise, PositionalEncoding, WSDropout, WSNorm
+from .modules import InvariantPool, Pointwise, PositionalEncoding, WSDropout, WSNorm, tensor_statistics
 
 
 class UNFBlock(nn.Module):
@@ -65,19 +65,34 @@ class UNFNet(nn.Module):
 
 class UNFEncoder(nn.Module):
     """Invariant network ``WeightSpace[B, in_channels] -> [B, out_features]``: ``UNFNet`` trunk, activation,
-    ``InvariantPool``, MLP head."""
+    invariant readout, MLP head.
+
+    ``readout="mean"`` is the invariant linear basis (``InvariantPool``). ``readout="stats"`` adds, per tensor and
+    channel, the mean, variance and quantiles of the trunk's features and of the input itself (Unterthiner et al.'s
+    statistics, which are invariant too), so the encoder sees at least what StatNN sees; on small zoos this prior
+    matters more than depth.
+    """
 
     def __init__(self, spec: Union[WeightSpaceSpec, Layout], in_channels: int, hidden: int, out_features: int,
                  depth: int = 2, head_hidden: int = 128, activation: str = "relu", dropout: float = 0.0,
-                 pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX):
+                 pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX, readout: str = "mean"):
         super().__init__()
+        if readout not in ("mean", "stats"):
+            raise ValueError(f"readout {readout!r}: choose 'mean' or 'stats'")
         layout = as_layout(spec, fold_max)
+        self.readout = readout
         self.trunk = UNFNet(layout, in_channels, hidden, hidden, depth, activation, dropout, pos_dim)
         self.act = Pointwise(activation)
         self.pool = InvariantPool(layout)
         n = self.pool.num_features(hidden)
+        if readout == "stats":
+            n += 7 * (hidden + in_channels) * len(layout.spec.float_names)
         self.head = nn.Sequential(nn.LayerNorm(n), nn.Linear(n, head_hidden), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(head_hidden, out_features))
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
-        return self.head(self.pool(self.act(self.trunk(ws))))
+        h = self.act(self.trunk(ws))
+        feats = self.pool(h)
+        if self.readout == "stats":
+            feats = torch.cat([feats, tensor_statistics(h), tensor_statistics(ws)], dim=1)
+        return self.head(feats)

@@ -133,3 +133,22 @@ class InvariantPool(nn.Module):
                 xs[r.source] = self.layout.extract(p, ws[p.tensor])
             feats.append(reduce_piece(xs[r.source], r).reshape(ws.batch_size, -1))
         return torch.cat(feats, dim=1)
+
+
+def tensor_statistics(ws: WeightSpace) -> torch.Tensor:
+    """``[B, 7 * channels * tensors]``: mean, variance and 0/25/50/75/100% quantiles (linear interpolation, as
+    ``torch.quantile``) of every tensor and channel. Computed in at least float32, from one sort: unlike
+    ``torch.quantile`` this has no input-size limit and takes half precision."""
+    feats = []
+    for t in ws.values():
+        flat = t.flatten(2)  # [B, C, N]
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        srt = flat.sort(dim=2).values
+        pos = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64) * (flat.shape[2] - 1)
+        lo, frac = pos.floor().long(), (pos - pos.floor()).to(device=flat.device, dtype=flat.dtype)
+        hi = (lo + 1).clamp_max(flat.shape[2] - 1).to(flat.device)
+        lo = lo.to(flat.device)
+        quant = srt[..., lo] + (srt[..., hi] - srt[..., lo]) * frac  # [B, C, 5]
+        feats += [flat.mean(2, keepdim=True), flat.var(2, unbiased=False, keepdim=True), quant]
+    return torch.cat(feats, dim=2).flatten(1)
