@@ -218,10 +218,7 @@ class _ZooReader:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         name = name or self.root.name
         info = _json_normal({"source": self.info, "chunk_size": chunk_size})
-        writer = ZooWriter(dst, self.spec, name, info)
-        if writer.manifest.get("info") != info:
-            raise ZooFormatError(f"{Path(dst) / 'manifest.json'}: this zoo was started from another source or with "
-                                 "other options; convert into a new directory")
+        writer = ZooWriter(dst, self.spec, name, info)  # refuses a directory started from another source or options
         n_chunks = math.ceil(len(self.metadata) / chunk_size)
         todo = [c for c in range(n_chunks) if c not in writer.done]
         for c in _progress(todo, f"converting {name}", n_chunks - len(todo), n_chunks, progress):

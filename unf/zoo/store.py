@@ -61,9 +61,10 @@ class ZooWriter:
             have = self.manifest.get("info", {})
             if want is not None and want != have:
                 keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-                raise ZooFormatError(f"{self.root}: the zoo was built with other settings ({', '.join(keys)}: stored "
-                                     f"{[have.get(k) for k in keys]}, asked {[want.get(k) for k in keys]}); "
-                                     "continuing would mix them, so use a new directory")
+                shown = ", ".join(f"{k}: stored {have.get(k)!r}, asked {want.get(k)!r}"
+                                  if len(repr(have.get(k))) + len(repr(want.get(k))) <= 80 else k for k in keys)
+                raise ZooFormatError(f"{self.root}: the zoo was built with other settings ({shown}); continuing "
+                                     "would mix them, so use a new directory")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             _write_text(self.root / "spec.json", spec.to_json(indent=1))
