@@ -227,6 +227,7 @@ def _bc(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
-    """Row-wise ``q``-quantile of ``[C, N]`` (nearest rank): ``kthvalue`` has no size limit, unlike ``torch.quantile``."""
+    """Row-wise ``q``-quantile of ``[C, N]`` (nearest rank); ``kthvalue`` has no size limit, unlike
+    ``torch.quantile``."""
     k = min(flat.shape[1], max(1, round(q * (flat.shape[1] - 1)) + 1))
     return flat.kthvalue(k, dim=1).values

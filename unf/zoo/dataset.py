@@ -34,8 +34,8 @@ class WeightDataset(torch.utils.data.Dataset):
 
     ``rows``: indices into ``zoo.metadata`` (e.g. one split); ``stats``: per-tensor normalisation (from
     :meth:`WeightSpace.tensor_stats` on the training split only, ``robust=True`` for zoos with diverged networks);
-    ``clip``: clamp normalised entries to ``[-clip, clip]`` (only with ``stats``); ``augment``: apply a random permutation from the spec
-    to every item (the target is invariant). Batch with :func:`collate`.
+    ``clip``: clamp normalised entries to ``[-clip, clip]`` (only with ``stats``); ``augment``: apply a random
+    permutation from the spec to every item (the target is invariant). Batch with :func:`collate`.
     """
 
     def __init__(self, zoo: Zoo, target: str, rows: Optional[Sequence[int]] = None,
