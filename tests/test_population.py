@@ -33,6 +33,17 @@ def test_a_member_trains_the_same_alone_or_in_a_population(split):
             assert torch.allclose(v[0], together.params[k][i], atol=1e-5), (i, k)
     loss, acc = evaluate_population(together, split.x_test, split.y_test)
     assert loss.shape == acc.shape == (3,)
+    # nobody uses dropout, so no masks are drawn; drawing them (all ones at p = 0) gives the same training
+    drops = [mod for mod in together.base.modules() if isinstance(mod, MemberDropout)]
+    assert drops and all(mod.off for mod in drops)
+    masked = make_population(make, members)
+    for mod in masked.base.modules():
+        if isinstance(mod, MemberDropout):
+            mod.off = False
+    train_population(masked, x, y, epochs=2, batch_size=32, seed=7)
+    assert all(torch.allclose(masked.params[k], v, atol=1e-6) for k, v in together.params.items())
+    mixed = make_population(make, members + [Member(seed=4, dropout=0.3)])
+    assert not any(mod.off for mod in mixed.base.modules() if isinstance(mod, MemberDropout))
 
 
 def test_adam_member_matches_torch_adamw(split):

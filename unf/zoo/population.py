@@ -40,9 +40,10 @@ class MemberDropout(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.register_buffer("p", torch.tensor(float(p)))
+        self.off = False  # set when no member uses dropout: skip drawing masks that would keep everything
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.off:
             return x
         keep = (torch.rand_like(x) >= self.p).to(x.dtype)
         return x * keep / (1 - self.p).clamp_min(1e-6)
@@ -115,6 +116,10 @@ def make_population(make_model: Callable[[], nn.Module], members: Sequence[Membe
         for mod in base.modules():
             if isinstance(mod, MixedActivation):
                 mod.only = ACTIVATIONS.index(members[0].activation)
+    if all(m.dropout == 0 for m in members):
+        for mod in base.modules():
+            if isinstance(mod, MemberDropout):
+                mod.off = True
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     return Population(base, list(members), params, buffers)
 
