@@ -58,16 +58,10 @@ class WeightDataset(torch.utils.data.Dataset):
         spec = self.zoo.spec
         if self.augment:
             sd = spec.permute(sd, spec.sample_permutation(self.generator))
-        tensors = {}
-        for n in spec.float_names:
-            t = sd[n].float()[None]
-            if self.stats is not None:
-                mean, std = self.stats[n]
-                t = (t - mean.view(-1, *[1] * (t.dim() - 1))) / std.view(-1, *[1] * (t.dim() - 1))
-                if self.clip is not None:
-                    t = t.clamp(-self.clip, self.clip)
-            tensors[n] = t
-        return tensors, torch.tensor(float(row[self.target]))
+        ws = WeightSpace(spec, {n: sd[n].float()[None, None] for n in spec.float_names})  # batch 1, channel 1
+        if self.stats is not None:
+            ws = ws.normalize(self.stats, clip=self.clip)
+        return {n: t[0] for n, t in ws.items()}, torch.tensor(float(row[self.target]))
 
 
 def collate(spec):

@@ -112,14 +112,13 @@ def make_population(make_model: Callable[[], nn.Module], members: Sequence[Membe
     models = [build_member(make_model, m) for m in members]
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
-    if len({m.activation for m in members}) == 1:
-        for mod in base.modules():
-            if isinstance(mod, MixedActivation):
-                mod.only = ACTIVATIONS.index(members[0].activation)
-    if all(m.dropout == 0 for m in members):
-        for mod in base.modules():
-            if isinstance(mod, MemberDropout):
-                mod.off = True
+    one_activation = len({m.activation for m in members}) == 1
+    no_dropout = all(m.dropout == 0 for m in members)
+    for mod in base.modules():
+        if isinstance(mod, MixedActivation) and one_activation:
+            mod.only = ACTIVATIONS.index(members[0].activation)
+        elif isinstance(mod, MemberDropout) and no_dropout:
+            mod.off = True
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     return Population(base, list(members), params, buffers)
 
