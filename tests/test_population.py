@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import unf
 from unf.training import evaluate
+from unf.zoo import builtin, population
 from unf.zoo import (Member, MemberDropout, MixedActivation, evaluate_population, make_population,
                      train_population)
 
@@ -76,6 +77,49 @@ def test_state_dicts_load_into_plain_models(split):
         net.load_state_dict(sd)
         assert net[1].choice.argmax().item() == ["relu", "tanh", "gelu", "sigmoid"].index(m.activation)
         assert evaluate(net, split.x_test, split.y_test)[1] == pytest.approx(a.item(), abs=1e-6)
+
+
+def make_cnn():
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), MixedActivation(),
+                         nn.Conv2d(4, 4, 3, stride=2, padding=1), MixedActivation(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), MemberDropout(), nn.Linear(4, 10))
+
+
+def test_blocks_and_layout_do_not_change_training(split, monkeypatch):
+    """Members run in blocks, convolutional ones with the member axis innermost in memory: the result is the same
+    for any block size, and a member trains as it would alone."""
+    members = [Member(seed=s, lr=lr, activation=a, optimizer=o)
+               for s, lr, a, o in ((0, 3e-3, "relu", "adam"), (1, 0.05, "tanh", "sgd"), (2, 1e-3, "gelu", "adam"),
+                                   (3, 0.1, "relu", "sgd"), (4, 2e-3, "tanh", "adam"))]
+    x, y = split.x_train[:192], split.y_train[:192]
+    runs = {}
+    for block in (None, 1, 2, 5):
+        pop = make_population(make_cnn, members)
+        assert pop.convolutional
+        runs[block] = train_population(pop, x, y, epochs=2, batch_size=32, seed=3, block_size=block).params
+    for block in (1, 2, 5):
+        for k, v in runs[None].items():
+            assert torch.allclose(runs[block][k], v, atol=1e-5), (block, k)
+    alone = train_population(make_population(make_cnn, members[3:4]), x, y, epochs=2, batch_size=32, seed=3).params
+    assert all(torch.allclose(v[0], runs[None][k][3], atol=1e-5) for k, v in alone.items())
+    with pytest.raises(ValueError, match="block_size 0"):
+        train_population(pop, x, y, epochs=1, block_size=0)
+    # evaluation in blocks: force one member per block, compare with the plain model
+    monkeypatch.setattr(population, "_BLOCK_BYTES", 1)
+    _, acc = evaluate_population(pop, split.x_test, split.y_test, batch_size=100)
+    for sd, a in zip(pop.state_dicts(), acc):
+        net = make_cnn()
+        net.load_state_dict(sd)
+        assert evaluate(net, split.x_test, split.y_test)[1] == pytest.approx(a.item(), abs=1e-6)
+
+
+def test_block_size_keeps_the_largest_activation_under_the_budget(split):
+    # digits CNN: the first conv's output, 64 images x 8 channels x 8 x 8 floats = 128 KiB per member -> 64 per 8 MiB
+    pop = make_population(lambda: builtin.cnn(population=True), [Member(seed=s) for s in range(100)])
+    assert population._block_size(pop, split.x_train[:64], train=True) == 64
+    assert population._block_size(pop, split.x_train[:1024], train=False) == 4
+    small = make_population(lambda: builtin.cnn(population=True), [Member(seed=s) for s in range(3)])
+    assert population._block_size(small, split.x_train[:64], train=True) == 3
 
 
 def test_bad_hyperparameters():
