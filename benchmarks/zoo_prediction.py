@@ -12,6 +12,7 @@ on the validation split; metrics are on the test split (``unf.zoo.fit_predictor`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -49,6 +50,12 @@ def append_result(path: str, result: dict) -> None:
         else:
             torn = False
         f.write((("\n" if torn else "") + json.dumps(result) + "\n").encode())
+
+
+def manifest_sha256(zoo_dir: str) -> str:
+    """The zoo's identity: its manifest lists every shard's SHA-256."""
+    with open(os.path.join(zoo_dir, "manifest.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def protocol(r: dict) -> tuple:
@@ -121,7 +128,8 @@ def main() -> None:
                     r = fit_predictor(zoo, model, args.target, seed=seed, epochs=args.epochs, clip=args.clip,
                                       progress=True)
                     r.update(zoo=zoo_name, seconds=time.perf_counter() - t0, threads=torch.get_num_threads(),
-                             torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+                             torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                             manifest_sha256=manifest_sha256(zoo_dir))
                     print(json.dumps(r))
                     append_result(path, r)
                     results.append(r)

@@ -122,6 +122,26 @@ def test_block_size_keeps_the_largest_activation_under_the_budget(split):
     assert population._block_size(small, split.x_train[:64], train=True) == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_population_trains_the_same_on_cuda(split):
+    members = [Member(seed=s, activation=a, optimizer=o) for s, a, o in ((0, "relu", "adam"), (1, "tanh", "sgd"))]
+    x, y = split.x_train[:128], split.y_train[:128]
+    cpu = train_population(make_population(make_cnn, members), x, y, epochs=1, batch_size=32)
+    gpu = train_population(make_population(make_cnn, members).to("cuda"), x.cuda(), y.cuda(), epochs=1,
+                           batch_size=32)
+    assert all(torch.allclose(gpu.params[k].cpu(), v, atol=1e-4) for k, v in cpu.params.items())
+    _, acc = evaluate_population(gpu, split.x_test.cuda(), split.y_test.cuda())
+    assert acc.device.type == "cuda" and acc.shape == (2,)
+
+
+def test_mixed_dtypes_are_named():
+    def mixed():
+        return nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 10).double())
+
+    with pytest.raises(ValueError, match=r"'0.weight' is torch.float32, '1.weight' is torch.float64"):
+        make_population(mixed, [Member(seed=0)])
+
+
 def test_bad_hyperparameters():
     with pytest.raises(ValueError, match="activation 'swish'"):
         Member(activation="swish")

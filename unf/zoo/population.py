@@ -7,6 +7,7 @@ buffers of :class:`MixedActivation` and :class:`MemberDropout`, so one vmapped g
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -106,6 +107,13 @@ class Population:
     step: int = 0
     columns: Optional[tuple] = None  # per-member lr, weight decay, is-Adam (see _columns)
 
+    def to(self, device: torch.device | str) -> "Population":
+        """This population on ``device`` (parameters, buffers and optimizer state; train it on data there too)."""
+        flat = self.flat.to(device)
+        return dataclasses.replace(self, flat=flat, params=_views(flat, self.params),
+                                   buffers={k: v.to(device) for k, v in self.buffers.items()},
+                                   opt_state={k: v.to(device) for k, v in self.opt_state.items()}, columns=None)
+
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """One ordinary state_dict per member (parameters and buffers, in the base model's order)."""
         keys = list(self.base.state_dict())
@@ -124,18 +132,25 @@ def make_population(make_model: Callable[[], nn.Module], members: Sequence[Membe
             mod.only = ACTIVATIONS.index(members[0].activation)
         elif isinstance(mod, MemberDropout) and no_dropout:
             mod.off = True
-    dtypes = {v.dtype for v in params.values()}
-    if len(dtypes) > 1:
-        raise ValueError(f"a population needs parameters of one dtype; this model mixes {sorted(map(str, dtypes))}")
-    n = len(members)
-    flat = torch.cat([v.detach().reshape(n, -1) for v in params.values()], 1)
-    views, start = {}, 0
+    by_dtype = {}
     for k, v in params.items():
+        by_dtype.setdefault(str(v.dtype), k)
+    if len(by_dtype) > 1:
+        raise ValueError(f"a population needs parameters of one dtype; this model mixes them: "
+                         f"{', '.join(f'{k!r} is {d}' for d, k in by_dtype.items())}; convert the model with .to(dtype)")
+    flat = torch.cat([v.detach().reshape(len(members), -1) for v in params.values()], 1)
+    convolutional = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in base.modules())
+    return Population(base, list(members), flat, _views(flat, params), buffers, convolutional=convolutional)
+
+
+def _views(flat: torch.Tensor, like: dict) -> dict:
+    """Name -> view of ``flat`` ``[N, D]`` shaped as ``like``'s ``[N, *shape]`` tensors, in order."""
+    views, start = {}, 0
+    for k, v in like.items():
         size = v[0].numel()
         views[k] = flat[:, start:start + size].view(v.shape)
         start += size
-    convolutional = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in base.modules())
-    return Population(base, list(members), flat, views, buffers, convolutional=convolutional)
+    return views
 
 
 # Largest module output of one block of members: 8 MB was the fastest budget for the digits CNNs (4 and 16 MB were
@@ -162,7 +177,10 @@ def _prime_allocator() -> None:
 
 def _block_size(pop: Population, xb: torch.Tensor, train: bool) -> int:
     """Members per block such that no module output of a block exceeds ``_BLOCK_BYTES`` (one member's forward pass
-    on ``xb`` is traced on the meta device: no compute)."""
+    on ``xb`` is traced on the meta device: no compute). Off the CPU, where the budget's reasons (glibc, caches) do
+    not apply, all members form one block."""
+    if pop.flat.device.type != "cpu":
+        return len(pop.members)
     sizes = [xb.numel() * xb.element_size()]
 
     def record(mod, args, out):
@@ -247,8 +265,9 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
     ``on_epoch(epoch, pop)`` is called after each epoch (1-based), e.g. to evaluate and save checkpoints.
 
     Each step runs the members in blocks of ``block_size`` (forward, backward, update); the result does not depend on
-    it. The default keeps every module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them in one
-    block ran 1.6x slower per network, as their activations no longer fit the allocator's reuse and the caches.
+    it. On CPU the default keeps every module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them
+    in one block ran 1.6x slower per network, as their activations no longer fit the allocator's reuse and the
+    caches. On other devices all members form one block.
     """
     n = len(pop.members)
     _prime_allocator()
