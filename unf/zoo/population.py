@@ -51,6 +51,55 @@ class MemberDropout(nn.Module):
         return x * keep / (1 - self.p).clamp_min(1e-6)
 
 
+class _MembersAsChannels(torch.autograd.Function):
+    """A channel-wise module (pooling) whose vmap rule folds the members into the channels, ``[B, N * C, H, W]``.
+
+    vmap's own pooling rules fold them into the batch, which copies channels-last activations back to NCHW and leaves
+    the backward of the layer before in mixed layouts (unstrided digits CNN with a max-pool: 1.35x slower steps)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x, module):
+        return module(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.module = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):  # outside vmap only; under vmap autograd records the rule's own ops
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(ctx.module(x), x, grad)
+        return gx, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, module):
+        if in_dims[0] is None:
+            return module(x), None
+        if x.dim() == 4:  # each member sees one image [C, H, W]: the members are the batch
+            return module(x.movedim(in_dims[0], 0)), 0
+        x = x.movedim(in_dims[0], 1)  # [B, N, C, H, W]
+        return module(x.reshape(x.shape[0], -1, *x.shape[3:])).unflatten(1, x.shape[1:3]), 1
+
+
+class _PoolMembersAsChannels(nn.Module):
+    """Wraps a pooling module of a population's base model (see :class:`_MembersAsChannels`)."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MembersAsChannels.apply(x, self.pool)
+
+
+_CHANNELWISE_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+
+
 @dataclass
 class Member:
     """Hyperparameters of one population member."""
@@ -103,13 +152,16 @@ class Population:
     params: dict
     buffers: dict
     opt_state: dict = field(default_factory=dict)  # Adam moments "m", "v" (m is SGD's momentum), each [N, D]
-    convolutional: bool = False  # the architecture has convolutions (see _members_inner)
+    channels_last: bool = False  # inputs with the member axis innermost (see _members_inner); set for conv nets
     step: int = 0
     columns: Optional[tuple] = None  # per-member lr, weight decay, is-Adam (see _columns)
 
     def to(self, device: torch.device | str) -> "Population":
-        """This population on ``device`` (parameters, buffers and optimizer state; train it on data there too)."""
+        """This population on ``device`` (parameters, buffers and optimizer state; train it on data there too).
+        Like ``Tensor.to``, returns ``self`` when it is already there."""
         flat = self.flat.to(device)
+        if flat is self.flat:
+            return self
         return dataclasses.replace(self, flat=flat, params=_views(flat, self.params),
                                    buffers={k: v.to(device) for k, v in self.buffers.items()},
                                    opt_state={k: v.to(device) for k, v in self.opt_state.items()}, columns=None)
@@ -139,8 +191,12 @@ def make_population(make_model: Callable[[], nn.Module], members: Sequence[Membe
         raise ValueError(f"a population needs parameters of one dtype; this model mixes them: "
                          f"{', '.join(f'{k!r} is {d}' for d, k in by_dtype.items())}; convert the model with .to(dtype)")
     flat = torch.cat([v.detach().reshape(len(members), -1) for v in params.values()], 1)
-    convolutional = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in base.modules())
-    return Population(base, list(members), flat, _views(flat, params), buffers, convolutional=convolutional)
+    channels_last = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in base.modules())
+    pools = [(parent, name, child) for parent in base.modules() for name, child in parent.named_children()
+             if type(child) in _CHANNELWISE_POOLS and not getattr(child, "return_indices", False)]
+    for parent, name, child in pools:  # no parameters or buffers: the state_dict keys stay the same
+        setattr(parent, name, _PoolMembersAsChannels(child))
+    return Population(base, list(members), flat, _views(flat, params), buffers, channels_last=channels_last)
 
 
 def _views(flat: torch.Tensor, like: dict) -> dict:
@@ -216,16 +272,22 @@ def _forward(pop: Population, x: torch.Tensor, same_input: bool, train: bool, pa
     if params is None:
         params = {k: v[members] for k, v in pop.params.items()}
     buffers = {k: v[members] for k, v in pop.buffers.items()}
-    if pop.convolutional and not same_input:
-        x = _members_inner(x)
 
-    def one(params, buffers, xb):
-        return functional_call(pop.base, (params, buffers), (xb,))
+    def run(x):
+        def one(params, buffers, xb):
+            return functional_call(pop.base, (params, buffers), (xb,))
 
-    with warnings.catch_warnings():
-        # channels-last adaptive pooling takes vmap's per-member fallback for as_strided_: correct, and cheap here
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-        return vmap(one, in_dims=(0, 0, None if same_input else 0), randomness="different")(params, buffers, x)
+        with warnings.catch_warnings():
+            # functional channels-last adaptive pooling takes vmap's per-member fallback for as_strided_: correct
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            return vmap(one, in_dims=(0, 0, None if same_input else 0), randomness="different")(params, buffers, x)
+
+    if pop.channels_last and not same_input:
+        try:
+            return run(_members_inner(x))
+        except RuntimeError:  # e.g. ``.view`` of a channels-last activation: keep the default layout from now on
+            pop.channels_last = False
+    return run(x)
 
 
 def _columns(pop: Population, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,7 +311,8 @@ def _update(pop: Population, members: slice, grad: torch.Tensor) -> None:
     p, m, v = pop.flat[members], pop.opt_state["m"][members], pop.opt_state["v"][members]
     m.mul_(0.9).add_(torch.where(adam, 0.1 * grad, grad))
     v.copy_(torch.where(adam, 0.999 * v + 0.001 * grad * grad, v))
-    adam_step = (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    eps = max(1e-8, torch.finfo(p.dtype).tiny)  # 1e-8 is 0 in half precision: 0 / 0 for a zero gradient
+    adam_step = (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + eps)
     p.mul_(1 - lr * wd).sub_(lr * torch.where(adam, adam_step, m))
 
 
@@ -259,18 +322,20 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
     """Cross-entropy training of every member on its own subset (``train_fraction``) and its own batch order.
 
     A member's subset comes from its ``seed``, its batch order from ``(seed, member.seed)``, and an epoch is
-    ``ceil(len(x) / batch_size)`` steps for everyone (a smaller subset is cycled), so a member trains the same alone
-    or in any population.
+    ``ceil(len(x) / batch_size)`` steps for everyone (a smaller subset is cycled), so a member without dropout trains
+    the same alone or in any population.
 
     ``on_epoch(epoch, pop)`` is called after each epoch (1-based), e.g. to evaluate and save checkpoints.
 
     Each step runs the members in blocks of ``block_size`` (forward, backward, update); the result does not depend on
-    it. On CPU the default keeps every module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them
+    it, except through dropout: masks come from the global RNG in block order, so with dropout a member's training
+    depends on its population and blocks (and is reproducible for the same ones). On CPU the default keeps every module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them
     in one block ran 1.6x slower per network, as their activations no longer fit the allocator's reuse and the
     caches. On other devices all members form one block.
     """
     n = len(pop.members)
-    _prime_allocator()
+    if pop.flat.device.type == "cpu":
+        _prime_allocator()
     if block_size is None:
         block_size = _block_size(pop, x[:batch_size], train=True)
     elif block_size < 1:
@@ -300,7 +365,7 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
                 params = {k: v[members].detach().requires_grad_(True) for k, v in pop.params.items()}
                 out = _forward(pop, x[ib], same_input=False, train=True, params=params, members=members)
                 loss = F.cross_entropy(out.flatten(0, 1), y[ib].flatten(), reduction="sum") / batch_size
-                grads = torch.autograd.grad(loss, list(params.values()))
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True)
                 _update(pop, members, torch.cat([g.reshape(len(g), -1) for g in grads], 1))
         if on_epoch is not None:
             on_epoch(epoch, pop)
@@ -312,8 +377,11 @@ def evaluate_population(pop: Population, x: torch.Tensor, y: torch.Tensor, batch
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per member: mean cross-entropy and accuracy on ``(x, y)`` (eval mode), each ``[N]``."""
     n = len(pop.members)
-    loss, correct = torch.zeros(n, device=pop.flat.device), torch.zeros(n, device=pop.flat.device)
-    _prime_allocator()
+    acc_dtype = torch.promote_types(pop.flat.dtype, torch.float32)
+    loss = torch.zeros(n, dtype=acc_dtype, device=pop.flat.device)
+    correct = torch.zeros(n, dtype=acc_dtype, device=pop.flat.device)
+    if pop.flat.device.type == "cpu":
+        _prime_allocator()
     block = _block_size(pop, x[:batch_size], train=False)
     for a in range(0, n, block):
         members = slice(a, a + block)
