@@ -7,10 +7,9 @@ buffers of :class:`MixedActivation` and :class:`MemberDropout`, so one vmapped g
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -162,7 +161,7 @@ class Population:
         flat = self.flat.to(device)
         if flat is self.flat:
             return self
-        return dataclasses.replace(self, flat=flat, params=_views(flat, self.params),
+        return replace(self, flat=flat, params=_views(flat, self.params),
                                    buffers={k: v.to(device) for k, v in self.buffers.items()},
                                    opt_state={k: v.to(device) for k, v in self.opt_state.items()}, columns=None)
 
@@ -217,7 +216,7 @@ _BLOCK_BYTES = 8 << 20
 _primed = False
 
 
-def _prime_allocator() -> None:
+def _prime_allocator(device: torch.device) -> None:
     """Let glibc keep freed blocks of up to 30 MB in its heap rather than unmapping them.
 
     glibc maps large allocations with mmap and unmaps them on free, so every step page-faults its activations in
@@ -226,7 +225,7 @@ def _prime_allocator() -> None:
     block once per process. Steps of 64 digits CNNs ran 1.3x faster. With other allocators it changes nothing.
     """
     global _primed
-    if not _primed:
+    if device.type == "cpu" and not _primed:
         torch.empty(30 << 20, dtype=torch.uint8)
         _primed = True
 
@@ -290,13 +289,13 @@ def _forward(pop: Population, x: torch.Tensor, same_input: bool, train: bool, pa
     return run(x)
 
 
-def _columns(pop: Population, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _columns(pop: Population) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-member ``lr``, ``weight_decay`` and is-Adam as ``[N]`` vectors (built once per population)."""
     if pop.columns is None:
         pop.columns = (
-            torch.tensor([m.lr for m in pop.members], dtype=like.dtype, device=like.device),
-            torch.tensor([m.weight_decay for m in pop.members], dtype=like.dtype, device=like.device),
-            torch.tensor([m.optimizer == "adam" for m in pop.members], device=like.device))
+            torch.tensor([m.lr for m in pop.members], dtype=pop.flat.dtype, device=pop.flat.device),
+            torch.tensor([m.weight_decay for m in pop.members], dtype=pop.flat.dtype, device=pop.flat.device),
+            torch.tensor([m.optimizer == "adam" for m in pop.members], device=pop.flat.device))
     return pop.columns
 
 
@@ -305,7 +304,7 @@ def _update(pop: Population, members: slice, grad: torch.Tensor) -> None:
     """One optimizer step (number ``pop.step``) for the members in ``members`` with gradient ``grad`` ``[n, D]``
     (``pop.flat``'s layout): Adam or SGD with momentum 0.9, decoupled weight decay, in place."""
     t = pop.step
-    lr, wd, adam = (c[members, None] for c in _columns(pop, pop.flat))
+    lr, wd, adam = (c[members, None] for c in _columns(pop))
     if not pop.opt_state:
         pop.opt_state = {"m": torch.zeros_like(pop.flat), "v": torch.zeros_like(pop.flat)}
     p, m, v = pop.flat[members], pop.opt_state["m"][members], pop.opt_state["v"][members]
@@ -334,8 +333,7 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
     caches. On other devices all members form one block.
     """
     n = len(pop.members)
-    if pop.flat.device.type == "cpu":
-        _prime_allocator()
+    _prime_allocator(pop.flat.device)
     if block_size is None:
         block_size = _block_size(pop, x[:batch_size], train=True)
     elif block_size < 1:
@@ -380,8 +378,7 @@ def evaluate_population(pop: Population, x: torch.Tensor, y: torch.Tensor, batch
     acc_dtype = torch.promote_types(pop.flat.dtype, torch.float32)
     loss = torch.zeros(n, dtype=acc_dtype, device=pop.flat.device)
     correct = torch.zeros(n, dtype=acc_dtype, device=pop.flat.device)
-    if pop.flat.device.type == "cpu":
-        _prime_allocator()
+    _prime_allocator(pop.flat.device)
     block = _block_size(pop, x[:batch_size], train=False)
     for a in range(0, n, block):
         members = slice(a, a + block)
