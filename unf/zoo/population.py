@@ -187,8 +187,9 @@ def make_population(make_model: Callable[[], nn.Module], members: Sequence[Membe
     for k, v in params.items():
         by_dtype.setdefault(str(v.dtype), k)
     if len(by_dtype) > 1:
-        raise ValueError(f"a population needs parameters of one dtype; this model mixes them: "
-                         f"{', '.join(f'{k!r} is {d}' for d, k in by_dtype.items())}; convert the model with .to(dtype)")
+        mixed = ", ".join(f"{k!r} is {d}" for d, k in by_dtype.items())
+        raise ValueError(f"a population needs parameters of one dtype; this model mixes them: {mixed}; convert the "
+                         "model with .to(dtype)")
     flat = torch.cat([v.detach().reshape(len(members), -1) for v in params.values()], 1)
     channels_last = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in base.modules())
     pools = [(parent, name, child) for parent in base.modules() for name, child in parent.named_children()
@@ -328,9 +329,10 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
 
     Each step runs the members in blocks of ``block_size`` (forward, backward, update); the result does not depend on
     it, except through dropout: masks come from the global RNG in block order, so with dropout a member's training
-    depends on its population and blocks (and is reproducible for the same ones). On CPU the default keeps every module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them
-    in one block ran 1.6x slower per network, as their activations no longer fit the allocator's reuse and the
-    caches. On other devices all members form one block.
+    depends on its population and blocks (and is reproducible for the same ones). On CPU the default keeps every
+    module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them in one block ran 1.6x slower per
+    network, as their activations no longer fit the allocator's reuse and the caches. On other devices all members
+    form one block.
     """
     n = len(pop.members)
     _prime_allocator(pop.flat.device)
