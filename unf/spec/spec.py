@@ -118,6 +118,18 @@ class WeightSpaceSpec(Mapping[str, TensorSpec]):
         """Entries that weight-space models see (integer buffers left out)."""
         return [k for k, t in self._tensors.items() if t.floating]
 
+    def subset(self, names: Sequence[str]) -> "WeightSpaceSpec":
+        """The spec of the tensors ``names`` alone (in that order), keeping only the groups they use.
+
+        The parameters-only spec of a model is ``spec.subset(dict(model.named_parameters()))``: buffers and tied
+        duplicates (which ``named_parameters`` lists once) drop out."""
+        unknown = [n for n in names if n not in self._tensors]
+        if unknown:
+            raise KeyError(f"subset: tensors {unknown} are not in the spec (it has {list(self._tensors)[:8]}...)")
+        tensors = {n: self._tensors[n] for n in names}
+        used = dict.fromkeys(g for t in tensors.values() for g in t.groups)
+        return WeightSpaceSpec({g: n for g, n in self.groups.items() if g in used}, tensors)
+
     def __eq__(self, other) -> bool:
         return (isinstance(other, WeightSpaceSpec) and self.groups == other.groups
                 and self._tensors == other._tensors)

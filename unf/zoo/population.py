@@ -316,9 +316,28 @@ def _update(pop: Population, members: slice, grad: torch.Tensor) -> None:
     p.mul_(1 - lr * wd).sub_(lr * torch.where(adam, adam_step, m))
 
 
+def member_grads(pop: Population, x: torch.Tensor, y: torch.Tensor, members: slice = slice(None),
+                 params: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the members in ``members`` on their batches and its gradient.
+
+    ``x``: ``[n, B, *features]`` (one batch per member) or ``[B, *features]`` (one batch for all); ``y`` likewise.
+    ``params``: name -> ``[n, *shape]`` (default: the members' own). Returns the losses ``[n]`` (detached) and the
+    gradients ``[n, D]`` in ``pop.flat``'s layout."""
+    if params is None:
+        params = {k: v[members] for k, v in pop.params.items()}
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    same = y.dim() == 1
+    out = _forward(pop, x, same_input=same, train=True, params=params, members=members)
+    yy = y.expand(out.shape[0], -1) if same else y
+    losses = F.cross_entropy(out.transpose(1, 2), yy, reduction="none").mean(1)  # [n]
+    grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True, materialize_grads=True)
+    return losses.detach(), torch.cat([g.reshape(len(g), -1) for g in grads], 1)
+
+
 def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 64,
                      seed: int = 0, on_epoch: Optional[Callable[[int, Population], None]] = None,
-                     progress: bool = False, block_size: Optional[int] = None) -> Population:
+                     progress: bool = False, block_size: Optional[int] = None,
+                     update: Optional[Callable[[Population, slice, torch.Tensor], None]] = None) -> Population:
     """Cross-entropy training of every member on its own subset (``train_fraction``) and its own batch order.
 
     A member's subset comes from its ``seed``, its batch order from ``(seed, member.seed)``, and an epoch is
@@ -333,8 +352,12 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
     module output of a block under 8 MB (64 digits CNNs at batch 64): 256 of them in one block ran 1.6x slower per
     network, as their activations no longer fit the allocator's reuse and the caches. On other devices all members
     form one block.
+
+    ``update(pop, members, grad)`` replaces the members' optimizer step (default: their Adam or SGD; ``grad`` is
+    ``[n, D]`` in ``pop.flat``'s layout, ``pop.step`` the step number): a learned optimizer plugs in here.
     """
     n = len(pop.members)
+    update = _update if update is None else update
     _prime_allocator(pop.flat.device)
     if block_size is None:
         block_size = _block_size(pop, x[:batch_size], train=True)
@@ -362,11 +385,8 @@ def train_population(pop: Population, x: torch.Tensor, y: torch.Tensor, epochs: 
             pop.step += 1
             for a in range(0, n, block_size):
                 members, ib = slice(a, a + block_size), idx[a:a + block_size]
-                params = {k: v[members].detach().requires_grad_(True) for k, v in pop.params.items()}
-                out = _forward(pop, x[ib], same_input=False, train=True, params=params, members=members)
-                loss = F.cross_entropy(out.flatten(0, 1), y[ib].flatten(), reduction="sum") / batch_size
-                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True)
-                _update(pop, members, torch.cat([g.reshape(len(g), -1) for g in grads], 1))
+                _, grad = member_grads(pop, x[ib], y[ib], members)
+                update(pop, members, grad)
         if on_epoch is not None:
             on_epoch(epoch, pop)
     return pop

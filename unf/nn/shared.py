@@ -1,0 +1,226 @@
+"""Equivariant layers whose parameters fit *every* spec: coefficients shared by the kind of basis term.
+
+``UNFLinear`` stores one coefficient matrix per (output piece, term), so a trained layer serves one architecture.
+Here each basis term is described by a short, model-independent *descriptor* (how the two tensors relate, how many
+blocks the term carries, reduces and broadcasts, and how many of those are pseudo-groups, ...; see
+:func:`term_descriptor`), and a small hypernetwork maps a descriptor to the term's ``[C_out, C_in]`` coefficients.
+The parameters are those of the hypernetwork alone: their number does not depend on the model, and a layer trained on
+MLPs runs on CNNs, RNNs or transformers.
+
+Fixed axes: every fixed axis is a pseudo-group (``fold_max=0``), without positional tables, so no parameter depends
+on an axis size. Terms with equal descriptors that land in the same output piece are *averaged* (not summed), so the
+scale of the output does not grow with the number of neighbours a tensor has.
+
+Exactly equivariant: the coefficients are constants of the layer (they do not depend on the input), each term is a
+basis element of the equivariant maps of :mod:`unf.nn.basis`, and a sum or mean of such terms is equivariant.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+import torch.nn as nn
+
+from ..spec import WeightSpaceSpec
+from ..weights import WeightSpace
+from .basis import Plan, embed
+from .layout import Layout
+from .linear import _Reductions
+
+BASES = ("unf", "deepsets", "pointwise")
+RELATIONS = ("self", "same-tensor", "other", "bias")
+NUM_DESCRIPTOR_FEATURES = len(RELATIONS) + 11
+
+
+def term_descriptor(plan: Plan, q: int, red_id: int, emb, reorder: tuple) -> tuple:
+    """Model-independent description of one basis term of ``plan``: output piece ``q``, input reduction ``red_id``,
+    output embedding ``emb`` and ``reorder`` (which kept input block feeds each carried output block)."""
+    red = plan.reductions[red_id]
+    out_p = plan.out_pieces[q]
+    out_labels = out_p.kept_labels
+    if red.source < 0:
+        relation, in_labels = "bias", ()
+    else:
+        in_p = plan.in_pieces[red.source]
+        in_labels = in_p.kept_labels
+        relation = "self" if red.source == q else "same-tensor" if in_p.tensor == out_p.tensor else "other"
+    pseudo = lambda lab: lab.startswith("~")  # noqa: E731
+    carried = [b for b, k in zip(red.blocks, red.kept) if k]
+    reduced = [b for b, k in zip(red.blocks, red.kept) if not k]
+    bcast = sorted({j for kind, j in emb.axes if kind == "b"})
+    bcast_labels = [out_labels[emb.axes.index(("b", j))] for j in bcast]
+    # carried blocks whose first input axis lands on the same output axis (row to row, column to column)
+    aligned = sum(emb.axes.index(("k", j)) == carried[reorder[j]][0] for j in range(len(carried)))
+    return (relation, len(out_labels), len(in_labels), len(carried), len(reduced), len(bcast),
+            sum(pseudo(in_labels[b[0]]) for b in carried), sum(pseudo(in_labels[b[0]]) for b in reduced),
+            sum(pseudo(lab) for lab in bcast_labels),
+            int(any(len(b) > 1 for b in red.blocks)), int(emb.diagonal), aligned)
+
+
+def descriptor_features(desc: tuple) -> list[float]:
+    """A descriptor as ``NUM_DESCRIPTOR_FEATURES`` numbers: one-hot relation, then counts scaled to about [0, 1]."""
+    return [float(desc[0] == r) for r in RELATIONS] + [v / 4.0 for v in desc[1:]]
+
+
+def _in_basis(desc: tuple, basis: str) -> bool:
+    relation, _, _, carried, reduced, bcast, *_, diag_in, diag_out, _aligned = desc
+    if diag_in or diag_out:
+        return basis == "unf"
+    identity = relation == "self" and reduced == 0 and bcast == 0
+    constant = relation == "bias" and carried == 0
+    if basis == "pointwise":
+        return identity or (constant and bcast == desc[1])
+    if basis == "deepsets":  # per tensor: the entry itself, the tensor's mean, a constant
+        whole_mean = relation == "self" and carried == 0 and bcast == desc[1] and not diag_in
+        return identity or constant and bcast == desc[1] or whole_mean
+    return True
+
+
+@dataclass
+class _OutGroup:
+    embedding: object
+    inputs: list  # (reduction id, reorder)
+    start: int  # this group's terms are terms start..stop of the plan (see SharedPlan.term_desc)
+    stop: int
+
+
+class SharedPlan:
+    """The basis of one spec compiled for :class:`SharedUNFLinear`: pieces, reductions, and per output piece the
+    embedding groups with each term's descriptor id. Build once per spec (``SharedPlan(spec, basis)``)."""
+
+    def __init__(self, spec: WeightSpaceSpec, basis: str = "unf"):
+        if basis not in BASES:
+            raise ValueError(f"basis {basis!r}: choose from {BASES}")
+        self.layout = Layout(spec, fold_max=0)
+        plan = Plan(self.layout.pieces, self.layout.pieces, bias=True)
+        self.reductions = plan.reductions
+        descs: dict[tuple, int] = {}
+        self.groups: list[list[_OutGroup]] = []
+        term_desc, term_scale = [], []
+        for q, groups in enumerate(plan.groups):
+            terms = []  # (group index, red id, reorder, descriptor id)
+            for gi, g in enumerate(groups):
+                for r, reorder in g.inputs:
+                    d = term_descriptor(plan, q, r, g.embedding, reorder)
+                    if _in_basis(d, basis):
+                        terms.append((gi, r, reorder, descs.setdefault(d, len(descs))))
+            count = {}
+            for t in terms:
+                count[t[3]] = count.get(t[3], 0) + 1
+            fan = math.sqrt(max(1, len(count)))
+            out = []
+            for gi, g in enumerate(groups):
+                mine = [t for t in terms if t[0] == gi]
+                if mine:
+                    out.append(_OutGroup(g.embedding, [(r, ro) for _, r, ro, _ in mine], len(term_desc),
+                                         len(term_desc) + len(mine)))
+                    term_desc += [d for *_, d in mine]
+                    term_scale += [1.0 / count[d] / fan for *_, d in mine]
+            self.groups.append(out)
+        self.descriptors = list(descs)
+        self.features = torch.tensor([descriptor_features(d) for d in self.descriptors])  # [U, F]
+        self.term_desc = torch.tensor(term_desc, dtype=torch.long)  # [T]: descriptor id of every term
+        self.term_scale = torch.tensor(term_scale, dtype=torch.float64)  # [T]: 1 / (same-descriptor terms) / sqrt(fan)
+        self._on: dict = {}
+
+    def tensors(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``features``, ``term_desc`` and ``term_scale`` on ``device`` (cached: moved once)."""
+        key = (str(device), dtype)
+        if key not in self._on:
+            self._on[key] = (self.features.to(device, dtype), self.term_desc.to(device),
+                             self.term_scale.to(device, dtype))
+        return self._on[key]
+
+
+class SharedUNFLinear(nn.Module):
+    """Equivariant linear map ``WeightSpace[B, in_channels] -> WeightSpace[B, out_channels]`` for any spec.
+
+    ``forward(ws, plan)`` with a :class:`SharedPlan` of ``ws.spec`` (same ``basis``). The hypernetwork
+    ``descriptor -> [C_out, C_in]`` has ``hyper_hidden`` tanh units. Its parameters may carry a leading batch axis of
+    the input's batch size (``torch.func.functional_call`` with stacked parameters): then every batch member has its
+    own coefficients, computed in one batched matmul (evolution strategies use this). ``zero_init`` makes the layer
+    output zero until trained.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, basis: str = "unf", hyper_hidden: int = 32,
+                 zero_init: bool = False):
+        super().__init__()
+        if basis not in BASES:
+            raise ValueError(f"basis {basis!r}: choose from {BASES}")
+        self.in_channels, self.out_channels, self.basis = in_channels, out_channels, basis
+        f = NUM_DESCRIPTOR_FEATURES
+        self.w1 = nn.Parameter(torch.randn(f, hyper_hidden) / math.sqrt(f))
+        self.b1 = nn.Parameter(torch.randn(hyper_hidden) * 0.5)
+        # each coefficient ~ N(0, 1 / in_channels) at initialisation (the tanh units have variance ~0.3-0.4)
+        std = 0.0 if zero_init else 1.0 / math.sqrt(0.35 * hyper_hidden * in_channels)
+        self.w2 = nn.Parameter(torch.randn(hyper_hidden, out_channels * in_channels) * std)
+        self.b2 = nn.Parameter(torch.zeros(out_channels * in_channels))
+
+    def coefficients(self, plan: SharedPlan) -> torch.Tensor:
+        """``[U, C_out, C_in]`` (or ``[B, U, C_out, C_in]`` with batched parameters) for the plan's descriptors."""
+        feats = plan.tensors(self.w1.device, self.w1.dtype)[0]
+        if self.w1.dim() == 3:
+            h = torch.tanh(torch.matmul(feats, self.w1) + self.b1[:, None])
+            c = torch.matmul(h, self.w2) + self.b2[:, None]
+            return c.view(c.shape[0], -1, self.out_channels, self.in_channels)
+        h = torch.tanh(feats @ self.w1 + self.b1)
+        return (h @ self.w2 + self.b2).view(-1, self.out_channels, self.in_channels)
+
+    def forward(self, ws: WeightSpace, plan: SharedPlan) -> WeightSpace:
+        if ws.channels != self.in_channels:
+            raise ValueError(f"SharedUNFLinear expects {self.in_channels} channels, got {ws.channels}")
+        layout, b, cout = plan.layout, ws.batch_size, self.out_channels
+        coef = self.coefficients(plan)
+        batched = coef.dim() == 4
+        if batched and coef.shape[0] != b:
+            raise ValueError(f"batched coefficients for {coef.shape[0]} members, but the weight space has {b}")
+        _, idx, scale = plan.tensors(coef.device, coef.dtype)
+        # every term's coefficients at once, laid out [B, C_out, T * C_in]: a group's matrix is a column slice
+        if batched:
+            wall = (coef[:, idx] * scale[:, None, None]).permute(0, 2, 1, 3).reshape(b, cout, -1)
+        else:
+            wall = (coef[idx] * scale[:, None, None]).permute(1, 0, 2).reshape(1, cout, -1).expand(b, -1, -1)
+        cin = self.in_channels
+        xs = [layout.extract(p, ws[p.tensor]) for p in layout.pieces]
+        reduced = _Reductions(xs, plan.reductions, xs[0].new_ones(b, self.in_channels))  # bias: [C_out, C_in] @ 1
+        blocks = []
+        for q, groups in enumerate(plan.groups):
+            sizes = layout.pieces[q].kept_sizes
+            full = tuple(("k", j) for j in range(len(sizes)))
+            terms, main = [], None
+            for g in groups:
+                parts = [_reordered(reduced[r], ro) for r, ro in g.inputs]
+                x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+                w = wall[:, :, g.start * cin:g.stop * cin]
+                x = x.reshape(b, x.shape[1], -1)
+                if g.embedding.axes == full:
+                    main = (w, x)  # full-size term: one baddbmm adds it to the sum of the others
+                    continue
+                y = torch.bmm(w, x)
+                terms.append(embed(y.view(b, cout, *parts[0].shape[2:]), g.embedding, sizes))
+            terms.sort(key=lambda t: t.numel())  # add the small broadcast terms first, the full-size ones last
+            acc = terms[0] if terms else None
+            for t in terms[1:]:
+                acc = acc + t
+            if main is not None:
+                w, x = main
+                acc = torch.bmm(w, x) if acc is None else torch.baddbmm(
+                    acc.expand(b, cout, *sizes).reshape(b, cout, -1), w, x)
+                acc = acc.view(b, cout, *sizes)
+            if acc is None:
+                acc = xs[q].new_zeros(b, cout, *([1] * len(sizes)))
+            blocks.append(acc.expand(b, cout, *sizes))
+        out = {n: layout.insert(n, [blocks[i] for i in layout.by_tensor[n]], cout) for n in layout.spec.float_names}
+        return WeightSpace(layout.spec, out, ws.extras)
+
+
+def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:
+    return y if reorder == tuple(range(len(reorder))) else y.permute(0, 1, *[i + 2 for i in reorder])
+
+
+def tensor_rms_normalize(ws: WeightSpace, eps: float = 1e-12) -> WeightSpace:
+    """Each tensor and channel divided by its root mean square over the tensor's entries (invariant scale)."""
+    return ws.map(lambda t: t / (t.flatten(2).pow(2).mean(2).add(eps).sqrt().view(*t.shape[:2], *[1] * (t.dim() - 2))))
+
+
+__all__ = ["BASES", "SharedPlan", "SharedUNFLinear", "term_descriptor", "tensor_rms_normalize"]

@@ -1,0 +1,313 @@
+"""Meta-training learned rules with evolution strategies over truncated unrolls of batched inner tasks.
+
+One outer step: draw antithetic perturbations ``theta +- sigma * eps_i`` of the rule's flat meta-parameters, run an
+unroll of ``unroll`` inner steps for every perturbation at once (the inner networks are a
+:class:`~unf.zoo.population.Population` with one member per perturbation; the rule runs on all members in one batched
+call with stacked meta-parameters), and estimate the meta-gradient from the meta-losses:
+
+* ``"es"``: antithetic ES on the truncation; all members restart each truncation from the unperturbed member's state.
+* ``"pes"``: Persistent ES (Vicol et al. 2021): every member keeps its own inner state and the noise it has seen since
+  the task began, which removes the truncation bias.
+
+Meta-loss: the mean over the unroll of the training loss divided by the task's initial loss, clipped at ``loss_clip``
+(non-finite values count as the clip). Outer optimizer: Adam with gradient-norm clipping.
+
+Tasks (:func:`sample_task`): MLPs with 1-3 hidden layers of width 16-128 and a random activation, on digits, iris or
+wine (never breast cancer), random batch size, initialisation scale and horizon (log-uniform up to ``max_horizon``).
+
+Under ``torchrun`` the perturbation pairs are split over ranks and the gradient is summed with ``all_reduce``: the
+result equals one process's for the same seed, up to float rounding.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parameters_to_vector
+
+from ..weights import WeightSpace
+from .rule import LearnedRule, RuleConfig, init_state, step_direction
+
+DATASETS = ("digits-flat", "iris", "wine")
+ACTIVATIONS = ("relu", "tanh", "gelu")
+
+
+@dataclass
+class MetaConfig:
+    """Settings of a meta-training run (stored in its checkpoints)."""
+    steps: int = 2000  # outer steps
+    pairs: int = 8  # antithetic pairs per outer step
+    sigma: float = 0.01
+    unroll: int = 10
+    max_horizon: int = 200
+    estimator: str = "pes"
+    outer_lr: float = 3e-3
+    grad_clip: float = 1.0
+    loss_clip: float = 2.0
+    seed: int = 0
+    rule: dict = field(default_factory=dict)  # RuleConfig fields
+
+    def __post_init__(self):
+        if self.estimator not in ("es", "pes"):
+            raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
+        if self.unroll < 1 or self.max_horizon < self.unroll:
+            raise ValueError(f"unroll {self.unroll} must be >= 1 and <= max_horizon {self.max_horizon}")
+
+
+@dataclass
+class Task:
+    """One inner problem: an MLP on a dataset, trained for ``horizon`` steps."""
+    dataset: str
+    widths: tuple
+    activation: str
+    batch_size: int
+    init_scale: float
+    horizon: int
+    seed: int
+
+    def make_model(self, in_features: int, classes: int) -> nn.Module:
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[self.activation]
+        layers, width = [], in_features
+        for w in self.widths:
+            layers += [nn.Linear(width, w), act()]
+            width = w
+        return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+def sample_task(gen: torch.Generator, cfg: MetaConfig) -> Task:
+    u = lambda: torch.rand((), generator=gen).item()  # noqa: E731
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=gen))]  # noqa: E731
+    depth = 1 + int(torch.randint(3, (), generator=gen))
+    widths = tuple(int(round(math.exp(math.log(16) + u() * math.log(128 / 16)))) for _ in range(depth))
+    lo, hi = math.log(cfg.unroll), math.log(cfg.max_horizon)
+    horizon = cfg.unroll * max(1, round(math.exp(lo + u() * (hi - lo)) / cfg.unroll))
+    return Task(pick(DATASETS), widths, pick(ACTIVATIONS), pick((16, 32, 64, 128)),
+                math.exp(math.log(0.5) + u() * math.log(4.0)), horizon, int(torch.randint(2 ** 31, (), generator=gen)))
+
+
+def es_gradient(loss_pos: torch.Tensor, loss_neg: torch.Tensor, directions: torch.Tensor, sigma: float,
+                total_pairs: int) -> torch.Tensor:
+    """Antithetic estimate of the meta-gradient: ``sum_i (L(+) - L(-)) dir_i / (2 sigma N)``.
+
+    ``loss_pos``/``loss_neg``: ``[k]`` for this process's pairs; ``directions``: ``[k, D]`` (the noise ``eps_i``, or
+    for PES the noise accumulated over the task); ``total_pairs``: ``N`` over all processes (their sums add up)."""
+    return ((loss_pos - loss_neg)[:, None] * directions).sum(0) / (2 * sigma * total_pairs)
+
+
+def _noise(cfg: MetaConfig, step: int, pair: int, dim: int) -> torch.Tensor:
+    """The pair's perturbation direction: the same on every rank (seeded by run seed, outer step and pair)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 10_007 + pair)
+    return torch.randn(dim, generator=g)
+
+
+class _Inner:
+    """The inner training state of one task: ``n`` members (last: unperturbed), their optimizer state and noise."""
+
+    def __init__(self, task: Task, cfg: MetaConfig, rule: LearnedRule, n_pairs: int, dim: int):
+        from .. import data, spec_from_module
+        from ..zoo.population import Member, make_population
+
+        self.task, self.t = task, 0
+        split = data.load(task.dataset)
+        self.x, self.y = split.x_train, split.y_train
+        classes = int(self.y.max()) + 1
+        n = 2 * n_pairs + 1
+        make = lambda: task.make_model(self.x.shape[1], classes)  # noqa: E731
+        self.pop = make_population(make, [Member(seed=task.seed, init_scale=task.init_scale)] * n)
+        model = make()
+        self.spec = spec_from_module(model, self.x[:1])
+        self.spec = self.spec.subset(dict(model.named_parameters()))
+        self.plan = rule.plan(self.spec)
+        self.state = init_state(self._ws(self.pop.flat), len(rule.config.decays))
+        self.xi = torch.zeros(n_pairs, dim)  # PES: accumulated noise per pair
+        self.gen = torch.Generator().manual_seed(task.seed)
+        self.loss0: Optional[float] = None
+
+    def _ws(self, flat: torch.Tensor) -> WeightSpace:
+        out, start = {}, 0
+        for name in self.spec.float_names:
+            size = math.prod(self.spec[name].shape)
+            out[name] = flat[:, start:start + size].reshape(flat.shape[0], 1, *self.spec[name].shape)
+            start += size
+        return WeightSpace(self.spec, out)
+
+    def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float) -> torch.Tensor:
+        """Run ``steps`` inner steps; the members' mean normalised training loss ``[n]``."""
+        from ..zoo.population import member_grads
+
+        total = torch.zeros(self.pop.flat.shape[0])
+        for _ in range(steps):
+            idx = torch.randint(len(self.x), (self.task.batch_size,), generator=self.gen)
+            losses, grad = member_grads(self.pop, self.x[idx], self.y[idx])
+            if self.loss0 is None:
+                self.loss0 = float(losses[-1])
+            self.t += 1
+            with torch.no_grad():
+                direction, self.state = step_direction(rule, self.plan, self._ws(self.pop.flat), self._ws(grad),
+                                                       self.state, self.t, params=stacked)
+                self.pop.flat.sub_(torch.cat([direction[n].flatten(1) for n in self.spec.float_names], 1))
+                bad = ~torch.isfinite(self.pop.flat).all(1)
+                if bad.any():  # a diverged member stays diverged: its losses count as the clip from here on
+                    self.pop.flat[bad] = torch.nan
+            norm = (losses / self.loss0).nan_to_num(loss_clip, loss_clip, loss_clip).clamp(0, loss_clip)
+            total += norm
+        return total / steps
+
+    def sync_to_mean(self) -> None:
+        """ES: every member restarts from the unperturbed member's state."""
+        with torch.no_grad():
+            self.pop.flat.copy_(self.pop.flat[-1:].expand_as(self.pop.flat))
+            for key in ("m", "v"):
+                for n in self.spec.float_names:
+                    t = self.state[key][n]
+                    t.copy_(t[-1:].expand_as(t))
+
+
+def init_distributed(device: str = "cpu") -> bool:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on CUDA); False when run alone."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional[LearnedRule] = None,
+               progress: bool = False, checkpoint_every: int = 10, log=None) -> tuple[LearnedRule, list[dict]]:
+    """Meta-train a rule (``rule`` or a new one from ``cfg.rule``); checkpoints to ``out`` and resumes from there.
+
+    Returns the rule and the per-step log (``{"step", "meta_loss", "grad_norm", "task", "seconds"}``). At the end
+    ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads."""
+    dist, rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    rule = rule if rule is not None else LearnedRule(RuleConfig(**cfg.rule))
+    names = [n for n, _ in rule.named_parameters()]
+    shapes = [p.shape for p in rule.parameters()]
+    theta = parameters_to_vector(rule.parameters()).detach().clone()
+    opt = torch.optim.Adam([theta.requires_grad_(False)], lr=cfg.outer_lr)
+    history: list[dict] = []
+    start = 0
+    out = Path(out) if out is not None else None
+    if out is not None and (out / "checkpoint.safetensors").is_file():
+        history = load_checkpoint(out, cfg, theta, opt)
+        start = len(history)
+    saved = start
+    my_pairs = list(range(rank, cfg.pairs, world))
+    task_gen = torch.Generator()
+    inner: Optional[_Inner] = None
+    steps_iter = range(start, cfg.steps)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        steps_iter = tqdm(steps_iter, desc="meta-training", unit="step", initial=start, total=cfg.steps)
+    for step in steps_iter:
+        t0 = time.perf_counter()
+        if inner is None or inner.t >= inner.task.horizon:
+            task_gen.manual_seed(cfg.seed * 7919 + step)  # a task depends only on (seed, step it starts at)
+            inner = _Inner(sample_task(task_gen, cfg), cfg, rule, len(my_pairs), theta.numel())
+        eps = torch.stack([_noise(cfg, step, i, theta.numel()) for i in my_pairs]) if my_pairs else \
+            theta.new_zeros(0, theta.numel())
+        signs = torch.cat([torch.ones(len(my_pairs)), -torch.ones(len(my_pairs)), torch.zeros(1)])
+        pert = torch.cat([eps, eps, theta.new_zeros(1, theta.numel())])
+        flat = theta[None] + cfg.sigma * signs[:, None] * pert  # [n, D]
+        stacked, i = {}, 0
+        for name, shape in zip(names, shapes):
+            size = math.prod(shape)
+            stacked[name] = flat[:, i:i + size].reshape(-1, *shape)
+            i += size
+        if cfg.estimator == "pes":
+            inner.xi += eps
+            direction = inner.xi
+        else:
+            direction = eps
+        losses = inner.unroll(rule, stacked, cfg.unroll, cfg.loss_clip)
+        k = len(my_pairs)
+        grad = es_gradient(losses[:k], losses[k:2 * k], direction, cfg.sigma, cfg.pairs)
+        if cfg.estimator == "es":
+            inner.sync_to_mean()
+        if dist is not None:
+            dist.all_reduce(grad)
+        gnorm = grad.norm()
+        if gnorm > cfg.grad_clip:
+            grad = grad * (cfg.grad_clip / gnorm)
+        theta.grad = grad
+        opt.step()
+        theta.grad = None
+        history.append({"step": step + 1, "meta_loss": float(losses[-1]), "grad_norm": float(gnorm),
+                        "task": asdict(inner.task), "seconds": time.perf_counter() - t0})
+        if log is not None:
+            log(history[-1])
+        done = inner.t >= inner.task.horizon
+        if out is not None and rank == 0 and done and (step + 1 - saved >= checkpoint_every or step + 1 == cfg.steps):
+            save_checkpoint(out, cfg, theta, opt, history)
+            saved = step + 1
+    _assign(rule, theta)
+    if out is not None and rank == 0:
+        rule.save(out / "rule.safetensors")
+    return rule, history
+
+
+def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam, history: list) -> None:
+    """``out/checkpoint.safetensors``: meta-parameters and outer Adam state, settings and log in its metadata; written
+    atomically, at task boundaries only (a task depends on (seed, step), so a resumed run continues exactly)."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    st = opt.state.get(theta, {})
+    tensors = {"theta": theta.detach().clone()}
+    if st:
+        tensors.update(exp_avg=st["exp_avg"].clone(), exp_avg_sq=st["exp_avg_sq"].clone(),
+                       adam_step=torch.as_tensor(st["step"], dtype=torch.float64).reshape(1))
+    meta = {"config": json.dumps(asdict(cfg)), "history": json.dumps(history)}
+    atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam) -> list:
+    """Restore ``theta`` and ``opt`` from ``out``; returns the log. Refuses a checkpoint made with other settings."""
+    from safetensors import safe_open
+
+    path = out / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    same = lambda c: {k: v for k, v in c.items() if k != "steps"}  # noqa: E731 (a run may be extended)
+    if same(json.loads(meta["config"])) != same(json.loads(json.dumps(asdict(cfg)))):
+        raise ValueError(f"{path} was written with other settings ({meta['config']}); use another --out or the "
+                         "same settings to resume")
+    if tensors["theta"].shape != theta.shape:
+        raise ValueError(f"{path}: {tensors['theta'].numel()} meta-parameters, this rule has {theta.numel()}")
+    theta.copy_(tensors["theta"])
+    if "exp_avg" in tensors:
+        opt.state[theta] = {"step": torch.tensor(float(tensors["adam_step"][0])),
+                            "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}
+    return json.loads(meta["history"])
+
+
+def _assign(rule: LearnedRule, theta: torch.Tensor) -> None:
+    from torch.nn.utils import vector_to_parameters
+
+    with torch.no_grad():
+        vector_to_parameters(theta.clone(), rule.parameters())
+
+
+__all__ = ["DATASETS", "MetaConfig", "Task", "es_gradient", "init_distributed", "load_checkpoint", "meta_train", "sample_task",
+           "save_checkpoint"]

@@ -1,0 +1,180 @@
+"""``UNFOptimizer``: a ``torch.optim.Optimizer`` whose update is a learned equivariant network over the model's spec."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..spec import TensorSpec, WeightSpaceSpec
+from ..weights import WeightSpace
+from .rule import LearnedRule, step_direction
+
+DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "default.safetensors"
+# SHA-256 of the shipped file: loading "default" checks it, so a damaged or swapped file is refused
+DEFAULT_SHA256 = None
+
+
+def load_rule(weights: Union[str, Path, nn.Module, None]) -> LearnedRule:
+    """``"default"`` (the shipped meta-weights, hash-checked), a safetensors path, or a :class:`LearnedRule`."""
+    if isinstance(weights, LearnedRule):
+        return weights
+    if isinstance(weights, nn.Module):
+        raise TypeError(f"weights: expected a unf.optim.LearnedRule module, got {type(weights).__name__}")
+    if weights is None or weights == "default":
+        digest = hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest() if DEFAULT_WEIGHTS.is_file() else None
+        if digest is None or (DEFAULT_SHA256 is not None and digest != DEFAULT_SHA256):
+            raise RuntimeError(f"the shipped learned-optimizer weights {DEFAULT_WEIGHTS} are missing or damaged "
+                               f"(SHA-256 {digest}, expected {DEFAULT_SHA256}); reinstall unf")
+        return LearnedRule.load(DEFAULT_WEIGHTS)
+    return LearnedRule.load(weights)
+
+
+def _fixed_spec(tensors: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    return {n: TensorSpec(tuple(t.shape), (None,) * t.dim()) for n, t in tensors.items()}
+
+
+class UNFOptimizer(torch.optim.Optimizer):
+    """A learned optimizer: ``p <- p - lr * alpha * (adam_direction + beta * f(p, g, momenta, t))``, with ``f`` an
+    equivariant network over the model's weight space (see :mod:`unf.optim.rule`).
+
+    Args:
+        params: ``model.named_parameters()`` (names matched to ``spec``), or param groups (dicts whose ``"params"``
+            are named pairs), or plain parameters (then every tensor is treated on its own: a warning says so).
+        spec: the model's :class:`~unf.WeightSpaceSpec` (its parameters-only part is used; buffers and tied
+            duplicates drop out). Parameters it does not cover are treated as tensors whose axes are all fixed.
+        weights: ``"default"`` (meta-weights shipped in the package; nothing is downloaded), a path to a weights file
+            written by ``unf lopt meta-train`` / :meth:`LearnedRule.save`, or a :class:`LearnedRule`.
+        lr: a multiplier of the learned step size (1.0: as meta-trained); LR schedulers drive it.
+
+    ``step(closure=None, loss=None)`` returns the closure's loss (``loss`` is accepted for wrappers that pass one on).
+    Parameters without a gradient are skipped; a tensor whose gradient is not finite is skipped with a warning and its
+    state left as it was. State (momenta, step counts) follows each parameter's device and dtype.
+    """
+
+    def __init__(self, params: Iterable, spec: Optional[WeightSpaceSpec] = None,
+                 weights: Union[str, Path, nn.Module, None] = "default", lr: float = 1.0):
+        if lr < 0:
+            raise ValueError(f"lr {lr} must be >= 0")
+        groups = list(params)
+        if not groups:
+            raise ValueError("UNFOptimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        names: dict[int, str] = {}
+        plain = []
+        for gi, g in enumerate(groups):
+            g = dict(g)
+            items = list(g["params"])
+            if items and all(isinstance(it, tuple) and len(it) == 2 for it in items):
+                for n, p in items:
+                    names[id(p)] = n
+                items = [p for _, p in items]
+            else:
+                plain += items
+            g["params"] = items
+            groups[gi] = g
+        super().__init__(groups, dict(lr=lr))
+        if plain or spec is None:
+            warnings.warn("UNFOptimizer: no parameter names or no spec, so each parameter tensor is treated on its "
+                          "own (no symmetry shared between tensors); pass model.named_parameters() with spec=..., or "
+                          "use UNFOptimizer.for_model(model, example_inputs)", UserWarning, stacklevel=2)
+        k = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) not in names:
+                    names[id(p)] = f"param{k}"
+                    k += 1
+        self._names = names
+        self.spec = spec
+        if spec is not None:
+            for p in (p for g in self.param_groups for p in g["params"]):
+                n = names[id(p)]
+                if n in spec and tuple(spec[n].shape) != tuple(p.shape):
+                    raise ValueError(f"parameter {n!r} has shape {tuple(p.shape)} but the spec says "
+                                     f"{tuple(spec[n].shape)}: is the spec for this model?")
+        self.rule = load_rule(weights)
+        self._rules: dict = {}  # (device, dtype) -> rule copy
+        self._plans: dict = {}  # tuple of names -> (spec, plan)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, example_inputs, weights="default", **kw) -> "UNFOptimizer":
+        """Infer ``model``'s spec from ``example_inputs`` and optimise all its parameters."""
+        from ..spec import spec_from_module
+
+        return cls(model.named_parameters(), spec=spec_from_module(model, example_inputs), weights=weights, **kw)
+
+    def _plan(self, names: tuple, tensors: dict):
+        if names not in self._plans:
+            covered = [n for n in names if self.spec is not None and n in self.spec]
+            sub = self.spec.subset(covered) if covered else WeightSpaceSpec({}, {})
+            ts = {**{n: sub[n] for n in covered}, **_fixed_spec({n: tensors[n] for n in names if n not in sub})}
+            spec = WeightSpaceSpec(sub.groups, {n: ts[n] for n in names})
+            self._plans[names] = (spec, self.rule.plan(spec))
+        return self._plans[names]
+
+    def _rule_for(self, device, dtype) -> LearnedRule:
+        key = (str(device), dtype)
+        if key not in self._rules:
+            self._rules[key] = copy.deepcopy(self.rule).to(device=device, dtype=dtype).requires_grad_(False)
+        return self._rules[key]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None, loss=None):
+        out = None
+        if closure is not None:
+            with torch.enable_grad():
+                out = closure()
+        by_device: dict = {}
+        bad = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"UNFOptimizer does not support sparse gradients ({self._names[id(p)]!r})")
+                if not torch.isfinite(p.grad).all():
+                    bad.append(self._names[id(p)])
+                    continue
+                by_device.setdefault(p.device, []).append((self._names[id(p)], p, g["lr"]))
+        if bad:
+            warnings.warn(f"UNFOptimizer: non-finite gradients in {bad}; their step is skipped", RuntimeWarning,
+                          stacklevel=2)
+        for device, items in by_device.items():
+            self._step_device(device, items)
+        return out
+
+    def _step_device(self, device, items: list) -> None:
+        dtype = torch.float64 if all(p.dtype == torch.float64 for _, p, _ in items) else torch.float32
+        rule = self._rule_for(device, dtype)
+        k = len(rule.config.decays)
+        tensors = {n: p for n, p, _ in items}
+        spec, plan = self._plan(tuple(tensors), tensors)
+        states = {}
+        for n, p, _ in items:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["m"] = p.new_zeros(k, *p.shape)
+                st["v"] = torch.zeros_like(p)
+            states[n] = st
+        cast = lambda t: t.to(dtype)[None]  # noqa: E731
+        pw = WeightSpace(spec, {n: cast(p)[:, None] for n, p in tensors.items()})
+        gw = WeightSpace(spec, {n: cast(p.grad)[:, None] for n, p in tensors.items()})
+        state = {"m": WeightSpace(spec, {n: cast(st["m"]) for n, st in states.items()}),
+                 "v": WeightSpace(spec, {n: cast(st["v"])[:, None] for n, st in states.items()})}
+        t = {n: int(st["step"].item()) + 1 for n, st in states.items()}
+        direction, new = step_direction(rule, plan, pw, gw, state, t)
+        for n, p, lr in items:
+            st = states[n]
+            st["step"].fill_(t[n])
+            st["m"].copy_(new["m"][n][0])
+            st["v"].copy_(new["v"][n][0, 0])
+            p.add_(direction[n][0, 0].to(p.dtype), alpha=-lr)
+
+
+__all__ = ["DEFAULT_WEIGHTS", "UNFOptimizer", "load_rule"]
