@@ -88,14 +88,18 @@ def _plain_state_dict(sd: dict) -> dict:
 
 
 def build_builtin(name: str, out: str, num_models: Optional[int] = None, seed: int = 0, chunk_size: int = 250,
-                  progress: bool = True) -> Zoo:
-    """Build (or resume) built-in zoo ``name`` in directory ``out``."""
+                  progress: bool = True, device: torch.device | str = "cpu") -> Zoo:
+    """Build (or resume) built-in zoo ``name`` in directory ``out``, training on ``device``. Hyperparameters and
+    seeds do not depend on the device (the manifest does not record it); trained weights agree across devices to
+    float rounding."""
     if name not in ZOOS:
         raise ValueError(f"unknown zoo {name!r}; built-in zoos: {sorted(ZOOS)}")
     cfg = ZOOS[name]
     n = cfg.default_size if num_models is None else num_models
     split = data.load("digits-flat")
     spec = spec_from_module(cfg.architecture(), split.x_train[:2])
+    x_train, y_train = split.x_train.to(device), split.y_train.to(device)
+    x_test, y_test = split.x_test.to(device), split.y_test.to(device)
     chunks = (n + chunk_size - 1) // chunk_size
 
     def make_chunk(c: int):
@@ -106,13 +110,13 @@ def build_builtin(name: str, out: str, num_models: Optional[int] = None, seed: i
             group = [m for m in members if m.activation == act]
             if not group:
                 continue
-            pop = make_population(lambda: cfg.architecture(population=True), group)
+            pop = make_population(lambda: cfg.architecture(population=True), group).to(device)
 
             def on_epoch(epoch, pop, group=group):
                 if epoch not in cfg.save_epochs:
                     return
-                train_loss, train_acc = evaluate_population(pop, split.x_train, split.y_train)
-                test_loss, test_acc = evaluate_population(pop, split.x_test, split.y_test)
+                train_loss, train_acc = evaluate_population(pop, x_train, y_train)
+                test_loss, test_acc = evaluate_population(pop, x_test, y_test)
                 for i, (m, sd) in enumerate(zip(group, pop.state_dicts())):
                     records.append({"model_id": m.seed, "epoch": epoch, **m.to_dict(),
                                     "train_loss": float(train_loss[i]), "train_acc": float(train_acc[i]),
@@ -120,7 +124,7 @@ def build_builtin(name: str, out: str, num_models: Optional[int] = None, seed: i
                                     "generalization_gap": float(train_acc[i] - test_acc[i])})
                     sds.append(_plain_state_dict(sd))
 
-            train_population(pop, split.x_train, split.y_train, cfg.epochs, batch_size=64, seed=seed,
+            train_population(pop, x_train, y_train, cfg.epochs, batch_size=64, seed=seed,
                              on_epoch=on_epoch)
         return records, sds
 

@@ -35,14 +35,17 @@ PREDICTORS: dict[str, Callable[[WeightSpaceSpec, int], nn.Module]] = {
 
 def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: int = 0, epochs: int = 20,
                   batch_size: int = 64, lr: float = 1e-3, hidden: int = 16, fractions=(0.8, 0.1, 0.1),
-                  augment: bool = False, clip: Optional[float] = 10.0, progress: bool = False) -> dict:
+                  augment: bool = False, clip: Optional[float] = 10.0, progress: bool = False,
+                  device: torch.device | str = "cpu") -> dict:
     """Train a predictor on the train split (runs never straddle splits), pick its epoch on the validation split,
     and report Kendall tau, R^2 and MAE on the test split.
 
     Inputs are normalised per tensor with robust training-split statistics (median, IQR / 1.349) and clipped at
     ``+-clip`` of those units: zoos hold a few diverged networks whose weights are up to 10^6 times the typical ones,
     and with mean/std scaling those few set the scale for everyone (BENCHMARKS.md shows the effect on StatNN).
-    Targets are standardised with training-split mean and std."""
+    Targets are standardised with training-split mean and std. Training runs on ``device`` (the split, the
+    normalisation statistics and the permutations sampled for ``augment`` stay on the CPU, so a seed gives the same
+    split and order on every device)."""
     if model not in PREDICTORS:
         raise ValueError(f"unknown predictor {model!r}; choose from {sorted(PREDICTORS)}")
     torch.manual_seed(seed)
@@ -54,9 +57,10 @@ def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: 
     y = torch.tensor([float(r[target]) for r in rows])
     train_ws = _subset(ws, train)
     stats = train_ws.tensor_stats(robust=True)
-    ws = ws.normalize(stats, clip=clip)
+    ws = ws.normalize(stats, clip=clip).to(device)
     mu, sd = y[train].mean(), y[train].std().clamp_min(1e-8)
-    net = PREDICTORS[model](zoo.spec, hidden)
+    z = ((y - mu) / sd).to(device)  # standardised targets
+    net = PREDICTORS[model](zoo.spec, hidden).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     best, best_state = math.inf, None
@@ -74,15 +78,15 @@ def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: 
             batch = _subset(ws, idx.tolist())
             if augment:
                 batch = batch.permute(zoo.spec.sample_permutation(gen))
-            loss = F.mse_loss(net(batch).squeeze(1), (y[idx] - mu) / sd)
+            loss = F.mse_loss(net(batch).squeeze(1), z[idx.to(device)])
             opt.zero_grad()
             loss.backward()
             opt.step()
-        val_loss = F.mse_loss(_predict(net, ws, val, batch_size), (y[val] - mu) / sd).item()
+        val_loss = F.mse_loss(_predict(net, ws, val, batch_size), z[val]).item()
         if val_loss < best:
             best, best_state = val_loss, copy.deepcopy(net.state_dict())
     net.load_state_dict(best_state)
-    pred = _predict(net, ws, test, batch_size) * sd + mu
+    pred = _predict(net, ws, test, batch_size).cpu() * sd + mu
     return {"model": model, "target": target, "seed": seed, "epochs": epochs, "clip": clip,
             **regression_metrics(pred, y[test]),
             "n_train": len(train), "n_val": len(val), "n_test": len(test), "val_mse": best}
