@@ -71,4 +71,16 @@ def test_zoo_and_predict_commands(small_zoo, capsys):
     assert main(["predict", "fit", "--zoo", str(small_zoo.root), "--model", "statnn", "--epochs", "2",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["model"] == "statnn" and "kendall_tau" in out
+    assert out["model"] == "statnn" and "kendall_tau" in out and out["seed"] == 0 and out["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predict_and_build_on_cuda(small_zoo, tmp_path, capsys):
+    for model in ("unf", "gmn"):
+        r = fit_predictor(small_zoo, model, epochs=1, seed=0, device="cuda")
+        assert -1 <= r["kendall_tau"] <= 1 and r["mae"] >= 0
+    zoo = build_builtin("digits-mlp", str(tmp_path / "z"), num_models=4, chunk_size=4, progress=False, device="cuda")
+    assert zoo.complete and len(zoo) == 12 and zoo.state_dict(0, 10)["0.weight"].device.type == "cpu"
+    assert main(["predict", "fit", "--zoo", str(small_zoo.root), "--model", "statnn", "--epochs", "1", "--json",
+                 "--device", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cuda"
