@@ -67,6 +67,32 @@ def test_adam_member_matches_torch_adamw(split):
         assert torch.allclose(sd[k], v, atol=1e-5), k
 
 
+def test_update_is_pluggable(split):
+    """A learned optimizer plugs in as ``update``: here plain SGD, against torch.optim.SGD on the same batches."""
+    member = Member(seed=0, activation="relu")
+    pop = make_population(make, [member])
+    x, y = split.x_train[:64], split.y_train[:64]
+
+    def sgd(pop, members, grad):
+        with torch.no_grad():
+            pop.flat[members] -= 0.1 * grad
+
+    train_population(pop, x, y, epochs=3, batch_size=64, seed=5, update=sgd)
+    torch.manual_seed(0)
+    ref = make()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    order_gen = torch.Generator().manual_seed(5 * 1_000_003 + 0)
+    subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:64]
+    for _ in range(3):
+        idx = subset[torch.randperm(64, generator=order_gen)]
+        opt.zero_grad()
+        F.cross_entropy(ref(x[idx]), y[idx]).backward()
+        opt.step()
+    sd = pop.state_dicts()[0]
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(sd[k], v, atol=1e-5), k
+
+
 def test_state_dicts_load_into_plain_models(split):
     members = [Member(seed=s, activation=a, dropout=d) for s, a, d in ((0, "relu", 0.1), (1, "tanh", 0.0))]
     pop = make_population(make, members)

@@ -2,7 +2,8 @@
 
 ``UNFLinear`` (equivariant linear), ``InvariantPool`` (invariant linear features), point-wise ``Pointwise``,
 ``WSDropout``, ``WSNorm``, ``PositionalEncoding`` for pseudo-groups; ``UNFNet`` and ``UNFEncoder`` put them together;
-``DeepSets``, ``DeepSetsEncoder`` and ``StatNN`` are baselines with the same interface.
+``DeepSets``, ``DeepSetsEncoder`` and ``StatNN`` are baselines with the same interface. ``SharedUNFLinear`` is
+an equivariant layer whose parameters fit every spec (coefficients shared by the kind of basis term).
 """
 from .baselines import DeepSets, DeepSetsEncoder, StatNN
 from .basis import bell, set_partitions
@@ -10,7 +11,8 @@ from .layout import DEFAULT_FOLD_MAX, Layout, Piece
 from .linear import UNFLinear
 from .models import UNFBlock, UNFEncoder, UNFNet
 from .modules import InvariantPool, Pointwise, PositionalEncoding, WSDropout, WSNorm, tensor_statistics
+from .shared import SharedPlan, SharedUNFLinear
 
 __all__ = ["DEFAULT_FOLD_MAX", "DeepSets", "DeepSetsEncoder", "InvariantPool", "Layout", "Piece", "Pointwise",
-           "PositionalEncoding", "StatNN", "UNFBlock", "UNFEncoder", "UNFLinear", "UNFNet", "WSDropout", "WSNorm",
+           "PositionalEncoding", "SharedPlan", "SharedUNFLinear", "StatNN", "UNFBlock", "UNFEncoder", "UNFLinear", "UNFNet", "WSDropout", "WSNorm",
            "bell", "set_partitions", "tensor_statistics"]

@@ -63,15 +63,15 @@ def descriptor_features(desc: tuple) -> list[float]:
 
 
 def _in_basis(desc: tuple, basis: str) -> bool:
-    relation, _, _, carried, reduced, bcast, *_, diag_in, diag_out, _aligned = desc
+    relation, _, _, carried, reduced, bcast, *_, diag_in, diag_out, aligned = desc
     if diag_in or diag_out:
         return basis == "unf"
-    identity = relation == "self" and reduced == 0 and bcast == 0
+    identity = relation == "self" and reduced == 0 and bcast == 0 and aligned == carried  # no axis swapped
     constant = relation == "bias" and carried == 0
     if basis == "pointwise":
         return identity or (constant and bcast == desc[1])
     if basis == "deepsets":  # per tensor: the entry itself, the tensor's mean, a constant
-        whole_mean = relation == "self" and carried == 0 and bcast == desc[1] and not diag_in
+        whole_mean = relation == "self" and carried == 0 and bcast == desc[1]
         return identity or constant and bcast == desc[1] or whole_mean
     return True
 
@@ -218,9 +218,4 @@ def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:
     return y if reorder == tuple(range(len(reorder))) else y.permute(0, 1, *[i + 2 for i in reorder])
 
 
-def tensor_rms_normalize(ws: WeightSpace, eps: float = 1e-12) -> WeightSpace:
-    """Each tensor and channel divided by its root mean square over the tensor's entries (invariant scale)."""
-    return ws.map(lambda t: t / (t.flatten(2).pow(2).mean(2).add(eps).sqrt().view(*t.shape[:2], *[1] * (t.dim() - 2))))
-
-
-__all__ = ["BASES", "SharedPlan", "SharedUNFLinear", "term_descriptor", "tensor_rms_normalize"]
+__all__ = ["BASES", "SharedPlan", "SharedUNFLinear", "term_descriptor"]

@@ -9,11 +9,13 @@ call with stacked meta-parameters), and estimate the meta-gradient from the meta
 * ``"pes"``: Persistent ES (Vicol et al. 2021): every member keeps its own inner state and the noise it has seen since
   the task began, which removes the truncation bias.
 
-Meta-loss: the mean over the unroll of the training loss divided by the task's initial loss, clipped at ``loss_clip``
-(non-finite values count as the clip). Outer optimizer: Adam with gradient-norm clipping.
+Meta-loss: the mean over the unroll of the log of the training loss divided by the task's initial loss, clipped to
+[1e-3, ``loss_clip``] (non-finite values count as the clip): the log weighs reaching a low loss as much as the first
+drop. Outer optimizer: Adam with gradient-norm clipping.
 
 Tasks (:func:`sample_task`): MLPs with 1-3 hidden layers of width 16-128 and a random activation, on digits, iris or
-wine (never breast cancer), random batch size, initialisation scale and horizon (log-uniform up to ``max_horizon``).
+wine (never breast cancer), random batch size, initialisation scale and horizon (log-uniform between ``min_horizon``
+and ``max_horizon``).
 
 Under ``torchrun`` the perturbation pairs are split over ranks and the gradient is summed with ``all_reduce``: the
 result equals one process's for the same seed, up to float rounding.
@@ -46,18 +48,23 @@ class MetaConfig:
     sigma: float = 0.01
     unroll: int = 10
     max_horizon: int = 200
+    min_horizon: int = 50
     estimator: str = "pes"
     outer_lr: float = 3e-3
     grad_clip: float = 1.0
     loss_clip: float = 2.0
+    log_loss: bool = True  # meta-loss: mean of log(loss / initial loss), floored at 1e-3 (else the plain ratio)
     seed: int = 0
     rule: dict = field(default_factory=dict)  # RuleConfig fields
 
     def __post_init__(self):
+        if self.sigma <= 0 or self.pairs < 1 or self.steps < 1:
+            raise ValueError(f"need sigma > 0 ({self.sigma}), pairs >= 1 ({self.pairs}) and steps >= 1 ({self.steps})")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
-        if self.unroll < 1 or self.max_horizon < self.unroll:
-            raise ValueError(f"unroll {self.unroll} must be >= 1 and <= max_horizon {self.max_horizon}")
+        if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
+            raise ValueError(f"need 1 <= unroll ({self.unroll}) <= min_horizon ({self.min_horizon}) <= max_horizon "
+                             f"({self.max_horizon})")
 
 
 @dataclass
@@ -72,12 +79,10 @@ class Task:
     seed: int
 
     def make_model(self, in_features: int, classes: int) -> nn.Module:
+        from .tasks import mlp
+
         act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[self.activation]
-        layers, width = [], in_features
-        for w in self.widths:
-            layers += [nn.Linear(width, w), act()]
-            width = w
-        return nn.Sequential(*layers, nn.Linear(width, classes))
+        return mlp(in_features, self.widths, classes, act)
 
 
 def sample_task(gen: torch.Generator, cfg: MetaConfig) -> Task:
@@ -85,7 +90,7 @@ def sample_task(gen: torch.Generator, cfg: MetaConfig) -> Task:
     pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=gen))]  # noqa: E731
     depth = 1 + int(torch.randint(3, (), generator=gen))
     widths = tuple(int(round(math.exp(math.log(16) + u() * math.log(128 / 16)))) for _ in range(depth))
-    lo, hi = math.log(cfg.unroll), math.log(cfg.max_horizon)
+    lo, hi = math.log(cfg.min_horizon), math.log(cfg.max_horizon)
     horizon = cfg.unroll * max(1, round(math.exp(lo + u() * (hi - lo)) / cfg.unroll))
     return Task(pick(DATASETS), widths, pick(ACTIVATIONS), pick((16, 32, 64, 128)),
                 math.exp(math.log(0.5) + u() * math.log(4.0)), horizon, int(torch.randint(2 ** 31, (), generator=gen)))
@@ -137,8 +142,10 @@ class _Inner:
             start += size
         return WeightSpace(self.spec, out)
 
-    def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float) -> torch.Tensor:
-        """Run ``steps`` inner steps; the members' mean normalised training loss ``[n]``."""
+    def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float, log_loss: bool = False
+               ) -> torch.Tensor:
+        """Run ``steps`` inner steps; the members' meta-loss ``[n]``: the mean over the steps of the training loss
+        relative to the task's initial loss, clipped at ``loss_clip`` (non-finite: the clip), or of its log."""
         from ..zoo.population import member_grads
 
         total = torch.zeros(self.pop.flat.shape[0])
@@ -156,7 +163,7 @@ class _Inner:
                 if bad.any():  # a diverged member stays diverged: its losses count as the clip from here on
                     self.pop.flat[bad] = torch.nan
             norm = (losses / self.loss0).nan_to_num(loss_clip, loss_clip, loss_clip).clamp(0, loss_clip)
-            total += norm
+            total += norm.clamp_min(1e-3).log() if log_loss else norm
         return total / steps
 
     def sync_to_mean(self) -> None:
@@ -237,7 +244,7 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
             direction = inner.xi
         else:
             direction = eps
-        losses = inner.unroll(rule, stacked, cfg.unroll, cfg.loss_clip)
+        losses = inner.unroll(rule, stacked, cfg.unroll, cfg.loss_clip, cfg.log_loss)
         k = len(my_pairs)
         grad = es_gradient(losses[:k], losses[k:2 * k], direction, cfg.sigma, cfg.pairs)
         if cfg.estimator == "es":
@@ -264,6 +271,10 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
     return rule, history
 
 
+class CheckpointError(ValueError):
+    """A run directory's checkpoint cannot be resumed (damaged, or written with other settings)."""
+
+
 def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam, history: list) -> None:
     """``out/checkpoint.safetensors``: meta-parameters and outer Adam state, settings and log in its metadata; written
     atomically, at task boundaries only (a task depends on (seed, step), so a resumed run continues exactly)."""
@@ -281,25 +292,41 @@ def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.
     atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam) -> list:
-    """Restore ``theta`` and ``opt`` from ``out``; returns the log. Refuses a checkpoint made with other settings."""
+def _read_checkpoint(out: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     path = out / "checkpoint.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta["config"], meta["history"] = json.loads(meta["config"]), json.loads(meta["history"])
+    except Exception as e:  # safetensors' own errors, missing or broken metadata
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to start over") from None
+    return meta, tensors
+
+
+def checkpoint_history(out: str | Path) -> list:
+    """The log of the steps a run directory's checkpoint holds ([] without one)."""
+    out = Path(out)
+    return _read_checkpoint(out)[0]["history"] if (out / "checkpoint.safetensors").is_file() else []
+
+
+def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam) -> list:
+    """Restore ``theta`` and ``opt`` from ``out``; returns the log. Refuses a checkpoint made with other settings."""
+    meta, tensors = _read_checkpoint(out)
+    path = out / "checkpoint.safetensors"
     same = lambda c: {k: v for k, v in c.items() if k != "steps"}  # noqa: E731 (a run may be extended)
-    if same(json.loads(meta["config"])) != same(json.loads(json.dumps(asdict(cfg)))):
-        raise ValueError(f"{path} was written with other settings ({meta['config']}); use another --out or the "
-                         "same settings to resume")
+    if same(meta["config"]) != same(json.loads(json.dumps(asdict(cfg)))):
+        raise CheckpointError(f"{path} was written with other settings ({json.dumps(meta['config'])}); use another "
+                              "--out or the same settings to resume")
     if tensors["theta"].shape != theta.shape:
-        raise ValueError(f"{path}: {tensors['theta'].numel()} meta-parameters, this rule has {theta.numel()}")
+        raise CheckpointError(f"{path}: {tensors['theta'].numel()} meta-parameters, this rule has {theta.numel()}")
     theta.copy_(tensors["theta"])
     if "exp_avg" in tensors:
         opt.state[theta] = {"step": torch.tensor(float(tensors["adam_step"][0])),
                             "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}
-    return json.loads(meta["history"])
+    return meta["history"]
 
 
 def _assign(rule: LearnedRule, theta: torch.Tensor) -> None:
@@ -309,5 +336,6 @@ def _assign(rule: LearnedRule, theta: torch.Tensor) -> None:
         vector_to_parameters(theta.clone(), rule.parameters())
 
 
-__all__ = ["DATASETS", "MetaConfig", "Task", "es_gradient", "init_distributed", "load_checkpoint", "meta_train", "sample_task",
+__all__ = ["CheckpointError", "DATASETS", "MetaConfig", "Task", "checkpoint_history", "es_gradient",
+           "init_distributed", "load_checkpoint", "meta_train", "sample_task",
            "save_checkpoint"]

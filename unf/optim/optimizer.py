@@ -63,43 +63,39 @@ class UNFOptimizer(torch.optim.Optimizer):
         groups = list(params)
         if not groups:
             raise ValueError("UNFOptimizer got an empty parameter list")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        names: dict[int, str] = {}
-        plain = []
-        for gi, g in enumerate(groups):
-            g = dict(g)
-            items = list(g["params"])
-            if items and all(isinstance(it, tuple) and len(it) == 2 for it in items):
-                for n, p in items:
-                    names[id(p)] = n
-                items = [p for _, p in items]
-            else:
-                plain += items
-            g["params"] = items
-            groups[gi] = g
-        super().__init__(groups, dict(lr=lr))
-        if plain or spec is None:
+        self.spec = spec
+        self._names: dict[int, str] = {}  # id(param) -> name in the spec (unnamed ones: "param<k>")
+        self._unnamed = False
+        super().__init__(groups if isinstance(groups[0], dict) else [{"params": groups}], dict(lr=lr))
+        if self._unnamed or spec is None:
             warnings.warn("UNFOptimizer: no parameter names or no spec, so each parameter tensor is treated on its "
                           "own (no symmetry shared between tensors); pass model.named_parameters() with spec=..., or "
                           "use UNFOptimizer.for_model(model, example_inputs)", UserWarning, stacklevel=2)
-        k = 0
-        for g in self.param_groups:
-            for p in g["params"]:
-                if id(p) not in names:
-                    names[id(p)] = f"param{k}"
-                    k += 1
-        self._names = names
-        self.spec = spec
-        if spec is not None:
-            for p in (p for g in self.param_groups for p in g["params"]):
-                n = names[id(p)]
-                if n in spec and tuple(spec[n].shape) != tuple(p.shape):
-                    raise ValueError(f"parameter {n!r} has shape {tuple(p.shape)} but the spec says "
-                                     f"{tuple(spec[n].shape)}: is the spec for this model?")
+        elif not any(n in spec for n in self._names.values()):
+            raise ValueError(f"no parameter name is in the spec (parameters {list(self._names.values())[:4]}..., spec "
+                             f"{spec.names[:4]}...): a wrapper such as DDP prefixes names with 'module.'; build the "
+                             "spec from the same module whose named_parameters() you pass")
         self.rule = load_rule(weights)
         self._rules: dict = {}  # (device, dtype) -> rule copy
         self._plans: dict = {}  # tuple of names -> (spec, plan)
+
+    def add_param_group(self, group: dict) -> None:
+        """torch.optim's ``add_param_group``; its ``"params"`` may be named pairs ``(name, param)``."""
+        group = dict(group)
+        items = list(group["params"]) if not isinstance(group["params"], torch.Tensor) else [group["params"]]
+        named = bool(items) and all(isinstance(it, tuple) and len(it) == 2 for it in items)
+        for i, it in enumerate(items):
+            n, p = it if named else (None, it)
+            if n is None:
+                self._unnamed = True
+                n = f"param{len(self._names)}"
+            if self.spec is not None and n in self.spec and tuple(self.spec[n].shape) != tuple(p.shape):
+                raise ValueError(f"parameter {n!r} has shape {tuple(p.shape)} but the spec says "
+                                 f"{tuple(self.spec[n].shape)}: is the spec for this model?")
+            self._names[id(p)] = n
+            items[i] = p
+        group["params"] = items
+        super().add_param_group(group)
 
     @classmethod
     def for_model(cls, model: nn.Module, example_inputs, weights="default", **kw) -> "UNFOptimizer":

@@ -115,7 +115,10 @@ class LearnedRule(nn.Module):
                              f"{meta.get('format')!r}, expected {FORMAT!r})")
         if meta.get("version") != str(FORMAT_VERSION):
             raise ValueError(f"{path}: weights format version {meta.get('version')!r}; this unf reads {FORMAT_VERSION}")
-        rule = cls(RuleConfig(**json.loads(meta["config"])))
+        try:
+            rule = cls(RuleConfig(**json.loads(meta["config"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its configuration (metadata 'config') is missing or invalid: {e}") from None
         try:
             rule.load_state_dict(tensors)
         except RuntimeError as e:
@@ -149,7 +152,8 @@ def step_direction(rule: LearnedRule, plan: SharedPlan, p: WeightSpace, g: Weigh
         v[n] = state["v"][n] * c.beta2 + (1 - c.beta2) * gn * gn
         base[n] = (m[n][:, k:k + 1] / (1 - 0.9 ** tn)) / ((v[n] / (1 - c.beta2 ** tn)).sqrt() + c.eps)
         raw = torch.cat([p[n], gn, m[n], v[n].sqrt(), base[n]], 1)
-        rms = raw.flatten(2).pow(2).mean(2).add(1e-30).sqrt().view(*raw.shape[:2], *[1] * (raw.dim() - 2))
+        rms = raw.reshape(*raw.shape[:2], -1).pow(2).mean(2).add(1e-30).sqrt().view(*raw.shape[:2],
+                                                                                    *[1] * (raw.dim() - 2))
         times = torch.tensor([math.tanh(tn / s) for s in c.time_scales], dtype=p.dtype, device=p.device)
         feats[n] = torch.cat([(raw / rms).clamp(-c.clip, c.clip),
                               times.view(bshape).expand(raw.shape[0], -1, *raw.shape[2:])], 1)

@@ -1,0 +1,140 @@
+"""Learned optimizers against tuned Adam and SGD+momentum on held-out tasks (issue: learned optimizer, item 5).
+
+    python benchmarks/lopt_eval.py [--seeds 5] [--tasks NAME,...] [--out benchmarks/results]
+
+Every (task, optimizer, learning rate, seed) run is one JSON line in ``OUT/lopt_eval.jsonl`` (resumable: done runs are
+skipped). Then, per task: Adam's and SGDM's learning rate is chosen on the *training* loss (best mean over seeds of
+the lowest full-batch training loss within the horizon); the learned optimizers run with their defaults (lr 1.0, no
+tuning). Speed-up on one seed = steps tuned Adam needs to reach its best training loss / steps the optimizer needs to
+reach that loss (0 if it never does); the same on test loss. Writes ``OUT/lopt_eval.md`` (table) and
+``OUT/lopt_eval.png`` (loss curves, mean over seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from unf.optim import LearnedRule, UNFOptimizer
+from unf.optim.tasks import ADAM_LRS, SGD_LRS, TASKS, speedup, train_curve
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "unf" / "optim" / "weights"
+LEARNED = {"unf": WEIGHTS / "default.safetensors", "deepsets": WEIGHTS / "deepsets.safetensors",
+           "mlp": WEIGHTS / "mlp.safetensors"}
+
+
+def make_optimizer(name: str, lr: float):
+    def make(model, example):
+        if name == "adam":
+            return torch.optim.Adam(model.parameters(), lr=lr)
+        if name == "sgdm":
+            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return UNFOptimizer.for_model(model, example, weights=LearnedRule.load(LEARNED[name]), lr=lr)
+    return make
+
+
+def run_one(task: str, opt_name: str, lr: float, seed: int) -> dict:
+    return {"task": task, "opt": opt_name, "lr": lr, "seed": seed,
+            **train_curve(TASKS[task], make_optimizer(opt_name, lr), seed)}
+
+
+def summarise(rows: list[dict], out: Path) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r["task"], r["opt"], r["lr"]), []).append(r)
+    lines = ["| task | optimizer | lr | train-loss speed-up vs tuned Adam | test-loss speed-up | final test acc | "
+             "diverged |", "|---|---|---|---|---|---|---|"]
+    curves = {}
+    means = {}
+    for task in TASKS:
+        chosen = {}
+        for opt, grid in (("adam", ADAM_LRS), ("sgdm", SGD_LRS)):
+            def score(lr):
+                rs = by.get((task, opt, lr), [])
+                if not rs:
+                    return math.inf
+                return statistics.mean(min((v for v in r["train"] if v is not None), default=math.inf) for r in rs)
+            chosen[opt] = min(grid, key=score)
+        for name in LEARNED:
+            chosen[name] = 1.0
+        adam = {r["seed"]: r for r in by.get((task, "adam", chosen["adam"]), [])}
+        for opt, lr in chosen.items():
+            rs = by.get((task, opt, lr), [])
+            if not rs:
+                continue
+            tr = [speedup(adam[r["seed"]]["train"], r["train"]) for r in rs if r["seed"] in adam]
+            te = [speedup(adam[r["seed"]]["test"], r["test"]) for r in rs if r["seed"] in adam]
+            acc = [r["test_acc"] for r in rs]
+            ms = lambda v: f"{statistics.mean(v):.2f} +- {statistics.pstdev(v):.2f}" if v else "-"  # noqa: E731
+            lines.append(f"| {task} | {opt} | {lr:g} | {ms(tr)} | {ms(te)} | {100 * statistics.mean(acc):.1f} +- "
+                         f"{100 * statistics.pstdev(acc):.1f} | {sum(r['diverged'] for r in rs)}/{len(rs)} |")
+            means.setdefault(opt, []).append(statistics.mean(tr) if tr else 0.0)
+            n = min(len(r["train"]) for r in rs)
+            curves[(task, opt)] = [statistics.mean(r["train"][i] if r["train"][i] is not None else math.nan
+                                                   for r in rs) for i in range(n)], rs[0]["eval_every"]
+    lines.append("")
+    lines.append("Mean train-loss speed-up over the tasks: " + ", ".join(
+        f"{k} {statistics.mean(v):.2f}" for k, v in means.items()))
+    text = "\n".join(lines)
+    (out / "lopt_eval.md").write_text(text + "\n")
+    _plot(curves, out / "lopt_eval.png")
+    return text
+
+
+def _plot(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(TASKS)
+    fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(5 * math.ceil(len(names) / 2), 7))
+    for ax, task in zip(axes.flat, names):
+        for (t, opt), (curve, every) in curves.items():
+            if t == task:
+                ax.plot([i * every for i in range(len(curve))], curve, label=opt, lw=2 if opt == "unf" else 1)
+        ax.set(title=task, xlabel="step", ylabel="full-batch training loss", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the task names")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "lopt_eval.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    done = {(r["task"], r["opt"], r["lr"], r["seed"]) for r in rows}
+    names = args.tasks.split(",") if args.tasks else list(TASKS)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        ap.error(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
+    jobs = [(t, o, lr, s) for t in names for s in range(args.seeds)
+            for o, grid in (("adam", ADAM_LRS), ("sgdm", SGD_LRS), *((k, [1.0]) for k in LEARNED)) for lr in grid]
+    todo = [j for j in jobs if j not in done]
+    from tqdm.auto import tqdm
+
+    with log.open("a") as f:
+        for job in tqdm(todo, desc="lopt eval", disable=not sys.stderr.isatty()):
+            row = run_one(*job)
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+    print(summarise(rows, out))
+
+
+if __name__ == "__main__":
+    main()
