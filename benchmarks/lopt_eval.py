@@ -2,8 +2,8 @@
 
     python benchmarks/lopt_eval.py [--seeds 5] [--tasks NAME,...] [--out benchmarks/results]
 
-Every (task, optimizer, learning rate, seed) run is one JSON line in ``OUT/lopt_eval.jsonl`` (resumable: done runs are
-skipped). Then, per task: Adam's and SGDM's learning rate is chosen on the *training* loss (best mean over seeds of
+Every (task, optimizer, learning rate, seed) run is one JSON line in ``OUT/lopt_eval*.jsonl`` (resumable: done runs
+are skipped; ``--shard I/N`` runs every N-th job in its own file, so N processes can share the cores). Then, per task: Adam's and SGDM's learning rate is chosen on the *training* loss (best mean over seeds of
 the lowest full-batch training loss within the horizon); the learned optimizers run with their defaults (lr 1.0, no
 tuning). Speed-up on one seed = steps tuned Adam needs to reach its best training loss / steps the optimizer needs to
 reach that loss (0 if it never does); the same on test loss. Writes ``OUT/lopt_eval.md`` (table) and
@@ -49,7 +49,7 @@ def summarise(rows: list[dict], out: Path) -> str:
     for r in rows:
         by.setdefault((r["task"], r["opt"], r["lr"]), []).append(r)
     lines = ["| task | optimizer | lr | train-loss speed-up vs tuned Adam | test-loss speed-up | final test acc | "
-             "diverged |", "|---|---|---|---|---|---|---|"]
+             "diverged | stalled |", "|---|---|---|---|---|---|---|---|"]
     curves = {}
     means = {}
     for task in TASKS:
@@ -73,14 +73,16 @@ def summarise(rows: list[dict], out: Path) -> str:
             acc = [r["test_acc"] for r in rs]
             ms = lambda v: f"{statistics.mean(v):.2f} +- {statistics.pstdev(v):.2f}" if v else "-"  # noqa: E731
             lines.append(f"| {task} | {opt} | {lr:g} | {ms(tr)} | {ms(te)} | {100 * statistics.mean(acc):.1f} +- "
-                         f"{100 * statistics.pstdev(acc):.1f} | {sum(r['diverged'] for r in rs)}/{len(rs)} |")
+                         f"{100 * statistics.pstdev(acc):.1f} | {sum(r['diverged'] for r in rs)}/{len(rs)} | "
+                         f"{sum(r['stalled'] for r in rs)}/{len(rs)} |")
             means.setdefault(opt, []).append(statistics.mean(tr) if tr else 0.0)
             n = min(len(r["train"]) for r in rs)
             curves[(task, opt)] = [statistics.mean(r["train"][i] if r["train"][i] is not None else math.nan
                                                    for r in rs) for i in range(n)], rs[0]["eval_every"]
     lines.append("")
     lines.append("Mean train-loss speed-up over the tasks: " + ", ".join(
-        f"{k} {statistics.mean(v):.2f}" for k, v in means.items()))
+        f"{k} {statistics.mean(v):.2f}" for k, v in means.items()) + ". Tasks at >= 1.0x: " + ", ".join(
+        f"{k} {sum(x >= 1.0 for x in v)}/{len(v)}" for k, v in means.items()) + ".")
     text = "\n".join(lines)
     (out / "lopt_eval.md").write_text(text + "\n")
     _plot(curves, out / "lopt_eval.png")
@@ -111,20 +113,22 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the task names")
+    ap.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th (one process per core)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "lopt_eval.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    i, n = (int(v) for v in args.shard.split("/"))
+    log = out / ("lopt_eval.jsonl" if n == 1 else f"lopt_eval.shard{i}.jsonl")
+    rows = [json.loads(line) for f in sorted(out.glob("lopt_eval*.jsonl")) for line in f.read_text().splitlines()]
     done = {(r["task"], r["opt"], r["lr"], r["seed"]) for r in rows}
     names = args.tasks.split(",") if args.tasks else list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [t for t in names if t not in TASKS]
     if unknown:
         ap.error(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
     jobs = [(t, o, lr, s) for t in names for s in range(args.seeds)
             for o, grid in (("adam", ADAM_LRS), ("sgdm", SGD_LRS), *((k, [1.0]) for k in LEARNED)) for lr in grid]
-    todo = [j for j in jobs if j not in done]
+    todo = [j for j in jobs[i::n] if j not in done]
     from tqdm.auto import tqdm
 
     with log.open("a") as f:

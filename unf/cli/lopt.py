@@ -18,7 +18,11 @@ def register(sub) -> None:
                             "torchrun --nproc-per-node 2 -m unf.cli lopt meta-train --out runs/lopt")
     p.add_argument("--out", required=True, help="run directory: checkpoint.safetensors, rule.safetensors, "
                                                 "log.jsonl, run.json (an existing run resumes)")
-    p.add_argument("--variant", choices=["unf", "deepsets", "mlp"], default="unf", help="update network")
+    p.add_argument("--variant", choices=["unf", "deepsets", "mlp", "unf-exact"], default="unf",
+                   help="update network; unf-exact: per-term coefficients for one architecture (needs --widths and "
+                        "one --datasets)")
+    p.add_argument("--widths", default=None, help="fix the tasks' hidden widths, e.g. 64,64 (default: random)")
+    p.add_argument("--datasets", default="digits-flat,iris,wine", help="comma-separated task datasets")
     p.add_argument("--steps", type=at_least(1), default=2000, help="outer (meta) steps")
     p.add_argument("--pairs", type=at_least(1), default=8, help="antithetic perturbation pairs per step")
     p.add_argument("--sigma", type=float, default=0.01, help="perturbation scale")
@@ -42,8 +46,6 @@ def register(sub) -> None:
 
 
 def run_meta_train(args) -> int:
-    import torch
-
     from ..io import atomic_write
     from ..optim.meta import CheckpointError, MetaConfig, checkpoint_history, init_distributed, meta_train
 
@@ -56,9 +58,15 @@ def run_meta_train(args) -> int:
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    cfg = MetaConfig(steps=args.steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
-                     max_horizon=args.max_horizon, min_horizon=args.min_horizon, estimator=args.estimator,
-                     outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant})
+    try:
+        widths = tuple(int(v) for v in args.widths.split(",")) if args.widths else None
+    except ValueError:
+        raise UserError(f"--widths {args.widths!r}: comma-separated integers, e.g. 64,64") from None
+    with user_error("--variant/--widths/--datasets", types=(ValueError,)):
+        cfg = MetaConfig(steps=args.steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
+                         max_horizon=args.max_horizon, min_horizon=args.min_horizon, estimator=args.estimator,
+                         outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
+                         datasets=tuple(d for d in args.datasets.split(",") if d))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a directory")
@@ -92,7 +100,7 @@ def run_meta_train(args) -> int:
         info(f"meta-trained {args.variant} rule for {len(history)} steps; mean meta-loss of the last "
              f"{len(last)}: {mean:.4f}; weights: {out / 'rule.safetensors'}")
         emit({"out": str(out), "steps": len(history), "meta_loss_last20": mean,
-              "alpha": float(torch.exp(rule.log_alpha))})
+              "alpha": float(rule.log_alpha.detach().exp())})
     return 0
 
 

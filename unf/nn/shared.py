@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 import torch
 import torch.nn as nn
 
@@ -86,9 +87,12 @@ class _OutGroup:
 
 class SharedPlan:
     """The basis of one spec compiled for :class:`SharedUNFLinear`: pieces, reductions, and per output piece the
-    embedding groups with each term's descriptor id. Build once per spec (``SharedPlan(spec, basis)``)."""
+    embedding groups with each term's descriptor id. Build once per spec (``SharedPlan(spec, basis)``).
 
-    def __init__(self, spec: WeightSpaceSpec, basis: str = "unf"):
+    ``exact=True``: every term is its own descriptor (the per-pair UNF of the paper, fixed axes as pseudo-groups):
+    a layer for this one spec, with a coefficient table of ``len(plan.descriptors)`` entries."""
+
+    def __init__(self, spec: WeightSpaceSpec, basis: str = "unf", exact: bool = False):
         if basis not in BASES:
             raise ValueError(f"basis {basis!r}: choose from {BASES}")
         self.layout = Layout(spec, fold_max=0)
@@ -103,7 +107,8 @@ class SharedPlan:
                 for r, reorder in g.inputs:
                     d = term_descriptor(plan, q, r, g.embedding, reorder)
                     if _in_basis(d, basis):
-                        terms.append((gi, r, reorder, descs.setdefault(d, len(descs))))
+                        key = ("term", q, gi, r, reorder) if exact else d
+                        terms.append((gi, r, reorder, descs.setdefault(key, len(descs))))
             count = {}
             for t in terms:
                 count[t[3]] = count.get(t[3], 0) + 1
@@ -117,8 +122,9 @@ class SharedPlan:
                     term_desc += [d for *_, d in mine]
                     term_scale += [1.0 / count[d] / fan for *_, d in mine]
             self.groups.append(out)
-        self.descriptors = list(descs)
-        self.features = torch.tensor([descriptor_features(d) for d in self.descriptors])  # [U, F]
+        self.descriptors, self.exact = list(descs), exact
+        self.features = (torch.zeros(len(descs), NUM_DESCRIPTOR_FEATURES) if exact else  # [U, F]
+                         torch.tensor([descriptor_features(d) for d in self.descriptors]))
         self.term_desc = torch.tensor(term_desc, dtype=torch.long)  # [T]: descriptor id of every term
         self.term_scale = torch.tensor(term_scale, dtype=torch.float64)  # [T]: 1 / (same-descriptor terms) / sqrt(fan)
         self._on: dict = {}
@@ -139,15 +145,20 @@ class SharedUNFLinear(nn.Module):
     ``descriptor -> [C_out, C_in]`` has ``hyper_hidden`` tanh units. Its parameters may carry a leading batch axis of
     the input's batch size (``torch.func.functional_call`` with stacked parameters): then every batch member has its
     own coefficients, computed in one batched matmul (evolution strategies use this). ``zero_init`` makes the layer
-    output zero until trained.
+    output zero until trained. ``table=U``: no hypernetwork, a table of ``U`` coefficient matrices for the terms of an
+    ``exact`` plan (one spec only).
     """
 
     def __init__(self, in_channels: int, out_channels: int, basis: str = "unf", hyper_hidden: int = 32,
-                 zero_init: bool = False):
+                 zero_init: bool = False, table: Optional[int] = None):
         super().__init__()
         if basis not in BASES:
             raise ValueError(f"basis {basis!r}: choose from {BASES}")
-        self.in_channels, self.out_channels, self.basis = in_channels, out_channels, basis
+        self.in_channels, self.out_channels, self.basis, self.exact = in_channels, out_channels, basis, table
+        if table is not None:
+            std = 0.0 if zero_init else 1.0 / math.sqrt(in_channels)
+            self.table = nn.Parameter(torch.randn(table, out_channels * in_channels) * std)
+            return
         f = NUM_DESCRIPTOR_FEATURES
         self.w1 = nn.Parameter(torch.randn(f, hyper_hidden) / math.sqrt(f))
         self.b1 = nn.Parameter(torch.randn(hyper_hidden) * 0.5)
@@ -158,6 +169,12 @@ class SharedUNFLinear(nn.Module):
 
     def coefficients(self, plan: SharedPlan) -> torch.Tensor:
         """``[U, C_out, C_in]`` (or ``[B, U, C_out, C_in]`` with batched parameters) for the plan's descriptors."""
+        if self.exact is not None:
+            if not plan.exact or len(plan.descriptors) != self.exact:
+                raise ValueError(f"this layer holds {self.exact} per-term coefficients; the plan has "
+                                 f"{len(plan.descriptors)} {'terms' if plan.exact else 'shared descriptors'}: it was "
+                                 "built for another spec")
+            return self.table.view(*self.table.shape[:-1], self.out_channels, self.in_channels)
         feats = plan.tensors(self.w1.device, self.w1.dtype)[0]
         if self.w1.dim() == 3:
             h = torch.tanh(torch.matmul(feats, self.w1) + self.b1[:, None])

@@ -56,10 +56,19 @@ class MetaConfig:
     log_loss: bool = True  # meta-loss: mean of log(loss / initial loss), floored at 1e-3 (else the plain ratio)
     seed: int = 0
     rule: dict = field(default_factory=dict)  # RuleConfig fields
+    datasets: tuple = DATASETS
+    widths: Optional[tuple] = None  # fix the tasks' hidden widths (variant "unf-exact" needs one architecture)
 
     def __post_init__(self):
         if self.sigma <= 0 or self.pairs < 1 or self.steps < 1:
             raise ValueError(f"need sigma > 0 ({self.sigma}), pairs >= 1 ({self.pairs}) and steps >= 1 ({self.steps})")
+        self.datasets = tuple(self.datasets)
+        self.widths = tuple(self.widths) if self.widths is not None else None
+        unknown = [d for d in self.datasets if d not in DATASETS]
+        if unknown or not self.datasets:
+            raise ValueError(f"datasets {unknown or '()'}: choose from {DATASETS}")
+        if self.rule.get("variant") == "unf-exact" and (self.widths is None or len(self.datasets) != 1):
+            raise ValueError("variant 'unf-exact' learns for one architecture: give widths and exactly one dataset")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
         if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
@@ -90,9 +99,10 @@ def sample_task(gen: torch.Generator, cfg: MetaConfig) -> Task:
     pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=gen))]  # noqa: E731
     depth = 1 + int(torch.randint(3, (), generator=gen))
     widths = tuple(int(round(math.exp(math.log(16) + u() * math.log(128 / 16)))) for _ in range(depth))
+    widths = cfg.widths if cfg.widths is not None else widths  # drawn all the same: the task stream stays put
     lo, hi = math.log(cfg.min_horizon), math.log(cfg.max_horizon)
     horizon = cfg.unroll * max(1, round(math.exp(lo + u() * (hi - lo)) / cfg.unroll))
-    return Task(pick(DATASETS), widths, pick(ACTIVATIONS), pick((16, 32, 64, 128)),
+    return Task(pick(cfg.datasets), widths, pick(ACTIVATIONS), pick((16, 32, 64, 128)),
                 math.exp(math.log(0.5) + u() * math.log(4.0)), horizon, int(torch.randint(2 ** 31, (), generator=gen)))
 
 
@@ -115,7 +125,7 @@ class _Inner:
     """The inner training state of one task: ``n`` members (last: unperturbed), their optimizer state and noise."""
 
     def __init__(self, task: Task, cfg: MetaConfig, rule: LearnedRule, n_pairs: int, dim: int):
-        from .. import data, spec_from_module
+        from .. import data
         from ..zoo.population import Member, make_population
 
         self.task, self.t = task, 0
@@ -125,14 +135,21 @@ class _Inner:
         n = 2 * n_pairs + 1
         make = lambda: task.make_model(self.x.shape[1], classes)  # noqa: E731
         self.pop = make_population(make, [Member(seed=task.seed, init_scale=task.init_scale)] * n)
-        model = make()
-        self.spec = spec_from_module(model, self.x[:1])
-        self.spec = self.spec.subset(dict(model.named_parameters()))
+        self.spec = self.task_spec(task)
         self.plan = rule.plan(self.spec)
         self.state = init_state(self._ws(self.pop.flat), len(rule.config.decays))
         self.xi = torch.zeros(n_pairs, dim)  # PES: accumulated noise per pair
         self.gen = torch.Generator().manual_seed(task.seed)
         self.loss0: Optional[float] = None
+
+    @staticmethod
+    def task_spec(task: Task):
+        """The parameters-only spec of ``task``'s model."""
+        from .. import data, spec_from_module
+
+        split = data.load(task.dataset)
+        model = task.make_model(split.x_train.shape[1], int(split.y_train.max()) + 1)
+        return spec_from_module(model, split.x_train[:1]).subset(dict(model.named_parameters()))
 
     def _ws(self, flat: torch.Tensor) -> WeightSpace:
         out, start = {}, 0
@@ -204,7 +221,11 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
     ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads."""
     dist, rank, world = _dist()
     torch.manual_seed(cfg.seed)
-    rule = rule if rule is not None else LearnedRule(RuleConfig(**cfg.rule))
+    if rule is None:
+        spec = None
+        if cfg.rule.get("variant") == "unf-exact":
+            spec = _Inner.task_spec(sample_task(torch.Generator().manual_seed(cfg.seed), cfg))
+        rule = LearnedRule(RuleConfig(**cfg.rule), spec=spec)
     names = [n for n, _ in rule.named_parameters()]
     shapes = [p.shape for p in rule.parameters()]
     theta = parameters_to_vector(rule.parameters()).detach().clone()

@@ -16,7 +16,7 @@ from .rule import LearnedRule, step_direction
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "default.safetensors"
 # SHA-256 of the shipped file: loading "default" checks it, so a damaged or swapped file is refused
-DEFAULT_SHA256 = None
+DEFAULT_SHA256 = "c698c657150c5e30252199fbbae89f06c164a4f87d46873ac6c3f7a921081359"
 
 
 def load_rule(weights: Union[str, Path, nn.Module, None]) -> LearnedRule:
@@ -78,6 +78,9 @@ class UNFOptimizer(torch.optim.Optimizer):
         self.rule = load_rule(weights)
         self._rules: dict = {}  # (device, dtype) -> rule copy
         self._plans: dict = {}  # tuple of names -> (spec, plan)
+        if self.rule.spec is not None:  # weights for one architecture: check it now, not at the first step
+            tensors = {self._names[id(p)]: p for g in self.param_groups for p in g["params"]}
+            self._plan(tuple(tensors), tensors)
 
     def add_param_group(self, group: dict) -> None:
         """torch.optim's ``add_param_group``; its ``"params"`` may be named pairs ``(name, param)``."""

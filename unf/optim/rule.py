@@ -5,7 +5,7 @@ For every parameter tensor ``p`` with gradient ``g``::
     m_k <- d_k m_k + (1 - d_k) g          (momenta at decays d_k, default 0.5, 0.9, 0.99)
     v   <- b2 v + (1 - b2) g^2
     base = m_0.9 / (1 - 0.9^t) / (sqrt(v / (1 - b2^t)) + eps)        (Adam's direction)
-    p   <- p - lr * alpha * (base + beta * f)
+    p   <- p - lr * alpha * (base + beta * f)      (beta * f rescaled per tensor to at most trust * RMS(base))
 
 ``f`` is an equivariant network (:class:`~unf.nn.shared.SharedUNFLinear` layers, so one set of meta-weights fits
 every architecture) over the per-tensor RMS-normalised, clipped features ``p, g, m_k, sqrt(v), base`` and the time
@@ -33,7 +33,7 @@ from ..nn.shared import SharedPlan, SharedUNFLinear
 
 FORMAT = "unf.optim.LearnedRule"
 FORMAT_VERSION = 1
-VARIANTS = {"unf": "unf", "deepsets": "deepsets", "mlp": "pointwise"}
+VARIANTS = {"unf": "unf", "deepsets": "deepsets", "mlp": "pointwise", "unf-exact": "unf"}  # variant -> basis
 
 
 @dataclass
@@ -50,6 +50,7 @@ class RuleConfig:
     clip: float = 10.0
     alpha: float = 1e-3  # initial step size (learned as log_alpha)
     beta: float = 1.0
+    trust: float = 1.0  # per tensor, RMS(beta * f) <= trust * RMS(base); 0: unbounded
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -64,19 +65,34 @@ class RuleConfig:
 
 
 class LearnedRule(nn.Module):
-    """The meta-learned part of the optimizer: ``f`` and ``log_alpha``. Its parameters fit every spec."""
+    """The meta-learned part of the optimizer: ``f`` and ``log_alpha``. Its parameters fit every spec, except with
+    ``variant="unf-exact"``: one coefficient matrix per basis term of ``spec`` (the UNF paper's per-pair layer, for
+    that one architecture; its weights file stores the spec)."""
 
-    def __init__(self, config: Optional[RuleConfig] = None, **kw):
+    def __init__(self, config: Optional[RuleConfig] = None, spec: Optional[WeightSpaceSpec] = None, **kw):
         super().__init__()
         self.config = config if config is not None else RuleConfig(**kw)
         c, basis = self.config, VARIANTS[self.config.variant]
+        self.spec, table = None, None
+        if c.variant == "unf-exact":
+            if spec is None:
+                raise ValueError("variant 'unf-exact' is made for one architecture: pass its spec")
+            self.spec, self._exact_plan = spec, SharedPlan(spec, basis, exact=True)
+            table = len(self._exact_plan.descriptors)
         widths = [c.in_channels] + [c.hidden] * c.depth
-        self.layers = nn.ModuleList(SharedUNFLinear(a, b, basis, c.hyper_hidden) for a, b in zip(widths, widths[1:]))
-        self.out = SharedUNFLinear(widths[-1], 1, basis, c.hyper_hidden, zero_init=True)
+        self.layers = nn.ModuleList(SharedUNFLinear(a, b, basis, c.hyper_hidden, table=table)
+                                    for a, b in zip(widths, widths[1:]))
+        self.out = SharedUNFLinear(widths[-1], 1, basis, c.hyper_hidden, zero_init=True, table=table)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(c.alpha)))
 
     def plan(self, spec: WeightSpaceSpec) -> SharedPlan:
-        return SharedPlan(spec, VARIANTS[self.config.variant])
+        if self.spec is None:
+            return SharedPlan(spec, VARIANTS[self.config.variant])
+        if spec != self.spec:
+            raise ValueError("these 'unf-exact' learned-optimizer weights fit only the architecture they were "
+                             f"meta-trained on ({len(self.spec)} tensors, groups {dict(self.spec.groups)}); use the "
+                             "shipped 'unf' weights, or meta-train for this model")
+        return self._exact_plan
 
     def forward(self, feats: WeightSpace, plan: SharedPlan) -> tuple[WeightSpace, torch.Tensor]:
         """``f`` ``[B, in_channels] -> [B, 1]`` and ``log_alpha`` (``[]``, or ``[B]`` with stacked parameters)."""
@@ -92,7 +108,8 @@ class LearnedRule(nn.Module):
         from ..io import atomic_write
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(asdict(self.config))}
+        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(asdict(self.config)),
+                **({"spec": self.spec.to_json()} if self.spec is not None else {})}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -116,7 +133,8 @@ class LearnedRule(nn.Module):
         if meta.get("version") != str(FORMAT_VERSION):
             raise ValueError(f"{path}: weights format version {meta.get('version')!r}; this unf reads {FORMAT_VERSION}")
         try:
-            rule = cls(RuleConfig(**json.loads(meta["config"])))
+            spec = WeightSpaceSpec.from_json(meta["spec"]) if "spec" in meta else None
+            rule = cls(RuleConfig(**json.loads(meta["config"])), spec=spec)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: its configuration (metadata 'config') is missing or invalid: {e}") from None
         try:
@@ -124,6 +142,11 @@ class LearnedRule(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"{path}: tensors do not fit the stored configuration: {e}") from None
         return rule
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the entries of each batch member and channel of ``[B, C, ...]``, kept broadcastable."""
+    return x.reshape(*x.shape[:2], -1).pow(2).mean(2).sqrt().view(*x.shape[:2], *[1] * (x.dim() - 2))
 
 
 def init_state(p: WeightSpace, num_decays: int) -> dict:
@@ -152,16 +175,20 @@ def step_direction(rule: LearnedRule, plan: SharedPlan, p: WeightSpace, g: Weigh
         v[n] = state["v"][n] * c.beta2 + (1 - c.beta2) * gn * gn
         base[n] = (m[n][:, k:k + 1] / (1 - 0.9 ** tn)) / ((v[n] / (1 - c.beta2 ** tn)).sqrt() + c.eps)
         raw = torch.cat([p[n], gn, m[n], v[n].sqrt(), base[n]], 1)
-        rms = raw.reshape(*raw.shape[:2], -1).pow(2).mean(2).add(1e-30).sqrt().view(*raw.shape[:2],
-                                                                                    *[1] * (raw.dim() - 2))
+        rms = _rms(raw) + 1e-30
         times = torch.tensor([math.tanh(tn / s) for s in c.time_scales], dtype=p.dtype, device=p.device)
         feats[n] = torch.cat([(raw / rms).clamp(-c.clip, c.clip),
                               times.view(bshape).expand(raw.shape[0], -1, *raw.shape[2:])], 1)
     args = (WeightSpace(p.spec, feats), plan)
     f, log_alpha = rule(*args) if params is None else torch.func.functional_call(rule, dict(params), args)
     alpha = log_alpha.exp()  # [] or, with stacked meta-weights, [B]
-    direction = WeightSpace(p.spec, {n: alpha.reshape(-1, *[1] * (base[n].dim() - 1)) * (base[n] + c.beta * f[n])
-                                     for n in names})
+    direction = {}
+    for n in names:
+        learned = c.beta * f[n]
+        if c.trust > 0:  # the learned term never outgrows the base step (per tensor: invariant, so equivariant)
+            learned = learned * (c.trust * _rms(base[n]) / (_rms(learned) + 1e-30)).clamp(max=1.0)
+        direction[n] = alpha.reshape(-1, *[1] * (base[n].dim() - 1)) * (base[n] + learned)
+    direction = WeightSpace(p.spec, direction)
     return direction, {"m": WeightSpace(p.spec, m), "v": WeightSpace(p.spec, v)}
 
 

@@ -95,7 +95,8 @@ def train_curve(task: EvalTask, make_optimizer: Callable[[nn.Module, torch.Tenso
     """Train ``task``'s model (seeded init and batches) with ``make_optimizer(model, example_input)``.
 
     Returns the full-batch training and test losses every ``eval_every`` steps (``None`` where not finite), final
-    test accuracy, whether it diverged (final training loss not finite or above twice the initial), and seconds."""
+    test accuracy, whether it diverged (final training loss not finite or above twice the initial), whether it stalled
+    (final training loss not below half the initial: e.g. a network collapsed to chance), and seconds."""
     xtr, ytr, xte, yte = (t.to(device) for t in task.data())
     torch.manual_seed(seed)
     model = task.model().to(device)
@@ -116,7 +117,8 @@ def train_curve(task: EvalTask, make_optimizer: Callable[[nn.Module, torch.Tenso
     test_loss, test_acc = full_loss(model, xte, yte)
     return {"train": [clean(v) for v in train], "test": [clean(v) for v in test], "eval_every": eval_every,
             "test_acc": test_acc if math.isfinite(test_loss) else 0.0,
-            "diverged": not math.isfinite(train[-1]) or train[-1] > 2 * train[0], "seconds": seconds}
+            "diverged": not math.isfinite(train[-1]) or train[-1] > 2 * train[0],
+            "stalled": not math.isfinite(train[-1]) or train[-1] >= 0.5 * train[0], "seconds": seconds}
 
 
 def steps_to_reach(curve: list, target: float) -> int | None:
