@@ -15,7 +15,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lopt_eval import LEARNED  # noqa: E402
+from timing import wall_times  # noqa: E402
 
 from unf.optim import LearnedRule, UNFOptimizer  # noqa: E402
 from unf.optim.tasks import mlp  # noqa: E402
@@ -30,15 +30,8 @@ from unf.zoo.builtin import cnn  # noqa: E402
 
 
 def _times(fn, repeats, sync):
-    fn()
-    fn()
-    out = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
+    fn()  # one more warm-up call: the first builds the plans
+    out = wall_times(fn, repeats, sync=sync)
     return statistics.median(out) * 1e3, min(out) * 1e3, max(out) * 1e3
 
 

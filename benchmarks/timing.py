@@ -6,9 +6,9 @@ import time
 from typing import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: bool = True,
-                sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls (after one untimed call if ``warmup``); ``sync`` waits for
+def wall_times(fn: Callable[[], object], repeats: int = 5, warmup: bool = True,
+               sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall times of ``fn()`` over ``repeats`` calls (after one untimed call if ``warmup``); ``sync`` waits for
     asynchronous devices (``torch.cuda.synchronize``) around each call."""
     if warmup:
         fn()
@@ -19,4 +19,10 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: bool = True,
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: bool = True,
+                sync: Callable[[], None] = lambda: None) -> float:
+    """Median of :func:`wall_times`."""
+    return statistics.median(wall_times(fn, repeats, warmup, sync))

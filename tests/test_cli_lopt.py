@@ -3,16 +3,8 @@ import json
 
 import pytest
 
+from test_cli import _user_error  # noqa: E402  (tests/ is on sys.path under pytest)
 from unf.cli import main
-
-
-def _user_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("unf: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_meta_train_writes_a_resumable_run_and_a_weights_file(tmp_path, capsys):

@@ -32,6 +32,18 @@ def _random_rule(seed=0, spec=None, **kw) -> LearnedRule:
     return rule.requires_grad_(False)
 
 
+def _lstm_spec():
+    """The spec of examples/models.py's LSTM classifier (hidden 5, one layer)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "models.py"
+    mod_spec = importlib.util.spec_from_file_location("unf_example_models_optim", path)
+    models = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(models)
+    return unf.spec_from_module(models.lstm(hidden=5, layers=1), torch.zeros(2, 4, dtype=torch.long))
+
+
 def _train(model, opt, steps, seed=0, closure_style=True):
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -88,21 +100,18 @@ def test_step_is_exactly_equivariant(variant):
 
 def test_shared_layer_handles_diagonal_terms_of_recurrent_weights():
     """An LSTM's hidden-to-hidden weight has one group on both axes: diagonal terms, still exactly equivariant."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "models.py"
-    mod_spec = importlib.util.spec_from_file_location("unf_example_models_optim", path)
-    models = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(models)
-    model = models.lstm(hidden=5, layers=1)
-    spec = unf.spec_from_module(model, torch.zeros(2, 4, dtype=torch.long))
+    spec = _lstm_spec()
     plan = SharedPlan(spec)
     assert any(d[-3] or d[-2] for d in plan.descriptors)  # diagonal reductions or embeddings occur
-    layer = SharedUNFLinear(2, 3).double()
+    _assert_equivariant(SharedUNFLinear(2, 3).double(), spec, plan)
+
+
+@torch.no_grad()
+def _assert_equivariant(layer, spec, plan):
+    """``layer`` commutes with a sampled permutation of ``spec`` on random float64 input (to 1e-12)."""
     gen = torch.Generator().manual_seed(0)
-    ws = unf.WeightSpace(spec, {k: torch.randn(2, 2, *spec[k].shape, dtype=torch.float64, generator=gen)
-                                for k in spec.float_names})
+    ws = unf.WeightSpace(spec, {k: torch.randn(2, layer.in_channels, *spec[k].shape, dtype=torch.float64,
+                                               generator=gen) for k in spec.float_names})
     perm = spec.sample_permutation(gen)
     a, b = layer(ws.permute(perm), plan), layer(ws, plan).permute(perm)
     assert max(float((a[k] - b[k]).abs().max()) for k in spec.float_names) < 1e-12
@@ -111,19 +120,11 @@ def test_shared_layer_handles_diagonal_terms_of_recurrent_weights():
 def test_shared_layer_parameter_count_does_not_depend_on_the_model():
     layer = SharedUNFLinear(3, 4).double()
     n = sum(p.numel() for p in layer.parameters())
-    specs = []
     for model, x in [(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)), torch.randn(1, 5)),
                      (nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
                                     nn.Linear(5 * 4 * 4, 3)), torch.randn(1, 1, 8, 8))]:
         spec = unf.spec_from_module(model, x)
-        specs.append(spec)
-        plan = SharedPlan(spec)
-        gen = torch.Generator().manual_seed(0)
-        ws = unf.WeightSpace(spec, {k: torch.randn(2, 3, *spec[k].shape, dtype=torch.float64, generator=gen)
-                                    for k in spec.float_names})
-        perm = spec.sample_permutation(gen)
-        a, b = layer(ws.permute(perm), plan), layer(ws, plan).permute(perm)
-        assert max(float((a[k] - b[k]).abs().max()) for k in spec.float_names) < 1e-12
+        _assert_equivariant(layer, spec, SharedPlan(spec))
         assert sum(p.numel() for p in layer.parameters()) == n
 
 
@@ -224,15 +225,7 @@ def test_stacked_meta_parameters_equal_separate_rules():
 
 def test_per_parameter_basis_has_no_swapped_axes():
     """The "mlp" variant maps each entry to itself: on a square recurrent weight no transposed term sneaks in."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "models.py"
-    mod_spec = importlib.util.spec_from_file_location("unf_example_models_optim2", path)
-    models = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(models)
-    model = models.lstm(hidden=5, layers=1)
-    spec = unf.spec_from_module(model, torch.zeros(2, 4, dtype=torch.long))
+    spec = _lstm_spec()
     layer = SharedUNFLinear(1, 1, basis="pointwise").double()
     plan = SharedPlan(spec, "pointwise")
     ws = unf.WeightSpace(spec, {k: torch.zeros(1, 1, *spec[k].shape, dtype=torch.float64) for k in spec.float_names})
