@@ -223,6 +223,7 @@ def test_stacked_meta_parameters_equal_separate_rules():
         assert max(float((together[n][i] - alone[n][0]).abs().max()) for n in spec.float_names) < 1e-12
 
 
+@torch.no_grad()
 def test_per_parameter_basis_has_no_swapped_axes():
     """The "mlp" variant maps each entry to itself: on a square recurrent weight no transposed term sneaks in."""
     spec = _lstm_spec()
