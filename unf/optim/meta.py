@@ -121,6 +121,20 @@ def _noise(cfg: MetaConfig, step: int, pair: int, dim: int) -> torch.Tensor:
     return torch.randn(dim, generator=g)
 
 
+def _model_spec(model: nn.Module, x: torch.Tensor):
+    """The parameters-only spec of ``model`` on inputs like ``x``."""
+    from .. import spec_from_module
+
+    return spec_from_module(model, x[:1]).subset(dict(model.named_parameters()))
+
+
+def _task_spec(task: Task):
+    from .. import data
+
+    split = data.load(task.dataset)
+    return _model_spec(task.make_model(split.x_train.shape[1], int(split.y_train.max()) + 1), split.x_train)
+
+
 class _Inner:
     """The inner training state of one task: ``n`` members (last: unperturbed), their optimizer state and noise."""
 
@@ -131,33 +145,17 @@ class _Inner:
         self.task, self.t = task, 0
         split = data.load(task.dataset)
         self.x, self.y = split.x_train, split.y_train
-        classes = int(self.y.max()) + 1
-        n = 2 * n_pairs + 1
-        make = lambda: task.make_model(self.x.shape[1], classes)  # noqa: E731
-        self.pop = make_population(make, [Member(seed=task.seed, init_scale=task.init_scale)] * n)
-        self.spec = self.task_spec(task)
+        make = lambda: task.make_model(self.x.shape[1], int(self.y.max()) + 1)  # noqa: E731
+        self.pop = make_population(make, [Member(seed=task.seed, init_scale=task.init_scale)] * (2 * n_pairs + 1))
+        self.spec = _model_spec(make(), self.x)
         self.plan = rule.plan(self.spec)
         self.state = init_state(self._ws(self.pop.flat), len(rule.config.decays))
         self.xi = torch.zeros(n_pairs, dim)  # PES: accumulated noise per pair
         self.gen = torch.Generator().manual_seed(task.seed)
         self.loss0: Optional[float] = None
 
-    @staticmethod
-    def task_spec(task: Task):
-        """The parameters-only spec of ``task``'s model."""
-        from .. import data, spec_from_module
-
-        split = data.load(task.dataset)
-        model = task.make_model(split.x_train.shape[1], int(split.y_train.max()) + 1)
-        return spec_from_module(model, split.x_train[:1]).subset(dict(model.named_parameters()))
-
     def _ws(self, flat: torch.Tensor) -> WeightSpace:
-        out, start = {}, 0
-        for name in self.spec.float_names:
-            size = math.prod(self.spec[name].shape)
-            out[name] = flat[:, start:start + size].reshape(flat.shape[0], 1, *self.spec[name].shape)
-            start += size
-        return WeightSpace(self.spec, out)
+        return WeightSpace.from_flat(self.spec, flat)  # pop.flat's layout: parameters in spec order
 
     def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float, log_loss: bool = False
                ) -> torch.Tensor:
@@ -224,7 +222,7 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
     if rule is None:
         spec = None
         if cfg.rule.get("variant") == "unf-exact":
-            spec = _Inner.task_spec(sample_task(torch.Generator().manual_seed(cfg.seed), cfg))
+            spec = _task_spec(sample_task(torch.Generator().manual_seed(cfg.seed), cfg))
         rule = LearnedRule(RuleConfig(**cfg.rule), spec=spec)
     names = [n for n, _ in rule.named_parameters()]
     shapes = [p.shape for p in rule.parameters()]
