@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parameters_to_vector
 
+from ..distributed import dist_info, init_distributed  # noqa: F401  (init_distributed: re-exported)
 from ..weights import WeightSpace
 from .rule import LearnedRule, RuleConfig, init_state, step_direction
 
@@ -191,33 +192,13 @@ class _Inner:
                     t.copy_(t[-1:].expand_as(t))
 
 
-def init_distributed(device: str = "cpu") -> bool:
-    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on CUDA); False when run alone."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return True
-
-
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist, dist.get_rank(), dist.get_world_size()
-    return None, 0, 1
-
-
 def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional[LearnedRule] = None,
                progress: bool = False, checkpoint_every: int = 10, log=None) -> tuple[LearnedRule, list[dict]]:
     """Meta-train a rule (``rule`` or a new one from ``cfg.rule``); checkpoints to ``out`` and resumes from there.
 
     Returns the rule and the per-step log (``{"step", "meta_loss", "grad_norm", "task", "seconds"}``). At the end
     ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads."""
-    dist, rank, world = _dist()
+    dist, rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     if rule is None:
         spec = None
