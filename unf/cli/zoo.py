@@ -20,14 +20,32 @@ def register(sub) -> None:
 
 
 def run_build(args) -> int:
+    """Under ``torchrun`` the chunks are split over the ranks (``unf.zoo.store.build``) and rank 0 reports; with
+    ``--device cuda`` (no index) each rank trains on ``cuda:LOCAL_RANK``, one GPU per process."""
+    import os
+
+    import torch
+
+    from unf.distributed import dist_info, init_distributed
     from unf.zoo.builtin import ZOOS, build_builtin
     from unf.zoo.store import ZooFormatError
 
     if args.name not in ZOOS:
         raise UserError(f"unknown zoo {args.name!r}; built-in zoos: {', '.join(sorted(ZOOS))}")
+    device = args.device
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device cuda: rank {device.index} on this node, but only {torch.cuda.device_count()} "
+                            "CUDA GPUs; start at most one process per GPU")
+        torch.cuda.set_device(device)  # before init, so that nccl binds each rank to its own GPU
+    init_distributed(str(device))
+    _, rank, _ = dist_info()
     with user_error("--out", (ZooFormatError, OSError)):  # another zoo there, or not writable
         zoo = build_builtin(args.name, args.out, args.num_models, args.seed, progress=args.progress,
-                            device=args.device)
+                            device=device)
+    if rank != 0:  # rank 0 reports for all
+        return 0
     networks = len({r["model_id"] for r in zoo.metadata})
     info(f"{args.name}: {len(zoo)} stored networks (rows) in {args.out}")
     emit({"name": args.name, "dir": args.out, "networks": networks, "rows": len(zoo), "complete": zoo.complete,

@@ -10,6 +10,10 @@ Nothing is pickled: a zoo cannot execute code when read. Every file is written a
 rename), and the manifest is written last: a shard or rows of a chunk that the manifest does not list are simply
 redone on resume, so a generation stopped at any point continues with nothing lost or duplicated. Shards carry a
 SHA-256 in the manifest; a truncated or altered file is reported by name.
+
+Under ``torchrun`` (a process group is running) :func:`build` splits the chunks still to do over the ranks: every
+rank writes the shards of its own chunks, and rank 0 alone writes ``metadata.csv`` and the manifest, so the store is
+the same as one process's and resumes the same way.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from ..distributed import dist_info
 from ..io import atomic_write
 from ..spec import WeightSpaceSpec
 
@@ -81,21 +86,13 @@ class ZooWriter:
 
     def write_chunk(self, chunk: int, records: Sequence[dict], state_dicts: Sequence[dict]) -> None:
         """Store one chunk: ``records[i]`` (must hold ``model_id`` and ``epoch``) describes ``state_dicts[i]``."""
-        from safetensors.torch import save_file
-
         if chunk in self.done:
             raise ValueError(f"chunk {chunk} is already stored in {self.root}")
-        if len(records) != len(state_dicts):
-            raise ValueError(f"{len(records)} records for {len(state_dicts)} state_dicts")
-        tensors = {}
-        for rec, sd in zip(records, state_dicts):
-            if "model_id" not in rec or "epoch" not in rec:
-                raise ValueError(f"record {rec} needs 'model_id' and 'epoch'")
-            self.spec.validate(sd)
-            for k, v in sd.items():
-                tensors[f"{rec['model_id']}/{rec['epoch']}/{k}"] = v.detach().to("cpu").contiguous().clone()
-        rel = f"weights/shard-{chunk:05d}.safetensors"
-        atomic_write(self.root / rel, lambda tmp: save_file(tensors, tmp))
+        self.commit(chunk, records, _write_shard(self.root, self.spec, chunk, records, state_dicts))
+
+    def commit(self, chunk: int, records: Sequence[dict], rel: str) -> None:
+        """List a chunk whose shard ``rel`` is already on disk: its rows, then the manifest (written last, so the
+        chunk counts as stored only once everything it needs is in place)."""
         self.rows += [{"chunk": chunk, **rec} for rec in records]
         _write_rows(self.root, self.rows)
         self.manifest["shards"].append({"chunk": chunk, "file": rel, "rows": len(records),
@@ -107,9 +104,34 @@ class ZooWriter:
         _write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
 
 
+def _write_shard(root: Path, spec: WeightSpaceSpec, chunk: int, records: Sequence[dict],
+                 state_dicts: Sequence[dict]) -> str:
+    """Write one chunk's shard atomically (replacing a stray one of an interrupted run); its path in the zoo."""
+    from safetensors.torch import save_file
+
+    if len(records) != len(state_dicts):
+        raise ValueError(f"{len(records)} records for {len(state_dicts)} state_dicts")
+    tensors = {}
+    for rec, sd in zip(records, state_dicts):
+        if "model_id" not in rec or "epoch" not in rec:
+            raise ValueError(f"record {rec} needs 'model_id' and 'epoch'")
+        spec.validate(sd)
+        for k, v in sd.items():
+            tensors[f"{rec['model_id']}/{rec['epoch']}/{k}"] = v.detach().to("cpu").contiguous().clone()
+    rel = f"weights/shard-{chunk:05d}.safetensors"
+    atomic_write(root / rel, lambda tmp: save_file(tensors, tmp))
+    return rel
+
+
 def build(root: PathLike, spec: WeightSpaceSpec, chunks: int, make_chunk: Callable[[int], tuple[list, list]],
           name: str = "zoo", info: Optional[dict] = None, progress: bool = True) -> "Zoo":
-    """Generate a zoo chunk by chunk (``make_chunk(i) -> (records, state_dicts)``), skipping stored chunks."""
+    """Generate a zoo chunk by chunk (``make_chunk(i) -> (records, state_dicts)``), skipping stored chunks.
+
+    When a process group is running (``torchrun``), every rank must call it with the same arguments: the chunks still
+    to do are dealt out over the ranks, and every rank returns the finished zoo."""
+    dist, rank, world = dist_info()
+    if dist is not None and world > 1:
+        return _build_distributed(dist, rank, world, Path(root), spec, chunks, make_chunk, name, info, progress)
     writer = ZooWriter(root, spec, name, info)
     todo: Iterable[int] = [i for i in range(chunks) if i not in writer.done]
     if progress:
@@ -120,6 +142,54 @@ def build(root: PathLike, spec: WeightSpaceSpec, chunks: int, make_chunk: Callab
         records, sds = make_chunk(i)
         writer.write_chunk(i, records, sds)
     writer.finish()
+    return Zoo(root)
+
+
+def _build_distributed(dist, rank: int, world: int, root: Path, spec: WeightSpaceSpec, chunks: int,
+                       make_chunk: Callable, name: str, info: Optional[dict], progress: bool) -> "Zoo":
+    """:func:`build` over ``world`` ranks. Rank 0 alone owns ``metadata.csv`` and the manifest (two writers would
+    lose each other's rows); the others only write shard files. Work goes in rounds: each rank makes one chunk and
+    writes its shard, then hands its records to rank 0, which lists the round's chunks. A shard is therefore on disk
+    before the manifest names it, and an interrupted run leaves at most unlisted shards, which are redone."""
+    # Only Python objects travel (records, the list of stored chunks), so they go over gloo even when the default
+    # group is nccl: nccl would need each rank's CUDA device set and would copy every pickle through the GPU.
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    writer, box = None, [None]
+    if rank == 0:  # opens (or creates) the zoo; a mismatch is raised on every rank rather than leaving them waiting
+        try:
+            writer = ZooWriter(root, spec, name, info)
+            box[0] = sorted(writer.done)
+        except (ZooFormatError, OSError) as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0, group=group)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    done = set(box[0])
+    todo = [i for i in range(chunks) if i not in done]  # the same list on every rank
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"building {name}", unit="chunk", initial=len(done), total=chunks)
+    # Deal by position in the list still to do (not by chunk index), so a resumed build stays balanced.
+    for start in range(0, len(todo), world):
+        mine = todo[start + rank] if start + rank < len(todo) else None
+        made = None
+        if mine is not None:
+            records, sds = make_chunk(mine)
+            made = (mine, records, _write_shard(root, spec, mine, records, sds))
+        got = [None] * world if rank == 0 else None
+        dist.gather_object(made, got, dst=0, group=group)  # every shard of the round is on disk past this point
+        if rank == 0:
+            for chunk, records, rel in sorted((m for m in got if m is not None), key=lambda m: m[0]):
+                writer.commit(chunk, records, rel)
+            if bar is not None:
+                bar.update(sum(m is not None for m in got))
+    if rank == 0:
+        writer.finish()
+        if bar is not None:
+            bar.close()
+    dist.barrier(group=group)  # no rank returns before the manifest is complete
     return Zoo(root)
 
 
