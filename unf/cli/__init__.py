@@ -24,7 +24,7 @@ from .common import Parser, UserError, configure, load_factory, warn  # noqa: F4
 
 # Built-in commands, in the order ``unf --help`` lists them: each is a module ``unf/cli/<name>.py`` with
 # ``register(sub)`` and ``run(args)``. A new use adds its module and its name here.
-COMMANDS = ("spec", "align", "zoo", "predict", "lopt", "demo")
+COMMANDS = ("spec", "align", "zoo", "predict", "lopt", "flow", "demo")
 
 PLUGIN_GROUP = "unf.commands"
 

@@ -1,0 +1,200 @@
+"""``unf flow train | sample | eval``: fit a weight-space flow to a zoo, generate a zoo from it, measure what came out."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import UserError, add_command, add_group, at_least, emit, info, user_error
+
+
+def register(sub) -> None:
+    flow = add_group(sub, "flow", help="generate networks: flow matching in weight space with a UNF velocity",
+                     example="unf flow train --zoo zoos/digits-mlp --out runs/flow --where activation=relu\n"
+                             "unf flow sample runs/flow --num 1000 --out zoos/generated\n"
+                             "unf flow eval zoos/generated --zoo zoos/digits-mlp")
+    p = add_command(flow, "train", run=run_train, seed=True, device=True,
+                    help="fit a flow to a zoo's networks (resumes an interrupted run in --out; runs under torchrun)",
+                    example="unf flow train --zoo zoos/digits-mlp --out runs/flow --where activation=relu --epoch 10 "
+                            "--holdout 0.2 --velocity unf --steps 3000")
+    p.add_argument("--zoo", required=True, help="zoo directory (the store format of `unf zoo build`)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints and flow.safetensors")
+    p.add_argument("--where", action="append", default=[], metavar="COL=VAL",
+                   help="keep rows whose metadata column COL equals VAL (repeatable)")
+    p.add_argument("--epoch", default=None, help="the rows of this saved epoch (default: the last one)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of networks held out, never trained on (default 0.2)")
+    p.add_argument("--velocity", choices=("unf", "mlp"), default="unf",
+                   help="unf: equivariant UNF field (default); mlp: DeepWeightFlow's flat MLP")
+    p.add_argument("--steps", type=at_least(1), default=3000, help="training steps (default 3000)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="networks per step and process (default 64)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
+    p.add_argument("--condition", action="append", default=[], metavar="COL",
+                   help="metadata column to condition on (repeatable), e.g. test_acc")
+    p.add_argument("--canonicalize", choices=("none", "reference", "barycentre"), default="none",
+                   help="align the zoo's networks before fitting (reference: to the most accurate one)")
+    p.add_argument("--no-ot", action="store_true", help="independent coupling instead of minibatch OT")
+    p.add_argument("--align-source", action="store_true",
+                   help="permute each noise sample towards its target (weight matching)")
+
+    p = add_command(flow, "sample", run=run_sample, seed=True, device=True,
+                    help="generate networks from a trained flow and store them as a zoo (with test accuracy)",
+                    example="unf flow sample runs/flow --num 1000 --out zoos/generated --nfe 20 --solver heun")
+    p.add_argument("run", help="run directory of `unf flow train` (or its flow.safetensors)")
+    p.add_argument("--num", type=at_least(1), required=True, help="networks to generate")
+    p.add_argument("--out", required=True, help="new zoo directory")
+    p.add_argument("--nfe", type=at_least(1), default=20, help="velocity evaluations per network (default 20)")
+    p.add_argument("--solver", choices=("euler", "midpoint", "heun", "rk4"), default="heun",
+                   help="fixed-step solver (default heun)")
+    p.add_argument("--condition", action="append", default=[], metavar="COL=VAL",
+                   help="value of a conditioning column (repeatable); unset columns are left open")
+    p.add_argument("--batch-size", type=at_least(1), default=1000, help="networks per solver batch (default 1000)")
+
+    p = add_command(flow, "eval", run=run_eval,
+                    help="accuracy and novelty of a generated zoo against the flow's training and held-out networks",
+                    example="unf flow eval zoos/generated --zoo zoos/digits-mlp --json")
+    p.add_argument("dir", help="generated zoo directory (from `unf flow sample`)")
+    p.add_argument("--zoo", required=True, help="the zoo the flow was trained on")
+    p.add_argument("--no-l2", action="store_true", help="skip the aligned L2 distance (the slowest metric)")
+
+
+def _flow_path(run: str) -> Path:
+    p = Path(run)
+    return p / "flow.safetensors" if p.is_dir() else p
+
+
+def run_train(args) -> int:
+    import torch
+
+    from unf.distributed import dist_info, init_distributed
+    from unf.flow import CheckpointError, FlowConfig, train_flow
+    from unf.flow.canonical import reference_index
+    from unf.flow.zoo import holdout_split, model_factory, parse_where, select_rows, zoo_data
+    from unf.zoo import Zoo, ZooFormatError
+
+    if not 0 <= args.holdout < 1:
+        raise UserError(f"--holdout {args.holdout}: must be in [0, 1)")
+    init_distributed(str(args.device))
+    _, rank, _ = dist_info()
+    with user_error("--zoo", (ZooFormatError, OSError)):
+        zoo = Zoo(args.zoo)
+    with user_error("--where", (ValueError,)):
+        where = parse_where(args.where)
+        picked = select_rows(zoo, where, args.epoch)
+    with user_error("--zoo", (ValueError,)):
+        data_name, split_seed = zoo_data(zoo.manifest.get("info", {}))
+        model_factory(zoo.manifest.get("info", {}))
+    rows = [zoo.metadata[i] for i in picked]
+    train_ids, held = holdout_split([r["model_id"] for r in rows], args.holdout, args.seed)
+    keep = set(train_ids)
+    train_rows = [i for i, r in zip(picked, rows) if str(r["model_id"]) in keep]
+    if len(train_rows) < 2:
+        raise UserError(f"only {len(train_rows)} training networks after --where/--epoch/--holdout; a flow needs >= 2")
+    meta = [zoo.metadata[i] for i in train_rows]
+    ws = zoo.weight_space(train_rows)
+    acc = [float(r["test_acc"]) if "test_acc" in r else 0.0 for r in meta] if "test_acc" in meta[0] else None
+    cfg = FlowConfig(velocity=args.velocity, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                     lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
+                     canonicalize=args.canonicalize, ot=not args.no_ot, align_source=args.align_source,
+                     condition=list(args.condition))
+    epoch = str(meta[0]["epoch"])
+    # columns that every training network shares (an activation chosen by --where, hyperparameters held fixed):
+    # generated networks carry them, so they are evaluated with the right architecture
+    fixed = {c: v for c, v in meta[0].items() if c not in ("chunk", "model_id") and all(r.get(c) == v for r in meta)
+             and c not in cfg.condition}
+    mixed = sorted({r["activation"] for r in meta}) if "activation" in meta[0] and "activation" not in fixed else []
+    if mixed and "activation" not in cfg.condition:
+        raise UserError(f"the training networks mix activations {mixed}: a generated network would have none; "
+                        "train on one (--where activation=relu) or condition on it (--condition activation)")
+    run_info = {"fixed": fixed, "zoo": str(Path(args.zoo).resolve()), "zoo_name": zoo.manifest.get("name"),
+                "zoo_info": zoo.manifest.get("info", {}), "where": where, "epoch": epoch, "data": data_name,
+                "split_seed": split_seed, "holdout": held, "holdout_fraction": args.holdout,
+                "train_ids": train_ids, "seed": args.seed}
+    info(f"{len(train_rows)} training networks ({len(held)} held out) from {args.zoo}, epoch {epoch}; "
+         f"{cfg.velocity} velocity, {cfg.steps} steps")
+    with user_error("--out", (CheckpointError, OSError)):
+        flow, history = train_flow(ws, meta, cfg, out=args.out, device=args.device, progress=args.progress,
+                                   info=run_info, reference=reference_index(acc))
+    if rank == 0:
+        (Path(args.out) / "history.json").write_text(json.dumps(history))
+        info(f"final loss {history[-1]['loss']:.4f}; flow in {Path(args.out) / 'flow.safetensors'}")
+        emit({"out": args.out, "velocity": cfg.velocity, "parameters": flow.info["velocity_parameters"],
+              "train_networks": len(train_rows), "holdout_networks": len(held), "steps": len(history),
+              "loss": history[-1]["loss"], "seconds": history[-1]["seconds"], "seed": args.seed,
+              "device": str(args.device)})
+    del torch
+    return 0
+
+
+def run_sample(args) -> int:
+    import time
+
+    from unf.flow import WeightFlow
+    from unf.flow.evaluate import evaluate_networks
+    from unf.flow.zoo import model_factory, parse_where, write_generated
+
+    with user_error("RUN", (ValueError, OSError)):
+        flow = WeightFlow.load(_flow_path(args.run))
+    with user_error("--condition", (ValueError,)):
+        condition = parse_where(args.condition)
+        for k, v in condition.items():
+            if k not in flow.conditioning.names:
+                raise ValueError(f"{k!r}: the flow was trained on {flow.conditioning.names or 'no conditions'}")
+            flow.conditioning.index(k, v)
+    if (Path(args.out) / "manifest.json").exists():
+        raise UserError(f"--out {args.out}: a zoo is already there; choose a new directory")
+    run = flow.info
+    start = time.perf_counter()
+    with user_error("--nfe", (ValueError,)):
+        ws, nfe = flow.sample(args.num, args.nfe, args.solver, condition, seed=args.seed,
+                              batch_size=args.batch_size, device=args.device, progress=args.progress)
+    seconds = time.perf_counter() - start
+    info(f"{args.num} networks in {seconds:.2f} s ({nfe} velocity evaluations per batch, {args.solver})")
+    if "activation" in flow.conditioning.names and "activation" not in condition:
+        raise UserError("the flow is conditioned on activation: pass --condition activation=VALUE, so that the "
+                        "generated networks are built and evaluated with it")
+    keep = ("activation", "epoch")  # the architecture's choices; other fixed columns are the source runs' metrics
+    base = {**{k: v for k, v in run.get("fixed", {}).items() if k in keep}, **run.get("where", {}), **condition}
+    rows = [{"model_id": f"gen{args.seed}-{i:05d}", "epoch": run.get("epoch", 0), **base,
+             "flow_seed": args.seed} for i in range(args.num)]
+    zoo_info = dict(run.get("zoo_info", {}))
+    with user_error("the flow's zoo", (ValueError, ImportError, AttributeError)):
+        factory = model_factory(zoo_info)
+    ws, metrics = evaluate_networks(factory, ws, rows, run["data"], run["split_seed"], device=args.device)
+    for r, m in zip(rows, metrics):
+        r.update(m)
+    out_info = {**zoo_info, "data": run["data"], "split_seed": run["split_seed"], "generated": True,
+                "source_zoo": run.get("zoo"), "flow": str(_flow_path(args.run).resolve()), "flow_seed": args.seed,
+                "nfe": nfe, "solver": args.solver, "condition": condition, "where": run.get("where", {}),
+                "epoch": run.get("epoch"), "holdout": run.get("holdout", []), "train_ids": run.get("train_ids", []),
+                "sample_seconds": seconds}
+    with user_error("--out", (OSError, FileExistsError)):
+        zoo = write_generated(args.out, ws, rows, name=f"{run.get('zoo_name') or 'zoo'}-generated", info=out_info)
+    accs = [m["test_acc"] for m in metrics]
+    mean = sum(accs) / len(accs)
+    info(f"stored in {args.out}; test accuracy mean {mean:.4f}")
+    emit({"out": args.out, "networks": len(zoo), "seconds": seconds, "nfe": nfe, "solver": args.solver,
+          "seed": args.seed, "test_acc_mean": mean, "device": str(args.device)})
+    return 0
+
+
+def run_eval(args) -> int:
+    from unf.flow.evaluate import evaluate_generated
+    from unf.zoo import Zoo, ZooFormatError
+
+    with user_error("DIR", (ZooFormatError, OSError)):
+        gen = Zoo(args.dir)
+    with user_error("--zoo", (ZooFormatError, OSError)):
+        src = Zoo(args.zoo)
+    with user_error("DIR", (ValueError, KeyError)):
+        result = evaluate_generated(gen, src, l2=not args.no_l2)
+    for name in ("train", "heldout", "generated"):
+        s = result[name]
+        line = f"{name:>9}: n={s['n']:4d}  accuracy mean {s['accuracy']['mean']:.4f} median {s['accuracy']['q50']:.4f}"
+        if "iou" in s:
+            line += (f"  copies {s['copy_fraction']:.1%}  IoU median {s['iou']['q50']:.3f}  derivedness median "
+                     f"{s['derivedness']['q50']:.3f}")
+            if "l2" in s:
+                line += f"  aligned L2 median {s['l2']['q50']:.3f}"
+        info(line)
+    emit({"dir": args.dir, "zoo": args.zoo, **result})
+    return 0
