@@ -1,0 +1,139 @@
+"""Accuracy, novelty and sampling time of trained weight flows, beside memoriser and other baselines, in one run.
+
+    python benchmarks/flow_eval.py --zoo /work/zoos/digits-mlp --run runs/unf --run runs/mlp \
+        --num 1000 --nfe 20 --solver heun --sweep 1,2,4,8,16,32 --out benchmarks/results/flow_eval
+
+Every run must come from ``unf flow train`` on ``--zoo`` with the same selection and holdout (its flow file names
+them). Per run: time to sample ``--num`` networks on the CPU, their test accuracy (no fine-tuning) and novelty
+against the flow's training networks, held-out networks as the reference level; an NFE sweep on ``--sweep-num``
+networks. Baselines on the same axes: memorisers (k best training networks + noise, sigma grid), interpolations of
+aligned pairs, a per-parameter Gaussian. Writes ``OUT.jsonl`` and ``OUT.png`` (accuracy vs novelty).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", required=True)
+    ap.add_argument("--run", action="append", required=True)
+    ap.add_argument("--num", type=int, default=1000)
+    ap.add_argument("--nfe", type=int, default=20)
+    ap.add_argument("--solver", default="heun")
+    ap.add_argument("--sweep", default="1,2,4,8,16,32")
+    ap.add_argument("--sweep-num", type=int, default=200)
+    ap.add_argument("--baseline-num", type=int, default=200)
+    ap.add_argument("--out", default="benchmarks/results/flow_eval")
+    args = ap.parse_args()
+
+    from unf import data as datasets
+    from unf.flow import WeightFlow
+    from unf.flow.baselines import gaussian, interpolations, memorisers, noise_frontier, dominated
+    from unf.flow.evaluate import evaluate_networks
+    from unf.flow.novelty import novelty_report, probe_set, stacked_logits
+    from unf.flow.zoo import build_network, model_factory, select_rows
+    from unf.zoo import Zoo
+
+    zoo = Zoo(args.zoo)
+    flows = {Path(r).name: WeightFlow.load(Path(r) / "flow.safetensors") for r in args.run}
+    first = next(iter(flows.values())).info
+    picked = select_rows(zoo, first["where"], first["epoch"])
+    train_ids, held_ids = set(first["train_ids"]), set(first["holdout"])
+    train_rows = [i for i in picked if zoo.metadata[i]["model_id"] in train_ids]
+    held_rows = [i for i in picked if zoo.metadata[i]["model_id"] in held_ids]
+    split = datasets.load(first["data"], seed=first["split_seed"])
+    factory = model_factory(zoo.manifest["info"])
+    model = build_network(factory, zoo.metadata[picked[0]])
+    train_ws, held_ws = zoo.weight_space(train_rows), zoo.weight_space(held_rows)
+    x = probe_set(split.x_test, copies=2, seed=first["split_seed"])
+    lines = []
+    meta = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads", "torch": torch.__version__, "zoo": args.zoo,
+            "train": len(train_rows), "heldout": len(held_rows)}
+
+    def acc_of(ws):
+        return (stacked_logits(model, zoo.spec, ws, split.x_test).argmax(2) == split.y_test).double().mean(1)
+
+    train_acc = acc_of(train_ws)
+    sets, times = {}, {}
+    for name, flow in flows.items():
+        flow.sample(8, args.nfe, args.solver)  # warm-up
+        start = time.perf_counter()
+        ws, nfe = flow.sample(args.num, args.nfe, args.solver, seed=0)
+        times[name] = {"seconds": time.perf_counter() - start, "nfe": nfe,
+                       "per_eval": (time.perf_counter() - start) / nfe,
+                       "parameters": flow.info.get("velocity_parameters"),
+                       "velocity": flow.velocity.kind, "canonicalize": flow.info["config"]["canonicalize"],
+                       "train_seconds": flow.info.get("seconds")}
+        sets[name] = ws
+        for k in [int(v) for v in args.sweep.split(",") if v]:
+            for solver in ("euler", "heun", "rk4"):
+                if k < {"euler": 1, "heun": 2, "rk4": 4}[solver]:
+                    continue
+                sw, n = flow.sample(args.sweep_num, k, solver, seed=1)
+                acc = acc_of(sw)
+                lines.append({"kind": "sweep", "run": name, "solver": solver, "nfe": n, "acc_mean": float(acc.mean()),
+                              "acc_median": float(acc.median())})
+                print(lines[-1], flush=True)
+    n = args.baseline_num
+    for k in (1, 10, len(train_rows)):
+        for sigma in (0.02, 0.05, 0.1, 0.2, 0.5):
+            sets[f"memoriser k={k} sigma={sigma}"] = memorisers(train_ws, train_acc, k, sigma, n, seed=0)
+    sets["interpolation"] = interpolations(zoo.spec, train_ws, n, seed=0)
+    sets["gaussian"] = gaussian(train_ws, n, seed=0)
+    report = novelty_report(model, zoo.spec, sets, train_ws, held_ws, x, split.y_test)
+    summary = {name: r["summary"] for name, r in report.items()}
+    points = {name: (1 - s["derivedness"]["q50"], s["accuracy"]["mean"]) for name, s in summary.items()}
+    frontier = noise_frontier(torch.tensor([p for nm, p in points.items() if nm.startswith("memoriser")]))
+    for name, s in summary.items():
+        line = {"kind": "set", "name": name, **s, **times.get(name, {}),
+                "dominated_by_memorisers": bool(dominated(torch.tensor(points[name]), frontier))
+                if not name.startswith("memoriser") else None}
+        lines.append(line)
+        print(name, f"acc {s['accuracy']['mean']:.4f} (median {s['accuracy']['q50']:.4f}) copies "
+              f"{s['copy_fraction']:.3f} derived {s['derivedness']['q50']:.3f} l2 {s['l2']['q50']:.2f}",
+              times.get(name, ""), flush=True)
+    lines.append({"kind": "train", "acc_mean": float(train_acc.mean()), "acc_median": float(train_acc.median()),
+                  "acc_std": float(train_acc.std())})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        for line in lines:
+            f.write(json.dumps({**meta, **line}) + "\n")
+    plot(points, frontier, float(train_acc.mean()), out.with_suffix(".png"))
+
+
+def plot(points: dict, frontier: torch.Tensor, train_acc: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    mem = [p for n, p in points.items() if n.startswith("memoriser")]
+    ax.scatter(*zip(*mem), s=12, c="0.6", label="memorisers (k best + noise)")
+    if len(frontier):
+        f = frontier[frontier[:, 0].argsort()]
+        ax.step(f[:, 0], f[:, 1], where="post", c="0.3", lw=1, label="noise frontier")
+    for name, (nov, acc) in points.items():
+        if name.startswith("memoriser"):
+            continue
+        ax.scatter([nov], [acc], s=40, label=name)
+    ax.axhline(train_acc, ls="--", c="k", lw=0.8, label="training zoo mean accuracy")
+    ax.set_xlabel("novelty: 1 - median derived-ness (held-out networks: the level of a new network)")
+    ax.set_ylabel("mean test accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
