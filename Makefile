@@ -7,7 +7,7 @@ PYTHON ?= python
 .PHONY: install demo test bench
 
 install:
-	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install -q -e ".[test]" -e plugins/unf-torch-transformer
 
 demo: install
