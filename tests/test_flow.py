@@ -30,10 +30,10 @@ def _random_ws(spec, n, dtype=torch.float32, seed=0):
                               for k in spec.float_names})
 
 
-@pytest.mark.parametrize("fold_max", [0, 4])
-def test_unf_velocity_is_equivariant(spec, fold_max):
+@pytest.mark.parametrize("fold_max,prediction", [(0, "velocity"), (4, "velocity"), (4, "data")])
+def test_unf_velocity_is_equivariant(spec, fold_max, prediction):
     torch.manual_seed(0)
-    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max).double()
+    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction).double()
     with torch.no_grad():  # the output layer starts at zero: make it non-trivial
         for p in v.out.parameters():
             p.normal_()
@@ -52,6 +52,32 @@ def test_unf_velocity_is_equivariant(spec, fold_max):
             p.normal_()
     a, b = m(x.permute(perm), t), m(x, t).permute(perm)
     assert max((a[n] - b[n]).abs().max().item() for n in a.names) > 1e-3
+
+
+def test_data_prediction_is_the_velocity_of_the_linear_path(spec):
+    torch.manual_seed(0)
+    m = MLPVelocity(spec, hidden=16, layers=2, emb=8, prediction="data", min_gap=0.1).double()
+    with torch.no_grad():
+        for p in m.out.parameters():
+            p.normal_()
+    x = _random_ws(spec, 4, torch.float64)
+    t = torch.tensor([0.0, 0.5, 0.95, 1.0], dtype=torch.float64)
+    x1 = m.predict(x, t)
+    v = m(x, t)
+    gap = torch.tensor([1.0, 0.5, 0.1, 0.1], dtype=torch.float64)  # 1 - t, clamped at min_gap
+    for n in x.names:
+        want = (x1[n] - x[n]) / gap.view((-1,) + (1,) * (x[n].dim() - 1))
+        assert torch.allclose(v[n], want, rtol=1e-12, atol=1e-12)
+    # one Euler step from t to 1 lands on the predicted clean weights
+    assert torch.allclose(x.flatten()[1] + 0.5 * v.flatten()[1], x1.flatten()[1], atol=1e-12)
+    with pytest.raises(ValueError, match="prediction 'noise'"):
+        MLPVelocity(spec, prediction="noise")
+    with pytest.raises(ValueError, match="min_gap"):
+        UNFVelocity(spec, prediction="data", min_gap=0.0)
+    ws = _random_ws(spec, 4)
+    with pytest.raises(ValueError, match="data-predicting field"):
+        train_flow(ws, None, FlowConfig(velocity="unf", loss="data", steps=1, batch_size=2,
+                                        velocity_config=dict(hidden=4, depth=1, emb=8)))
 
 
 @pytest.mark.parametrize("solver", sorted(COST))
@@ -186,6 +212,35 @@ def test_training_resumes_exactly_from_a_checkpoint(spec, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ValueError, match="other settings"):
         train_flow(ws, None, FlowConfig(steps=6, lr=1.0, **cfg), out=tmp_path / "part")
+
+
+def test_selection_keeps_the_best_scored_snapshot_and_survives_resume(spec, tmp_path):
+    ws, _, _ = _two_mode_zoo(spec, n=8)
+    cfg = dict(velocity="mlp", velocity_config=dict(hidden=8, layers=2, emb=8), batch_size=4, checkpoint_every=2,
+               seed=2)
+    calls = []
+
+    def select(flow):  # a score that peaks at the 2nd selection (step 4)
+        calls.append(1)
+        return [0.1, 0.9, 0.5][len(calls) - 1]
+
+    best, hist = train_flow(ws, None, FlowConfig(steps=6, select_every=2, **cfg), out=tmp_path / "sel",
+                            select=select)
+    assert best.info["selected_step"] == 4 and best.info["selected_score"] == 0.9
+    assert [h.get("select") for h in hist] == [None, 0.1, None, 0.9, None, 0.5]
+    # the kept field is the EMA of step 4: the same as a plain run of 4 steps (batches depend on (seed, step))
+    plain, _ = train_flow(ws, None, FlowConfig(steps=4, **cfg))
+    a, b = best.velocity.state_dict(), plain.velocity.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    on_disk = WeightFlow.load(tmp_path / "sel" / "flow.safetensors").velocity.state_dict()
+    assert all(torch.allclose(a[k], on_disk[k]) for k in a)
+    # a resumed run past its best step returns the best one from disk, and extending it scores on
+    calls.clear()
+    calls.extend([1, 1])  # the next score is the 3rd of the list (0.5): no improvement
+    again, _ = train_flow(ws, None, FlowConfig(steps=6, select_every=2, **cfg), out=tmp_path / "sel", select=select)
+    assert again.info["selected_step"] == 4
+    with pytest.raises(ValueError, match="select function"):
+        train_flow(ws, None, FlowConfig(steps=2, select_every=1, **cfg))
 
 
 def test_standardizer_and_conditioning_round_trip():

@@ -35,6 +35,13 @@ def register(sub) -> None:
     p.add_argument("--no-ot", action="store_true", help="independent coupling instead of minibatch OT")
     p.add_argument("--align-source", action="store_true",
                    help="permute each noise sample towards its target (weight matching)")
+    p.add_argument("--prediction", choices=("data", "velocity"), default=None,
+                   help="what the field's network outputs: the clean weights (data; default for mlp) or the "
+                        "velocity (default for unf)")
+    p.add_argument("--select-every", type=at_least(0), default=0, metavar="K",
+                   help="every K steps sample --select-num networks and keep the flow whose samples are most "
+                        "accurate on the zoo's training split (no test data; default 0: keep the last)")
+    p.add_argument("--select-num", type=at_least(1), default=100, help="networks sampled per selection (100)")
 
     p = add_command(flow, "sample", run=run_sample, seed=True, device=True,
                     help="generate networks from a trained flow and store them as a zoo (with test accuracy)",
@@ -91,11 +98,14 @@ def run_train(args) -> int:
         raise UserError(f"only {len(train_rows)} training networks after --where/--epoch/--holdout; a flow needs >= 2")
     meta = [zoo.metadata[i] for i in train_rows]
     ws = zoo.weight_space(train_rows)
-    acc = [float(r["test_acc"]) if "test_acc" in r else 0.0 for r in meta] if "test_acc" in meta[0] else None
+    # the reference network of canonicalisation: the best on the training split (test accuracy is for reports)
+    acc_col = next((c for c in ("train_acc", "test_acc") if c in meta[0]), None)
+    acc = [float(r[acc_col]) for r in meta] if acc_col else None
     cfg = FlowConfig(velocity=args.velocity, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                      lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
                      canonicalize=args.canonicalize, ot=not args.no_ot, align_source=args.align_source,
-                     condition=list(args.condition))
+                     condition=list(args.condition), select_every=args.select_every,
+                     velocity_config={} if args.prediction is None else {"prediction": args.prediction})
     epoch = str(meta[0]["epoch"])
     # columns that every training network shares (an activation chosen by --where, hyperparameters held fixed):
     # generated networks carry them, so they are evaluated with the right architecture
@@ -111,13 +121,24 @@ def run_train(args) -> int:
                 "train_ids": train_ids, "seed": args.seed}
     info(f"{len(train_rows)} training networks ({len(held)} held out) from {args.zoo}, epoch {epoch}; "
          f"{cfg.velocity} velocity, {cfg.steps} steps")
+    select = None
+    if cfg.select_every:
+        if cfg.condition:
+            raise UserError("--select-every scores unconditioned samples; it cannot be combined with --condition")
+        from unf.flow.evaluate import train_split_scorer
+
+        select = train_split_scorer(model_factory(zoo.manifest.get("info", {})), meta[0], data_name, split_seed,
+                                    num=args.select_num, seed=args.seed)
     with user_error("--out", (CheckpointError, OSError)):
         flow, history = train_flow(ws, meta, cfg, out=args.out, device=args.device, progress=args.progress,
-                                   info=run_info, reference=reference_index(acc))
+                                   info=run_info, reference=reference_index(acc), select=select)
     if rank == 0:
         (Path(args.out) / "history.json").write_text(json.dumps(history))
-        info(f"final loss {history[-1]['loss']:.4f}; flow in {Path(args.out) / 'flow.safetensors'}")
+        chosen = (f"; kept step {flow.info['selected_step']} (training-split accuracy of its samples "
+                  f"{flow.info['selected_score']:.4f})" if "selected_step" in flow.info else "")
+        info(f"final loss {history[-1]['loss']:.4f}{chosen}; flow in {Path(args.out) / 'flow.safetensors'}")
         emit({"out": args.out, "velocity": cfg.velocity, "parameters": flow.info["velocity_parameters"],
+              "selected_step": flow.info.get("selected_step"),
               "train_networks": len(train_rows), "holdout_networks": len(held), "steps": len(history),
               "loss": history[-1]["loss"], "seconds": history[-1]["seconds"], "seed": args.seed,
               "device": str(args.device)})

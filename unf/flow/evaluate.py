@@ -60,6 +60,24 @@ def evaluate_networks(factory: Callable[..., nn.Module], ws: WeightSpace, rows: 
     return ws, metrics
 
 
+def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: str, split_seed: int, num: int = 100,
+                       nfe: int = 20, solver: str = "heun", seed: int = 0,
+                       condition: Optional[Mapping] = None) -> Callable:
+    """A ``select`` score for :func:`unf.flow.train_flow`: the mean accuracy of ``num`` networks sampled from a
+    flow (seed ``seed``), on the TRAINING split of ``data`` -- the split the zoo's networks were trained on, so
+    choosing a checkpoint by it looks at no test data. ``row``: metadata of the architecture (activation)."""
+    split = datasets.load(data, seed=split_seed)
+    model = build_network(factory, row)
+
+    def score(flow) -> float:
+        ws, _ = flow.sample(num, nfe=nfe, solver=solver, condition=condition, seed=seed)
+        ws = recalibrated(factory, ws, [row] * num, split.x_train)
+        logits = stacked_logits(model, ws.spec, ws, split.x_train)
+        return float((logits.argmax(2) == split.y_train).double().mean())
+
+    return score
+
+
 def evaluate_generated(gen: Zoo, source: Zoo, l2: bool = True, probe_copies: int = 2,
                        extra: Optional[Mapping[str, WeightSpace]] = None) -> dict:
     """Accuracy and novelty of a generated zoo (``unf flow sample``'s manifest names the flow's training and

@@ -30,7 +30,7 @@ from .model import Conditioning, Standardizer, WeightFlow
 from .velocity import build_velocity, num_parameters
 
 DEFAULT_VELOCITY = {"unf": dict(hidden=16, depth=2, emb=64, fold_max=2),
-                    "mlp": dict(hidden=512, layers=3, emb=64)}
+                    "mlp": dict(hidden=512, layers=3, emb=64, prediction="data")}
 
 
 @dataclass
@@ -51,8 +51,10 @@ class FlowConfig:
     condition: list = field(default_factory=list)  # metadata columns to condition on
     cond_drop: float = 0.1  # probability of dropping each condition (so unconditioned sampling works)
     path_noise: float = 0.0  # std of Gaussian noise added to x_t (DeepWeightFlow: 0.001)
+    loss: str = "velocity"  # "velocity" or "data" (the latter for data-predicting fields)
     seed: int = 0
     checkpoint_every: int = 250
+    select_every: int = 0  # > 0: every that many steps score the EMA field by ``select`` and keep the best
 
     def velocity_kwargs(self, vocab: Sequence[int]) -> dict:
         if self.velocity not in DEFAULT_VELOCITY:
@@ -61,13 +63,20 @@ class FlowConfig:
 
 
 class _Objective(nn.Module):
-    """The flow-matching loss as a module, so DistributedDataParallel sees one forward and averages gradients."""
+    """The flow-matching loss as a module, so DistributedDataParallel sees one forward and averages gradients.
 
-    def __init__(self, velocity: nn.Module):
+    ``loss="velocity"``: mean squared error of the velocity (for a data-predicting field, the data error weighted by
+    ``1 / (1 - t)^2``); ``loss="data"``: mean squared error of the predicted clean weights (data-predicting fields
+    only), which weighs every time alike."""
+
+    def __init__(self, velocity: nn.Module, loss: str = "velocity"):
         super().__init__()
-        self.velocity = velocity
+        self.velocity, self.loss = velocity, loss
 
     def forward(self, xt: WeightSpace, t: torch.Tensor, cond, target: WeightSpace) -> torch.Tensor:
+        if self.loss == "data":
+            x1 = xt.flatten() + (1 - t)[:, None] * target.flatten()
+            return (self.velocity.predict(xt, t, cond).flatten() - x1).square().mean()
         v = self.velocity(xt, t, cond)
         return (v.flatten() - target.flatten()).square().mean()
 
@@ -123,10 +132,16 @@ def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, ste
 def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg: Optional[FlowConfig] = None,
                out: Optional[str | Path] = None, device=None, progress: bool = False,
                info: Optional[dict] = None, reference: int = 0,
-               log: Optional[Callable[[dict], None]] = None) -> tuple[WeightFlow, list[dict]]:
+               log: Optional[Callable[[dict], None]] = None,
+               select: Optional[Callable[[WeightFlow], float]] = None) -> tuple[WeightFlow, list[dict]]:
     """Fit a flow to the networks ``train`` ``[N, 1]`` (zoo coordinates; ``rows``: their metadata, for
     conditioning). ``out``: run directory for checkpoints (resumed when present) and ``flow.safetensors``.
-    ``reference``: the network canonicalisation aligns to. Returns the flow (EMA weights) and the log."""
+    ``reference``: the network canonicalisation aligns to. Returns the flow (EMA weights) and the log.
+
+    ``select`` (with ``cfg.select_every > 0``): a score of a flow, higher is better, computed on training data
+    only (``unf flow train`` uses the accuracy of sampled networks on the zoo's training split). The flow returned
+    and saved is then the EMA snapshot with the best score, not the last: a flow's samples can get worse while its
+    loss still falls (BENCHMARKS.md). The scores are in the log (``"select"``), so a resumed run keeps its best."""
     cfg = cfg or FlowConfig()
     dist, rank, world = dist_info()
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -154,7 +169,11 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
         sched.last_epoch = len(history)  # LambdaLR restarts from the step count
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (len(history) + 1) / max(1, cfg.warmup))
-    objective = _Objective(velocity)
+    if cfg.loss not in ("velocity", "data"):
+        raise ValueError(f"loss {cfg.loss!r}: choose 'velocity' or 'data'")
+    if cfg.loss == "data" and velocity.prediction != "data":
+        raise ValueError("loss='data' needs a data-predicting field (velocity_config prediction='data')")
+    objective = _Objective(velocity, cfg.loss)
     if dist is not None:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda"
                                                         else None)
@@ -164,6 +183,15 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
 
         steps = tqdm(steps, desc=f"flow matching ({cfg.velocity})", unit="step", initial=len(history),
                      total=cfg.steps)
+    if cfg.select_every and select is None:
+        raise ValueError("select_every > 0 needs a select function")
+    scored = [h for h in history if "select" in h]
+    best = max(scored, key=lambda h: h["select"]) if scored else None
+    best_state = None  # the best EMA weights of this process's run (a resumed run reads them from the flow file)
+
+    def snapshot(module: nn.Module) -> WeightFlow:
+        return WeightFlow(train.spec, module, standardizer, conditioning, {**(info or {}), "config": asdict(cfg)})
+
     start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     velocity.train()
     for step in steps:
@@ -182,21 +210,47 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
             value = float(lt) / world
         history.append({"step": step + 1, "loss": value, "grad_norm": float(norm),
                         "seconds": time.perf_counter() - start})
+        if cfg.select_every and (step + 1) % cfg.select_every == 0:
+            score = float(select(snapshot(ema.module)))
+            velocity.train()
+            history[-1]["select"] = score
+            if best is None or score > best["select"]:
+                best = history[-1]
+                best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
+                if out is not None and rank == 0:
+                    _final(snapshot(ema.module), cfg, velocity, train, history, world, info).save(
+                        out / "flow.safetensors")
         if log is not None and rank == 0:
             log(history[-1])
         if progress and rank == 0 and hasattr(steps, "set_postfix"):
             steps.set_postfix(loss=f"{value:.4f}")
         if out is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out, cfg, velocity, ema, opt, history)
-    run_info = {**(info or {}), "config": asdict(cfg), "velocity_parameters": num_parameters(velocity),
-                "train_networks": train.batch_size, "seconds": history[-1]["seconds"] if history else 0.0,
-                "world_size": world}
-    flow = WeightFlow(train.spec, ema.module, standardizer, conditioning, run_info)
-    if out is not None and rank == 0:
-        flow.save(out / "flow.safetensors")
+    if best is None:
+        flow = _final(snapshot(ema.module), cfg, velocity, train, history, world, info)
+        if out is not None and rank == 0:
+            flow.save(out / "flow.safetensors")
+    elif best_state is not None:
+        ema.module.load_state_dict(best_state)
+        flow = _final(snapshot(ema.module), cfg, velocity, train, history, world, info, best)
+        if out is not None and rank == 0:
+            flow.save(out / "flow.safetensors")
+    else:  # resumed past the best step: it is the one on disk
+        flow = WeightFlow.load(out / "flow.safetensors", device=device)
     if dist is not None:
         dist.barrier()
     return flow, history
+
+
+def _final(flow: WeightFlow, cfg: FlowConfig, velocity: nn.Module, train: WeightSpace, history: list, world: int,
+           info: Optional[dict], best: Optional[dict] = None) -> WeightFlow:
+    """``flow`` with the run's record in ``info`` (and the selected step, when one was selected)."""
+    flow.info = {**(info or {}), "config": asdict(cfg), "velocity_parameters": num_parameters(velocity),
+                 "train_networks": train.batch_size, "seconds": history[-1]["seconds"] if history else 0.0,
+                 "world_size": world}
+    if best is not None:
+        flow.info.update(selected_step=best["step"], selected_score=best["select"])
+    return flow
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------

@@ -55,17 +55,46 @@ class Embedding(nn.Module):
         return e
 
 
+PREDICTIONS = ("velocity", "data")
+
+
 class VelocityField(nn.Module):
-    """Base class: ``forward(x: WeightSpace[B, 1], t: [B], cond: [B, K] | None) -> WeightSpace[B, 1]``.
+    """Base class: ``forward(x: WeightSpace[B, 1], t: [B], cond: [B, K] | None) -> WeightSpace[B, 1]``, the velocity.
+
+    Subclasses implement ``predict``, whose output is read according to ``prediction``:
+
+    - ``"velocity"``: the output is the velocity itself;
+    - ``"data"``: the output is the network's estimate of the clean weights ``x1``, and the velocity of the linear
+      path is ``(x1_hat - x_t) / (1 - t)`` (with ``1 - t`` clamped at ``min_gap``). A velocity contains ``-x_t``, a
+      full-rank noise vector that a narrow trunk (a 512-wide MLP on 3,466 weights) cannot carry; the clean weights
+      of a zoo lie near a low-dimensional set and can (Li & He 2025, "Back to basics: let denoising generative
+      models denoise"). The map is elementwise, so an equivariant trunk stays equivariant.
 
     ``config`` holds the constructor's keyword arguments (JSON), so that a saved field can be rebuilt by
     :func:`build_velocity`."""
 
     kind: str = ""
     config: dict
+    prediction: str = "velocity"
+    min_gap: float = 0.05
+
+    def _set_prediction(self, prediction: str, min_gap: float) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {prediction!r}: choose from {PREDICTIONS}")
+        if not 0 < min_gap <= 1:
+            raise ValueError(f"min_gap {min_gap} must be in (0, 1]")
+        self.prediction, self.min_gap = prediction, float(min_gap)
+
+    def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+        raise NotImplementedError
 
     def forward(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
-        raise NotImplementedError
+        out = self.predict(x, t, cond)
+        if self.prediction == "velocity":
+            return out
+        gap = (1 - t).clamp_min(self.min_gap)
+        return WeightSpace(x.spec, {n: (out[n] - x[n]) / gap.view((-1,) + (1,) * (x[n].dim() - 1))
+                                    for n in x.names}, x.extras)
 
 
 class _FiLMBlock(nn.Module):
@@ -103,10 +132,12 @@ class UNFVelocity(VelocityField):
     kind = "unf"
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, depth: int = 3, emb: int = 64,
-                 vocab: Sequence[int] = (), pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX):
+                 vocab: Sequence[int] = (), pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX,
+                 prediction: str = "velocity", min_gap: float = 0.05):
         super().__init__()
+        self._set_prediction(prediction, min_gap)
         self.config = dict(hidden=hidden, depth=depth, emb=emb, vocab=list(vocab), pos_dim=pos_dim,
-                           fold_max=fold_max)
+                           fold_max=fold_max, prediction=prediction, min_gap=min_gap)
         self.layout = Layout(spec, fold_max)
         self.embed = Embedding(emb, vocab)
         self.pos = PositionalEncoding(self.layout, pos_dim) if pos_dim and self.layout.pseudo_groups() else None
@@ -120,7 +151,7 @@ class UNFVelocity(VelocityField):
             for w in self.out.parameters():
                 w.zero_()
 
-    def forward(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+    def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         e = self.embed(t, cond)
         h = self.inp(self.pos(x) if self.pos is not None else x)
         for block in self.blocks:
@@ -135,9 +166,12 @@ class MLPVelocity(VelocityField):
     kind = "mlp"
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 512, layers: int = 3, emb: int = 64,
-                 vocab: Sequence[int] = (), dropout: float = 0.0):
+                 vocab: Sequence[int] = (), dropout: float = 0.0, prediction: str = "velocity",
+                 min_gap: float = 0.05):
         super().__init__()
-        self.config = dict(hidden=hidden, layers=layers, emb=emb, vocab=list(vocab), dropout=dropout)
+        self._set_prediction(prediction, min_gap)
+        self.config = dict(hidden=hidden, layers=layers, emb=emb, vocab=list(vocab), dropout=dropout,
+                           prediction=prediction, min_gap=min_gap)
         self.spec = spec
         dim = sum(math.prod(spec[n].shape) for n in spec.float_names)
         self.embed = Embedding(emb, vocab)
@@ -149,7 +183,7 @@ class MLPVelocity(VelocityField):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+    def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         if x.channels != 1:
             raise ValueError(f"MLPVelocity takes 1-channel weight spaces, got {x.channels} channels")
         h = self.inp(x.flatten()) + self.temb(self.embed(t, cond))
