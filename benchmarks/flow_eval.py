@@ -89,6 +89,7 @@ def main() -> None:
             sets[f"memoriser k={k} sigma={sigma}"] = memorisers(train_ws, train_acc, k, sigma, n, seed=0)
     sets["interpolation"] = interpolations(zoo.spec, train_ws, n, seed=0)
     sets["gaussian"] = gaussian(train_ws, n, seed=0)
+    sets["gaussian (aligned zoo)"] = gaussian(train_ws, n, seed=0, align=True)
     report = novelty_report(model, zoo.spec, sets, train_ws, held_ws, x, split.y_test)
     summary = {name: r["summary"] for name, r in report.items()}
     points = {name: (1 - s["derivedness"]["q50"], s["accuracy"]["mean"]) for name, s in summary.items()}
@@ -99,7 +100,8 @@ def main() -> None:
                 if not name.startswith("memoriser") else None}
         lines.append(line)
         print(name, f"acc {s['accuracy']['mean']:.4f} (median {s['accuracy']['q50']:.4f}) copies "
-              f"{s['copy_fraction']:.3f} derived {s['derivedness']['q50']:.3f} l2 {s['l2']['q50']:.2f}",
+              f"{s['copy_fraction']:.3f} derived {s['derivedness']['q50']:.3f} l2 {s['l2']['q50']:.2f} "
+              f"agreement {s.get('agreement', {}).get('q50', float('nan')):.3f}",
               times.get(name, ""), flush=True)
     lines.append({"kind": "train", "acc_mean": float(train_acc.mean()), "acc_median": float(train_acc.median()),
                   "acc_std": float(train_acc.std())})

@@ -80,6 +80,17 @@ def test_error_iou_known_answers():
     assert torch.allclose(error_iou(three, y, three, exclude_self=True), torch.tensor([0.5, 0.5, 1 / 3]))
 
 
+def test_agreement_known_answers():
+    from unf.flow.novelty import agreement
+
+    pred = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 1, 1, 1]])
+    # pairs: (0,1) agree on 3 of 4, (0,2) on 1, (1,2) on 1
+    assert agreement(pred, 4).tolist() == pytest.approx([(3 + 1) / 8, (3 + 1) / 8, (1 + 1) / 8])
+    assert agreement(torch.zeros(5, 7, dtype=torch.long)).tolist() == [1.0] * 5  # identical networks
+    with pytest.raises(ValueError, match="N >= 2"):
+        agreement(torch.zeros(1, 3, dtype=torch.long))
+
+
 def test_error_iou_rejects_bad_shapes():
     y = torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="ref_pred"):

@@ -30,11 +30,16 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
     p.add_argument("--condition", action="append", default=[], metavar="COL",
                    help="metadata column to condition on (repeatable), e.g. test_acc")
-    p.add_argument("--canonicalize", choices=("none", "reference", "barycentre"), default="none",
-                   help="align the zoo's networks before fitting (reference: to the most accurate one)")
+    p.add_argument("--canonicalize", choices=("auto", "none", "reference", "barycentre"), default="auto",
+                   help="align the zoo's networks before fitting (reference: to the one most accurate on the "
+                        "training split); auto (default): reference for the mlp field, which sees units by "
+                        "position, none for the equivariant unf field")
     p.add_argument("--no-ot", action="store_true", help="independent coupling instead of minibatch OT")
     p.add_argument("--align-source", action="store_true",
                    help="permute each noise sample towards its target (weight matching)")
+    p.add_argument("--source", choices=("normal", "gaussian"), default="normal",
+                   help="normal: N(0, I) (default); gaussian: the per-entry Gaussian of the (canonicalised) zoo, "
+                        "a source whose hidden units are told apart")
     p.add_argument("--prediction", choices=("data", "velocity"), default=None,
                    help="what the field's network outputs: the clean weights (data; default for mlp) or the "
                         "velocity (default for unf)")
@@ -103,8 +108,9 @@ def run_train(args) -> int:
     acc = [float(r[acc_col]) for r in meta] if acc_col else None
     cfg = FlowConfig(velocity=args.velocity, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                      lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
-                     canonicalize=args.canonicalize, ot=not args.no_ot, align_source=args.align_source,
-                     condition=list(args.condition), select_every=args.select_every,
+                     canonicalize=(args.canonicalize if args.canonicalize != "auto" else
+                                   "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
+                     condition=list(args.condition), select_every=args.select_every, source=args.source,
                      velocity_config={} if args.prediction is None else {"prediction": args.prediction})
     epoch = str(meta[0]["epoch"])
     # columns that every training network shares (an activation chosen by --where, hyperparameters held fixed):

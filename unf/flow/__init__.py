@@ -6,11 +6,11 @@ evaluations (``unf.flow.solvers``).
 """
 from .canonical import canonicalize
 from .coupling import align_source, ot_pairing
-from .model import Conditioning, Standardizer, WeightFlow
+from .model import Conditioning, Source, Standardizer, WeightFlow
 from .solvers import COST, integrate, steps_for
 from .train import CheckpointError, FlowConfig, train_flow
 from .velocity import MLPVelocity, UNFVelocity, VelocityField, build_velocity, num_parameters
 
-__all__ = ["COST", "CheckpointError", "Conditioning", "FlowConfig", "MLPVelocity", "Standardizer", "UNFVelocity",
+__all__ = ["COST", "CheckpointError", "Conditioning", "FlowConfig", "MLPVelocity", "Source", "Standardizer", "UNFVelocity",
            "VelocityField", "WeightFlow", "align_source", "build_velocity", "canonicalize", "integrate",
            "num_parameters", "ot_pairing", "steps_for", "train_flow"]

@@ -44,6 +44,38 @@ class Standardizer:
         return {"mean": self.mean, "std": self.std}
 
 
+class Source:
+    """The flow's source distribution in standardised coordinates, flat ``[B, D]``.
+
+    ``Source()`` is N(0, I): invariant under every permutation of the spec, so an equivariant field produces every
+    permutation of what it learned and must break that symmetry itself, from the noise alone. ``Source.fit(x)`` is a
+    diagonal Gaussian with the per-entry mean and std of the training rows ``x`` (canonicalised first, so that
+    entries correspond): its mean is a network whose hidden units are told apart, and the field only carries samples
+    from near that Gaussian to the zoo. The field stays exactly equivariant: a permuted source gives the permuted
+    networks."""
+
+    def __init__(self, mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None):
+        if (mean is None) != (std is None):
+            raise ValueError("Source needs both mean and std, or neither")
+        self.mean, self.std = mean, std
+
+    @property
+    def kind(self) -> str:
+        return "normal" if self.mean is None else "gaussian"
+
+    @classmethod
+    def fit(cls, flat: torch.Tensor, floor: float = 1e-2) -> "Source":
+        """Per-entry mean and std of ``flat`` ``[N, D]`` (std at least ``floor``, so no entry is frozen)."""
+        flat = flat.double()
+        return cls(flat.mean(0).float(), flat.std(0, unbiased=False).clamp_min(floor).float())
+
+    def draw(self, noise: torch.Tensor) -> torch.Tensor:
+        """Source samples from standard normal ``noise`` ``[B, D]``."""
+        if self.mean is None:
+            return noise
+        return self.mean.to(noise) + self.std.to(noise) * noise
+
+
 class Conditioning:
     """Metadata columns the flow is conditioned on and their values: ``encode`` rows -> ``[B, K]`` indices (0 =
     unknown). Numeric columns are binned by training-row quantiles (``bins`` edges), categorical ones by value."""
@@ -111,9 +143,11 @@ class WeightFlow:
     """Velocity field + standardisation + conditioning + spec; ``sample`` draws new weight spaces."""
 
     def __init__(self, spec: WeightSpaceSpec, velocity: VelocityField, standardizer: Standardizer,
-                 conditioning: Optional[Conditioning] = None, info: Optional[dict] = None):
+                 conditioning: Optional[Conditioning] = None, info: Optional[dict] = None,
+                 source: Optional[Source] = None):
         self.spec, self.velocity, self.standardizer = spec, velocity, standardizer
         self.conditioning = conditioning or Conditioning({})
+        self.source = source or Source()
         self.info = dict(info or {})
 
     @torch.no_grad()
@@ -141,7 +175,7 @@ class WeightFlow:
             starts = tqdm(starts, desc="sampling", unit="batch")
         for a in starts:
             b = min(batch_size, num - a)
-            x0 = WeightSpace.from_flat(self.spec, noise[a:a + b].to(device, dtype))
+            x0 = WeightSpace.from_flat(self.spec, self.source.draw(noise[a:a + b].to(device, dtype)))
             cond = self.conditioning.encode([cond_row] * b, device) if self.conditioning.names else None
             x1, nfe_done = integrate(lambda x, t: self.velocity(x, t, cond), x0, nfe, solver)
             chunks.append(self.standardizer.from_std(x1).to("cpu"))
@@ -155,6 +189,9 @@ class WeightFlow:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.velocity.state_dict().items()}
+        if self.source.mean is not None:
+            tensors.update({"source.mean": self.source.mean.cpu().contiguous(),
+                            "source.std": self.source.std.cpu().contiguous()})
         meta = {"format": FORMAT, "spec": self.spec.to_json(), "velocity": self.velocity.kind,
                 "config": json.dumps(self.velocity.config), "standardizer": json.dumps(self.standardizer.to_dict()),
                 "conditioning": json.dumps(self.conditioning.columns), "info": json.dumps(self.info)}
@@ -175,10 +212,11 @@ class WeightFlow:
                 raise ValueError(f"not a {FORMAT} file")
             spec = WeightSpaceSpec.from_json(meta["spec"])
             velocity = build_velocity(meta["velocity"], spec, **json.loads(meta["config"]))
+            source = Source(tensors.pop("source.mean", None), tensors.pop("source.std", None))
             velocity.load_state_dict(tensors)
             st = json.loads(meta["standardizer"])
             flow = cls(spec, velocity, Standardizer(st["mean"], st["std"]),
-                       Conditioning(json.loads(meta["conditioning"])), json.loads(meta["info"]))
+                       Conditioning(json.loads(meta["conditioning"])), json.loads(meta["info"]), source)
         except Exception as e:
             raise ValueError(f"{path}: not a readable flow file ({type(e).__name__}: {e})") from None
         if device is not None:

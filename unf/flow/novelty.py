@@ -186,6 +186,19 @@ def error_iou(pred: torch.Tensor, y: torch.Tensor, ref_pred: torch.Tensor, exclu
     return iou.max(1).values
 
 
+def agreement(pred: torch.Tensor, classes: Optional[int] = None) -> torch.Tensor:
+    """``[N]``: for each network the mean share of inputs on which it predicts what another network of the same
+    set predicts (a diversity measure WITHIN a set: generated networks that all sit near one point agree on almost
+    everything, independently trained ones less). ``pred`` ``[N, P]`` predicted classes, ``N >= 2``."""
+    if pred.dim() != 2 or len(pred) < 2:
+        raise ValueError(f"pred {tuple(pred.shape)} must be [N >= 2, P] predicted classes")
+    classes = int(pred.max()) + 1 if classes is None else classes
+    onehot = torch.nn.functional.one_hot(pred.long(), classes).flatten(1).float()  # [N, P * classes]
+    same = onehot @ onehot.T  # [N, N]: inputs on which the two agree
+    same.fill_diagonal_(0.0)
+    return same.sum(1).double() / ((len(pred) - 1) * pred.shape[1])
+
+
 def zscore(logits: torch.Tensor) -> torch.Tensor:
     """``[N, P, C]`` -> ``[N, P * C]``: each network's logits standardised over all its entries (a network's scale and
     offset say nothing about where it comes from; a rescaled copy has the same z-scores)."""
@@ -304,11 +317,12 @@ def novelty_report(model: nn.Module, spec: WeightSpaceSpec, generated: Union[Wei
     ``generated``: one batch of networks, or name -> batch (several generators or baselines share the training
     zoo's outputs and canonical forms). ``x``: probe inputs ``[P, *features]`` whose first ``T`` rows are the test
     inputs labelled by ``y`` ``[T]`` (as :func:`probe_set` lays them out). Accuracy and :func:`error_iou` use the test
-    rows (as Zeng et al.), :func:`derivedness` all probes (consensus: the training zoo's), :func:`aligned_l2` the
-    weights (skipped with ``l2=False``).
+    rows (as Zeng et al.), :func:`derivedness` and :func:`agreement` (within each set) all probes (consensus: the
+    training zoo's), :func:`aligned_l2` the weights (skipped with ``l2=False``).
 
     Returns, for ``"heldout"`` and each generated set (``"generated"`` for a single batch):
-    ``{"values": {"accuracy", "iou", "derivedness", "l2": [N] CPU tensors}, "summary": {metric: summarize(...),
+    ``{"values": {"accuracy", "iou", "derivedness", "agreement" (sets of >= 2), "l2": [N] CPU tensors}, "summary": {metric:
+    summarize(...),
     "copy_fraction": share with iou >= copy_threshold, "n": N}}``.
     """
     if y.dim() != 1 or len(y) > len(x):
@@ -331,6 +345,8 @@ def novelty_report(model: nn.Module, spec: WeightSpaceSpec, generated: Union[Wei
         values = {"accuracy": (pred == y.to(pred.device)).double().mean(1),
                   "iou": error_iou(pred, y, train_pred),
                   "derivedness": derivedness(logits, train_logits, consensus)}
+        if ws.batch_size >= 2:  # a within-set measure: undefined for one network
+            values["agreement"] = agreement(logits.argmax(2), logits.shape[2])
         if canon is not None:
             values["l2"] = canon.distances(ws, candidates, exclude_self=False)
         values = {k: v.detach().cpu() for k, v in values.items()}

@@ -26,7 +26,7 @@ from ..io import atomic_write
 from ..weights import WeightSpace
 from .canonical import canonicalize
 from .coupling import align_source, ot_pairing
-from .model import Conditioning, Standardizer, WeightFlow
+from .model import Conditioning, Source, Standardizer, WeightFlow
 from .velocity import build_velocity, num_parameters
 
 DEFAULT_VELOCITY = {"unf": dict(hidden=16, depth=2, emb=64, fold_max=2),
@@ -52,6 +52,7 @@ class FlowConfig:
     cond_drop: float = 0.1  # probability of dropping each condition (so unconditioned sampling works)
     path_noise: float = 0.0  # std of Gaussian noise added to x_t (DeepWeightFlow: 0.001)
     loss: str = "velocity"  # "velocity" or "data" (the latter for data-predicting fields)
+    source: str = "normal"  # "normal": N(0, I); "gaussian": per-entry Gaussian of the (canonicalised) rows
     seed: int = 0
     checkpoint_every: int = 250
     select_every: int = 0  # > 0: every that many steps score the EMA field by ``select`` and keep the best
@@ -96,7 +97,8 @@ class CheckpointError(ValueError):
     """A run directory's checkpoint is damaged or was made with other settings."""
 
 
-def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, step: int, world: int, rank: int):
+def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, step: int, world: int, rank: int,
+           source: Source):
     """This rank's slice of the global batch of ``step``: targets, noise, times, conditions (all from
     ``(seed, step)``, so the batch does not depend on how many processes share it)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -112,7 +114,7 @@ def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, ste
     dev, dtype = data.device, data.dtype
     x1 = WeightSpace(data.spec, {n: v[idx] for n, v in data.items()})
     flat1 = x1.flatten()
-    noise = noise.to(dev, dtype)
+    noise = source.draw(noise.to(dev, dtype))
     if cfg.ot:
         noise = noise[ot_pairing(noise, flat1)]
     x0 = WeightSpace.from_flat(data.spec, noise)
@@ -156,6 +158,12 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     train = canonicalize(train.to(dtype=torch.float32), cfg.canonicalize, reference=reference, seed=cfg.seed)
     standardizer = Standardizer.fit(train)
     data = standardizer.to_std(train).to(device)
+    if cfg.source not in ("normal", "gaussian"):
+        raise ValueError(f"source {cfg.source!r}: choose 'normal' or 'gaussian'")
+    if cfg.source == "gaussian" and cfg.align_source:
+        raise ValueError("align_source permutes source samples, which only keeps a permutation-invariant source "
+                         "(source='normal') unchanged")
+    source = Source.fit(data.flatten()) if cfg.source == "gaussian" else Source()
     conditioning = Conditioning.fit(rows, cfg.condition)
     cond = conditioning.encode(rows, device)
     velocity = build_velocity(cfg.velocity, train.spec, **cfg.velocity_kwargs(conditioning.vocab)).to(device)
@@ -190,12 +198,13 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     best_state = None  # the best EMA weights of this process's run (a resumed run reads them from the flow file)
 
     def snapshot(module: nn.Module) -> WeightFlow:
-        return WeightFlow(train.spec, module, standardizer, conditioning, {**(info or {}), "config": asdict(cfg)})
+        return WeightFlow(train.spec, module, standardizer, conditioning, {**(info or {}), "config": asdict(cfg)},
+                          source)
 
     start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     velocity.train()
     for step in steps:
-        xt, t, c, target = _batch(data, cond, cfg, step, world, rank)
+        xt, t, c, target = _batch(data, cond, cfg, step, world, rank, source)
         loss = objective(xt, t, c, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
