@@ -63,6 +63,26 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r")], "mix activations")
     _user_error(capsys, ["flow", "sample", str(tmp_path / "none"), "--num", "2", "--out", str(tmp_path / "g")],
                 "no flow file")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--condition",
+                         "activation", "--select-every", "2"], "cannot be combined with --condition")
+
+
+def test_train_with_selection_keeps_a_scored_snapshot(zoo, tmp_path, capsys):
+    run = tmp_path / "sel"
+    assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "4", "--batch-size", "4",
+                 "--where", "activation=relu", "--velocity", "mlp", "--select-every", "2", "--select-num", "3",
+                 "--json", "--quiet"]) == 0
+    out = _json(capsys)[-1]
+    hist = json.loads((run / "history.json").read_text())
+    scores = {h["step"]: h["select"] for h in hist if "select" in h}
+    assert sorted(scores) == [2, 4] and all(0 <= v <= 1 for v in scores.values())
+    assert out["selected_step"] == max(scores, key=lambda k: (scores[k], -k))
+    from unf.flow import WeightFlow
+
+    flow = WeightFlow.load(run / "flow.safetensors")
+    assert flow.info["selected_step"] == out["selected_step"]
+    assert flow.info["config"]["canonicalize"] == "reference"  # auto: the mlp field gets an aligned zoo
+    assert flow.velocity.prediction == "data"
 
 
 SCRIPT = """
