@@ -5,6 +5,7 @@
     unf align examples/models.py:mlp --a a.safetensors --b b.safetensors --data digits-flat --out b_aligned.safetensors
     unf zoo build digits-cnn --out zoos/digits-cnn;  unf zoo info zoos/digits-cnn
     unf predict fit --zoo zoos/digits-cnn --model unf --json
+    unf merge cuts-demo --kind noise --noise-rate 0.4 --seed 0 --json
     unf demo --out unf_demo
 
 Exit status: 0 success, 1 a bug (with a traceback), 2 a user error (one line; ``--debug`` adds the traceback).
@@ -24,7 +25,7 @@ from .common import Parser, UserError, configure, load_factory, warn  # noqa: F4
 
 # Built-in commands, in the order ``unf --help`` lists them: each is a module ``unf/cli/<name>.py`` with
 # ``register(sub)`` and ``run(args)``. A new use adds its module and its name here.
-COMMANDS = ("spec", "align", "zoo", "predict", "lopt", "flow", "demo")
+COMMANDS = ("spec", "align", "zoo", "predict", "lopt", "flow", "merge", "demo")
 
 PLUGIN_GROUP = "unf.commands"
 

@@ -1,0 +1,162 @@
+"""CUTS (Mozafari et al.): unlearn label noise or a backdoor by task-vector negation.
+
+Fine-tune the corrupted model on a small corrupted proxy set, take the task vector ``tau = theta_proxy - theta``
+(the direction that learns the corruption), and return ``theta - alpha * tau``. ``alpha`` is chosen without clean
+labels:
+
+- label noise: the alpha maximising the k-NN label agreement of penultimate features on unlabelled held-out inputs,
+  chance-corrected (Cohen's kappa against the agreement that the predicted class frequencies give by chance) and
+  multiplied by two class-coverage penalties (the fraction of classes predicted at least half as often as uniform,
+  and the normalised entropy of the predicted classes), so that a model collapsing onto a few classes cannot
+  score well by agreeing with itself;
+- backdoor: the first alpha whose attack success on the (triggered, target-labelled) proxy set is at most 1%.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..training import train_classifier
+from .task_vector import TaskVector
+
+Features = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CutsResult:
+    """``model``: the edited model; ``alpha``; ``curve``: one dict per alpha tried (``alpha`` and ``score`` for
+    noise, ``alpha`` and ``asr`` for backdoors); ``task_vector``: the proxy task vector ``tau``."""
+    model: nn.Module
+    alpha: float
+    curve: list = field(default_factory=list)
+    task_vector: Optional[TaskVector] = None
+
+
+def last_linear_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[N, features]``: the input of the model's last ``nn.Linear`` (the penultimate features), in eval mode."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no nn.Linear; pass features=callable(model, x) giving penultimate features")
+    seen = []
+    handle = linears[-1].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        model.train(was)
+    return seen[-1].flatten(1)
+
+
+def knn_agreement(features: torch.Tensor, preds: torch.Tensor, num_classes: int, k: int = 10) -> float:
+    """Chance-corrected k-NN agreement of predicted labels in feature space, times the class-coverage penalties.
+
+    ``features``: ``[N, D]``; ``preds``: ``[N]`` predicted classes. Neighbours by cosine similarity, excluding the
+    point itself. 1 for a model whose predictions are constant on feature clusters and spread over all classes;
+    about 0 for predictions unrelated to the features; 0 for a constant prediction."""
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError("knn_agreement needs at least 2 inputs")
+    k = min(k, n - 1)
+    f = torch.nn.functional.normalize(features.double(), dim=1)
+    sim = f @ f.T
+    sim.fill_diagonal_(-math.inf)
+    nbrs = sim.topk(k, dim=1).indices
+    agree = float((preds[nbrs] == preds[:, None]).double().mean())
+    p = torch.bincount(preds, minlength=num_classes).double() / n
+    chance = float(p.square().sum())
+    if chance >= 1 - 1e-12:
+        return 0.0
+    kappa = (agree - chance) / (1 - chance)
+    coverage = float((p >= 0.5 / num_classes).double().mean())
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum()) / math.log(num_classes)
+    return kappa * coverage * entropy
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was)
+
+
+def select_alpha(model: nn.Module, tau: TaskVector, alphas: Sequence[float], *, kind: str,
+                 inputs: Optional[torch.Tensor] = None, proxy_x: Optional[torch.Tensor] = None,
+                 proxy_y: Optional[torch.Tensor] = None, features: Optional[Features] = None, k: int = 10,
+                 asr_threshold: float = 0.01, num_classes: Optional[int] = None) -> tuple[float, list[dict]]:
+    """Try ``theta - alpha * tau`` for every alpha; returns the chosen alpha and the curve (see :func:`cuts`)."""
+    features = features or last_linear_input
+    base = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+    net = copy.deepcopy(model)
+    curve = []
+    for a in alphas:
+        net.load_state_dict(tau.apply(base, -float(a)))
+        if kind == "noise":
+            preds = _predict(net, inputs)
+            c = num_classes or int(net.eval()(inputs[:1]).shape[1])
+            curve.append({"alpha": float(a), "score": knn_agreement(features(net, inputs), preds, c, k)})
+        else:
+            asr = float((_predict(net, proxy_x) == proxy_y).double().mean())
+            curve.append({"alpha": float(a), "asr": asr})
+    if kind == "noise":
+        best = max(range(len(curve)), key=lambda i: (curve[i]["score"], -i))  # first maximum
+        return curve[best]["alpha"], curve
+    for point in curve:
+        if point["asr"] <= asr_threshold:
+            return point["alpha"], curve
+    best = min(curve, key=lambda p: p["asr"])
+    warnings.warn(f"cuts: no alpha up to {alphas[-1]} brings attack success on the proxy set to {asr_threshold:.0%}; "
+                  f"using alpha={best['alpha']} (success {best['asr']:.1%}); try larger alphas", RuntimeWarning)
+    return best["alpha"], curve
+
+
+def cuts(model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, inputs: Optional[torch.Tensor] = None, *,
+         kind: str = "noise", features: Optional[Features] = None, alphas: Optional[Sequence[float]] = None,
+         epochs: int = 20, lr: float = 1e-4, batch_size: int = 64, proxies: int = 1, seed: int = 0, k: int = 10,
+         asr_threshold: float = 0.01, exclude="buffers") -> CutsResult:
+    """Unlearn the corruption of ``model`` by CUTS (see the module docstring).
+
+    ``proxy_x``, ``proxy_y``: the small corrupted proxy set (``[P, *input]``, ``[P]``): for noise, held-out inputs
+    with random labels; for a backdoor, held-out inputs carrying the trigger, labelled with the target class.
+    ``inputs``: unlabelled held-out inputs for choosing alpha under label noise. ``features(model, x) -> [N, D]``:
+    the penultimate features (default: the input of the last Linear). The proxy is fine-tuned with Adam for
+    ``epochs`` at ``lr`` (the paper: 10x below the training rate); with ``proxies > 1`` several proxy fine-tunes
+    (seeds ``seed .. seed + proxies - 1``, each with its own random labels for noise) are averaged into ``tau``.
+    BatchNorm statistics are excluded from ``tau`` (``exclude``, see :class:`TaskVector`). The input model is not
+    modified.
+    """
+    if kind not in ("noise", "backdoor"):
+        raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
+    if kind == "noise" and inputs is None:
+        raise ValueError("kind='noise' needs inputs: unlabelled held-out inputs to choose alpha by k-NN agreement")
+    if len(proxy_x) != len(proxy_y):
+        raise ValueError(f"proxy_x has {len(proxy_x)} inputs but proxy_y {len(proxy_y)} labels")
+    alphas = list(alphas) if alphas is not None else [round(0.1 * i, 1) for i in range(0, 41)]
+    base = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+    num_classes = int(model.eval()(proxy_x[:1]).shape[1])
+    taus = []
+    for i in range(proxies):
+        y = proxy_y
+        if kind == "noise" and i > 0:  # a fresh random labelling per extra proxy
+            gen = torch.Generator().manual_seed(seed + i)
+            y = torch.randint(0, num_classes, (len(proxy_y),), generator=gen).to(proxy_y.device)
+        ft = train_classifier(copy.deepcopy(model), proxy_x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                              seed=seed + i)
+        taus.append(TaskVector(base, ft.state_dict(), exclude=exclude))
+    tau = sum(taus) / len(taus)
+    alpha, curve = select_alpha(model, tau, alphas, kind=kind, inputs=inputs, proxy_x=proxy_x, proxy_y=proxy_y,
+                                features=features, k=k, asr_threshold=asr_threshold, num_classes=num_classes)
+    out = copy.deepcopy(model)
+    out.load_state_dict(tau.apply(base, -alpha))
+    return CutsResult(out.eval(), alpha, curve, tau)
