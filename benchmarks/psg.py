@@ -219,19 +219,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     seeds, epochs = (2, 5) if args.quick else (args.seeds, args.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "psg_quick" if args.quick else "psg"
     sets = splits()
     rows = []
     for net in args.nets.split(","):
         for seed in range(seeds):
             rows += run_seed(net, seed, epochs, sets, ZERO_SCALES)
             print(f"{net} seed {seed} done", file=sys.stderr, flush=True)
-    meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seeds": seeds, "epochs": epochs}
-    atomic_write(args.out / f"{name}.jsonl",
-                 lambda t: Path(t).write_text("".join(json.dumps({**r, **meta}) + "\n" for r in rows)))
     out = args.out / "quick" if args.quick else args.out
     out.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seeds": seeds, "epochs": epochs}
+    atomic_write(out / "psg.jsonl",
+                 lambda t: Path(t).write_text("".join(json.dumps({**r, **meta}) + "\n" for r in rows)))
     print(summarise(rows, out))
     return 0
 
