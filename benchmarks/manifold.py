@@ -235,7 +235,7 @@ def summarise(rows: list[dict], out: Path) -> str:
             for other in ("concat", "concat-wide"):
                 d = [base[r["seed"]] - split_means(r)[1] for r in pick[task, other][1] if r["seed"] in base]
                 diffs.append(f"{other} {ms(d)}")
-            lines += [f"Held-out contexts, manifold minus (paired by seed): " + ", ".join(diffs), ""]
+            lines += ["Held-out contexts, manifold minus (paired by seed): " + ", ".join(diffs), ""]
     text = "\n".join(lines)
     atomic_write(out / "manifold.md", lambda t: Path(t).write_text(text + "\n"))
     plot(pick, out / "manifold.png")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unf.io import atomic_write
-from unf.zoo import Zoo, build_builtin, fit_predictor
+from unf.zoo import build_builtin, fit_predictor
 
 METRICS = ("kendall_tau", "r2", "mae")
 
