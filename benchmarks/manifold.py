@@ -55,7 +55,7 @@ TASKS = {"noise": {"manifold": "line", "train": (0.0, 0.5), "closed": True},
 MODELS = ("manifold", "manifold+metric", "concat", "concat-wide")
 HIDDEN = 64
 LRS = (1e-3, 3e-3, 1e-2)
-EPOCHS = 40
+EPOCHS = 60
 BATCH = 64
 
 
