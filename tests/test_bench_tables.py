@@ -45,3 +45,17 @@ def test_zoo_prediction_table_regenerates(bench, tmp_path, capsys, monkeypatch):
                                       str(RESULTS / "zoo_prediction.jsonl"), "--figure", str(tmp_path / "z.png")])
     bench("zoo_prediction").main()
     _assert_in_benchmarks(_table_rows(capsys.readouterr().out))
+
+
+def test_results_lines_survive_a_torn_line_and_reruns(bench, tmp_path, capsys):
+    io = bench("results_io")
+    path = tmp_path / "r.jsonl"
+    io.append_jsonl(path, {"k": 1, "v": "a"})
+    with path.open("a") as f:
+        f.write('{"k": 2, "v": "tor')  # an interrupted write
+    io.append_jsonl(path, {"k": 2, "v": "b"})  # the rerun: on a line of its own
+    io.append_jsonl(path, {"k": 1, "v": "c"})  # a rerun of k=1: the last line wins
+    rows = io.load_jsonl(path, key=lambda r: r["k"])
+    assert sorted((r["k"], r["v"]) for r in rows) == [(1, "c"), (2, "b")]
+    assert "skipping an incomplete line" in capsys.readouterr().err
+    assert io.load_jsonl(tmp_path / "none.jsonl", key=lambda r: r["k"]) == []
