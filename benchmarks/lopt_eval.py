@@ -1,13 +1,14 @@
 """Learned optimizers against tuned Adam and SGD+momentum on held-out tasks (issue: learned optimizer, item 5).
 
     python benchmarks/lopt_eval.py [--seeds 5] [--tasks NAME,...] [--out benchmarks/results]
+    python benchmarks/lopt_eval.py --table-only    # table and figure from the committed results only
 
 Every (task, optimizer, learning rate, seed) run is one JSON line in ``OUT/lopt_eval*.jsonl`` (resumable: done runs
 are skipped; ``--shard I/N`` runs every N-th job in its own file, so N processes can share the cores). Then, per task: Adam's and SGDM's learning rate is chosen on the *training* loss (best mean over seeds of
 the lowest full-batch training loss within the horizon); the learned optimizers run with their defaults (lr 1.0, no
 tuning). Speed-up on one seed = steps tuned Adam needs to reach its best training loss / steps the optimizer needs to
-reach that loss (0 if it never does); the same on test loss. Writes ``OUT/lopt_eval.md`` (table) and
-``OUT/lopt_eval.png`` (loss curves, mean over seeds).
+reach that loss (0 if it never does); the same on test loss. Writes ``OUT/lopt_eval.md`` (table, mean +- sample std
+over seeds) and ``OUT/lopt_eval.png`` (loss curves, mean over seeds), atomically.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from unf.io import atomic_write
 from unf.optim import LearnedRule, UNFOptimizer
 from unf.optim.tasks import ADAM_LRS, SGD_LRS, TASKS, speedup, train_curve
 
@@ -42,6 +44,14 @@ def make_optimizer(name: str, lr: float):
 def run_one(task: str, opt_name: str, lr: float, seed: int) -> dict:
     return {"task": task, "opt": opt_name, "lr": lr, "seed": seed,
             **train_curve(TASKS[task], make_optimizer(opt_name, lr), seed)}
+
+
+def _ms(values: list, digits: int) -> str:
+    """mean +- sample std (0 for a single value), or "-" for none."""
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
 def summarise(rows: list[dict], out: Path) -> str:
@@ -71,9 +81,8 @@ def summarise(rows: list[dict], out: Path) -> str:
             tr = [speedup(adam[r["seed"]]["train"], r["train"]) for r in rs if r["seed"] in adam]
             te = [speedup(adam[r["seed"]]["test"], r["test"]) for r in rs if r["seed"] in adam]
             acc = [r["test_acc"] for r in rs]
-            ms = lambda v: f"{statistics.mean(v):.2f} +- {statistics.pstdev(v):.2f}" if v else "-"  # noqa: E731
-            lines.append(f"| {task} | {opt} | {lr:g} | {ms(tr)} | {ms(te)} | {100 * statistics.mean(acc):.1f} +- "
-                         f"{100 * statistics.pstdev(acc):.1f} | {sum(r['diverged'] for r in rs)}/{len(rs)} | "
+            lines.append(f"| {task} | {opt} | {lr:g} | {_ms(tr, 2)} | {_ms(te, 2)} | "
+                         f"{_ms([100 * a for a in acc], 1)} | {sum(r['diverged'] for r in rs)}/{len(rs)} | "
                          f"{sum(r['stalled'] for r in rs)}/{len(rs)} |")
             means.setdefault(opt, []).append(statistics.mean(tr) if tr else 0.0)
             n = min(len(r["train"]) for r in rs)
@@ -84,7 +93,7 @@ def summarise(rows: list[dict], out: Path) -> str:
         f"{k} {statistics.mean(v):.2f}" for k, v in means.items()) + ". Tasks at >= 1.0x: " + ", ".join(
         f"{k} {sum(x >= 1.0 for x in v)}/{len(v)}" for k, v in means.items()) + ".")
     text = "\n".join(lines)
-    (out / "lopt_eval.md").write_text(text + "\n")
+    atomic_write(out / "lopt_eval.md", lambda tmp: Path(tmp).write_text(text + "\n"))
     _plot(curves, out / "lopt_eval.png")
     return text
 
@@ -104,7 +113,7 @@ def _plot(curves, path):
         ax.set(title=task, xlabel="step", ylabel="full-batch training loss", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -114,6 +123,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the task names")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th (one process per core)")
+    ap.add_argument("--table-only", action="store_true", help="table and figure from OUT/lopt_eval*.jsonl, no runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -121,6 +131,11 @@ def main(argv=None):
     i, n = (int(v) for v in args.shard.split("/"))
     log = out / ("lopt_eval.jsonl" if n == 1 else f"lopt_eval.shard{i}.jsonl")
     rows = [json.loads(line) for f in sorted(out.glob("lopt_eval*.jsonl")) for line in f.read_text().splitlines()]
+    if args.table_only:
+        if not rows:
+            ap.error(f"--table-only: no lopt_eval*.jsonl results in {out}")
+        print(summarise(rows, out))
+        return
     done = {(r["task"], r["opt"], r["lr"], r["seed"]) for r in rows}
     names = args.tasks.split(",") if args.tasks else list(TASKS)
     unknown = [t for t in names if t not in TASKS]

@@ -12,13 +12,14 @@ magnitude pruning of every weight at 50/70/90% (``torch.nn.utils.prune.l1_unstru
 Splits: digits (seed 0) train/test 80/20; 20% of the training split (stratified, seed 0) is a validation split, used
 for the one choice made here: the pruning variant's scale (from 3/10/30, best mean validation accuracy at 90%
 sparsity over the seeds' first run). The test split is only reported. One JSON line per (network, seed, variant) in
-``OUT/psg.jsonl``; ``OUT/psg.md`` (tables, mean +- std over seeds) and ``OUT/psg.png``.
+``OUT/psg.jsonl``, appended as each run finishes (a rerun skips the seeds whose lines are all there); then
+``OUT/psg.md`` (tables, mean +- sample std over seeds) and ``OUT/psg.png``, written atomically. ``--quick`` writes the
+same three files under ``OUT/quick/``. ``--table-only`` rebuilds the table and figure from ``OUT/psg.jsonl`` alone.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -35,6 +36,8 @@ from unf.io import atomic_write
 from unf.optim import PSG
 from unf.quant import layer_bits, quantization_mse, quantize_model
 from unf.zoo.builtin import cnn
+
+from results_io import append_jsonl, load_jsonl
 
 BITS = (8, 4, 3, 2)
 PSG_SCALES = {4: 150.0, 3: 50.0, 2: 30.0}
@@ -98,7 +101,7 @@ def sgd(model):
     return torch.optim.SGD(model.named_parameters(), lr=0.02, momentum=0.9)
 
 
-def run_seed(net: str, seed: int, epochs: int, sets, zero_scales) -> list[dict]:
+def run_seed(net: str, seed: int, epochs: int, sets, zero_scales, meta: dict, log: Path) -> list[dict]:
     train_xy, val_xy, test_xy = sets
     torch.manual_seed(seed)
     base = NETS[net]()
@@ -121,9 +124,15 @@ def run_seed(net: str, seed: int, epochs: int, sets, zero_scales) -> list[dict]:
         g = torch.Generator().manual_seed(10_000 + seed)  # the same batches for every variant
         t0 = time.perf_counter()
         train(model, o, train_xy, epochs, g)
-        rows.append({"net": net, "seed": seed, "variant": name, "epochs": epochs, "train_s": time.perf_counter() - t0,
-                     "test": evaluate(model, test_xy), "val": evaluate(model, val_xy)})
+        row = {"net": net, "seed": seed, "variant": name, "epochs": epochs, "train_s": time.perf_counter() - t0,
+               "test": evaluate(model, test_xy), "val": evaluate(model, val_xy), **meta}
+        append_jsonl(log, row)
+        rows.append(row)
     return rows
+
+
+def load_rows(path: Path) -> list[dict]:
+    return load_jsonl(path, key=lambda r: (r["net"], r["seed"], r["variant"], r["epochs"]))
 
 
 def ms(values) -> str:
@@ -143,8 +152,9 @@ def summarise(rows: list[dict], out: Path) -> str:
         best = max(zero, key=lambda v: val90[v])
         by = lambda v: [r for r in rs if r["variant"] == v]  # noqa: E731
         n = len(by("plain"))
-        lines += [f"### {net} ({n} seeds; test accuracy %, mean +- std)", "",
-                  "| variant | FP | 8 bit | 4 bit | 3 bit | 2 bit | MSE 4 bit | MSE 2 bit |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {net} ({n} seeds; test accuracy %, mean +- sample std)", "",
+                  "| variant | FP | 8 bit | 4 bit | 3 bit | 2 bit | MSE 4 bit | MSE 2 bit |",
+                  "|---|---|---|---|---|---|---|---|"]
         for v in ["plain", *[f"psg{b}" for b in PSG_SCALES]]:
             r = by(v)
             cells = [ms([x["test"]["fp"] for x in r])] + [ms([x["test"][f"q{b}"] for x in r]) for b in BITS]
@@ -216,21 +226,36 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--nets", default="mlp,cnn")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--table-only", action="store_true", help="tables and figure from OUT/psg.jsonl, no training")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     seeds, epochs = (2, 5) if args.quick else (args.seeds, args.epochs)
-    sets = splits()
-    rows = []
-    for net in args.nets.split(","):
-        for seed in range(seeds):
-            rows += run_seed(net, seed, epochs, sets, ZERO_SCALES)
-            print(f"{net} seed {seed} done", file=sys.stderr, flush=True)
     out = args.out / "quick" if args.quick else args.out
+    log = out / "psg.jsonl"
+    rows = load_rows(log)
+    if args.table_only:
+        if not rows:
+            p.error(f"--table-only: {log} holds no results")
+        print(summarise(rows, out))
+        return 0
+    nets = args.nets.split(",")
+    unknown = [n for n in nets if n not in NETS]
+    if unknown:
+        p.error(f"--nets: unknown {unknown}; choose from {list(NETS)}")
     out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in rows if r["epochs"] == epochs]  # another epoch count is kept in the file, not tabulated
+    want = {"plain", *[f"psg{b}" for b in PSG_SCALES], *[f"zero@{s:g}" for s in ZERO_SCALES]}
+    sets = splits()
     meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seeds": seeds, "epochs": epochs}
-    atomic_write(out / "psg.jsonl",
-                 lambda t: Path(t).write_text("".join(json.dumps({**r, **meta}) + "\n" for r in rows)))
-    print(summarise(rows, out))
+    for net in nets:
+        for seed in range(seeds):
+            have = [r for r in rows if r["net"] == net and r["seed"] == seed]
+            if {r["variant"] for r in have} >= want:
+                continue
+            rows = [r for r in rows if r not in have]  # an incomplete seed is rerun whole (same base checkpoint)
+            rows += run_seed(net, seed, epochs, sets, ZERO_SCALES, meta, log)
+            print(f"{net} seed {seed} done", file=sys.stderr, flush=True)
+    print(summarise([r for r in rows if r["net"] in nets and r["seed"] < seeds], out))
     return 0
 
 

@@ -2,12 +2,14 @@
 
     python benchmarks/zoo_prediction.py --root zoos                # builds missing zoos, fits, prints the table
     python benchmarks/zoo_prediction.py --root zoos --table-only   # table and figure from the results file
+    python benchmarks/zoo_prediction.py --table-only --results benchmarks/results/zoo_prediction.jsonl
 
 Each (zoo, predictor, seed) result is appended to ``ROOT/prediction_results.jsonl`` as soon as it is done, so an
 interrupted run resumes where it stopped; results of another target, epoch count or clipping are kept but neither
-reused nor tabulated. Zoos are built when missing (``unf.zoo.build_builtin`` refuses a directory built on another
-hyperparameter grid). The split is by run and seeded by the seed; the predictor's epoch is chosen
-on the validation split; metrics are on the test split (``unf.zoo.fit_predictor``).
+reused nor tabulated (``--results`` names another results file). The table is mean +- sample std over seeds. Zoos
+are built when missing (``unf.zoo.build_builtin`` refuses a directory built on another hyperparameter grid). The
+split is by run and seeded by the seed; the predictor's epoch is chosen on the validation split; metrics are on the
+test split (``unf.zoo.fit_predictor``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from unf.io import atomic_write
-from unf.zoo import Zoo, build_builtin, fit_predictor
+from unf.zoo import build_builtin, fit_predictor
 
 METRICS = ("kendall_tau", "r2", "mae")
 
@@ -63,13 +65,18 @@ def protocol(r: dict) -> tuple:
     return r["target"], r["epochs"], r.get("clip")
 
 
+def sample_std(values: list) -> float:
+    """Sample standard deviation (n - 1), 0 for fewer than two values."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def table(results: list[dict]) -> str:
     lines = ["| zoo | predictor | Kendall tau | R^2 | MAE | seeds | s / fit |", "|---|---|---|---|---|---|---|"]
     cells = {}
     for r in results:
         cells.setdefault((r["zoo"], r["model"]), []).append(r)
     for (zoo, model), rs in sorted(cells.items()):
-        stats = [f"{np.mean([r[m] for r in rs]):.3f} +- {np.std([r[m] for r in rs]):.3f}" for m in METRICS]
+        stats = [f"{np.mean([r[m] for r in rs]):.3f} +- {sample_std([r[m] for r in rs]):.3f}" for m in METRICS]
         secs = np.mean([r["seconds"] for r in rs])
         lines.append(f"| {zoo} | {model} | {' | '.join(stats)} | {len(rs)} | {secs:.0f} |")
     return "\n".join(lines)
@@ -87,13 +94,13 @@ def figure(results: list[dict], path: str) -> None:
     for ax, zoo in zip(axes[0], zoos):
         taus = [[r["kendall_tau"] for r in results if r["zoo"] == zoo and r["model"] == m] for m in models]
         ax.bar(models, [np.mean(t) if t else np.nan for t in taus],
-               yerr=[np.std(t) if t else 0 for t in taus], capsize=4, color="tab:blue")
+               yerr=[sample_std(t) for t in taus], capsize=4, color="tab:blue")
         seen = [v for t in taus for v in t if np.isfinite(v)]
         if seen:  # zoom in on the bars: the differences are a few hundredths
             ax.set_ylim(max(0.0, min(seen) - 0.05), min(1.0, max(seen) + 0.03))
         ax.set_title(zoo)
         ax.set_ylabel("Kendall tau, test split (axis zoomed)")
-    fig.suptitle("Predicting test accuracy from weights (mean +- std over seeds)")
+    fig.suptitle("Predicting test accuracy from weights (mean +- sample std over seeds)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -109,10 +116,11 @@ def main() -> None:
     ap.add_argument("--target", default="test_acc")
     ap.add_argument("--clip", type=float, default=10.0, help="clip normalised weights at +-CLIP robust stds")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--results", default=None, help="results file (default ROOT/prediction_results.jsonl)")
     ap.add_argument("--figure", default="benchmarks/figures/zoo_prediction.png")
     args = ap.parse_args()
 
-    path = os.path.join(args.root, "prediction_results.jsonl")
+    path = args.results or os.path.join(args.root, "prediction_results.jsonl")
     want = (args.target, args.epochs, args.clip)
     results = [r for r in load_results(path) if protocol(r) == want]
     if not args.table_only:

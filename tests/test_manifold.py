@@ -1,5 +1,6 @@
 """unf.manifold: layers against explicit per-example weights (float64), the closed-form metric against numerical
 integrals, the metric-corrected step against a numerical inverse-metric step, wrap, and errors."""
+import io
 import math
 
 import numpy as np
@@ -120,8 +121,41 @@ def test_wrap_keeps_the_function_for_every_context_and_trains():
         opt.step()
     assert F.cross_entropy(model(x, s), y).item() < first
     assert model.module[4]._context is None  # not left behind after the call
-    sd = opt.state_dict()
-    opt.load_state_dict(sd)
+
+
+def _steps(model, opt, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, s, y = torch.randn(8, 4, generator=g, dtype=D), torch.rand(8, generator=g, dtype=D), \
+            torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x, s), y).backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_resumes_the_same_steps_and_outputs():
+    def make(seed):
+        torch.manual_seed(seed)
+        model = wrap(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), "circle").to(D)
+        return model, MetricCorrected(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+
+    model, opt = make(0)
+    _steps(model, opt, 3, seed=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _steps(model, opt, 4, seed=2)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    other, opt2 = make(7)  # other weights, no momentum yet
+    other.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    assert all(torch.equal(opt2.state[q]["momentum_buffer"], ck["opt"]["optimizer"]["state"][i]["momentum_buffer"])
+               for i, q in enumerate(other.parameters()))
+    _steps(other, opt2, 4, seed=2)
+    for (n, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), n
+    x, s = torch.randn(5, 4, dtype=D), torch.rand(5, dtype=D)
+    assert torch.equal(model(x, s), other(x, s))
 
 
 def test_bad_input_names_the_argument():
@@ -143,5 +177,6 @@ def test_bad_input_names_the_argument():
         layer(x)
     with pytest.raises(ValueError, match="model: it has no manifold layer"):
         MetricCorrected(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), nn.Linear(2, 2))
-    assert layer(x, 0.5).shape == (4, 2)  # one number is every example's context
+    half = F.linear(x, layer.basis.mean(0), layer.basis_bias.mean(0))  # W(0.5) on the line: (P1 + P2) / 2
+    torch.testing.assert_close(layer(x, 0.5), half, rtol=1e-6, atol=1e-6)  # one number is every example's context
     assert math.isclose(float(metric("circle")[1, 1]), 0.5)

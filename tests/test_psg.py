@@ -137,7 +137,7 @@ def test_scheduler_drives_the_inner_lr_without_warnings():
     assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items())
 
 
-def test_closure_gets_scaled_gradients_and_lbfgs_works():
+def test_closure_gets_scaled_gradients():
     a, b = _net(), _net()
     x, y = _data()
     oa = PSG(torch.optim.SGD(a.parameters(), lr=0.1), bits=2, scale=30)
@@ -155,19 +155,43 @@ def test_closure_gets_scaled_gradients_and_lbfgs_works():
     assert torch.is_tensor(ob.step(closure))
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
-    c = _net()
-    oc = PSG(torch.optim.LBFGS(c.parameters(), lr=0.5, max_iter=5), bits=4, scale=150, model=c)
 
-    def cl():
-        oc.zero_grad()
-        loss = F.cross_entropy(c(x), y)
+
+class _RecordingLBFGS(torch.optim.LBFGS):
+    """LBFGS that keeps the gradients it sees after each evaluation of the closure it is given."""
+
+    def step(self, closure):
+        self.seen = []
+
+        def recorded():
+            loss = closure()
+            self.seen.append([p.grad.clone() for p in self.param_groups[0]["params"]])
+            return loss
+
+        return super().step(recorded)
+
+
+def test_every_lbfgs_closure_evaluation_sees_scaled_gradients():
+    model, (x, y) = _net(), _data()
+    names = [n for n, _ in model.named_parameters()]
+    opt = PSG(_RecordingLBFGS(model.parameters(), lr=0.5, max_iter=5), bits=4, scale=150, model=model)
+    raw = []  # (weights, unscaled gradients) at each evaluation, read inside the user's closure
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
+        raw.append(([p.detach().clone() for p in model.parameters()], [p.grad.clone() for p in model.parameters()]))
         return loss
 
-    first = float(cl().detach())
-    for _ in range(3):
-        oc.step(cl)
-    assert float(cl().detach()) < first
+    opt.step(closure)
+    seen = opt.optimizer.seen
+    assert len(seen) == len(raw) >= 3  # LBFGS re-evaluated the closure at new weights
+    assert any(not torch.equal(raw[0][0][0], r[0][0]) for r in raw[1:])
+    for (ws, gs), got in zip(raw, seen):
+        for n, w, g, s in zip(names, ws, gs, got):
+            want = 150 * (w - quantize(w, 4)).abs() * g if w.dim() >= 2 else g
+            torch.testing.assert_close(s, want, rtol=0, atol=1e-14, msg=n)
 
 
 class _Recorder(torch.optim.SGD):
@@ -183,11 +207,21 @@ def test_loss_is_passed_to_inner_optimizers_that_take_it():
     opt.step(loss=torch.tensor(2.5))
     assert float(opt.optimizer.seen) == 2.5
     plain = PSG(torch.optim.SGD(model.parameters(), lr=0.1), bits=4, scale=150)
+    twin = copy.deepcopy(model)
     _grads(model)
-    plain.step(loss=torch.tensor(2.5))  # SGD.step takes no loss: dropped
-    unf_opt = PSG(UNFOptimizer.for_model(model, torch.randn(1, 5, dtype=torch.float64)), bits=4, scale=150)
+    _grads(twin)
+    before = model[3].weight.detach().clone()
+    plain.step(loss=torch.tensor(2.5))  # SGD.step takes no loss: dropped, and the step is the same as without it
+    PSG(torch.optim.SGD(twin.parameters(), lr=0.1), bits=4, scale=150).step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert not torch.equal(before, model[3].weight)  # a step was taken
+    inner = UNFOptimizer.for_model(model, torch.randn(1, 5, dtype=torch.float64))
+    unf_step, got = inner.step, []
+    inner.step = lambda closure=None, loss=None: (got.append(loss), unf_step(closure, loss=loss))[1]
+    unf_opt = PSG(inner, bits=4, scale=150)
     _grads(model)
     assert unf_opt.step(loss=torch.tensor(1.0)) is None
+    assert len(got) == 1 and float(got[0]) == 1.0  # the learned optimizer's step takes loss=: it reached it
 
 
 def test_add_param_group_and_zero_grad_go_to_the_inner_optimizer():
@@ -218,3 +252,29 @@ def test_bad_arguments_name_themselves():
         PSG(model, bits=4, scale=1)
     with pytest.raises(ValueError, match="state_dict"):
         PSG(sgd, bits=4, scale=1).load_state_dict(sgd.state_dict())
+
+
+def test_readme_psg_and_manifold_snippets_run():
+    """README's two snippets in the PSG/weight-manifold section, the ``...`` line replaced by three training steps."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Training-time weight methods"):text.index("## Embedded data")]
+    psg_code, manifold_code = re.findall(r"```python\n(.*?)```", section, re.S)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y = torch.randn(16, 64), torch.randint(10, (16,))
+    loop = "for _ in range(3):\n    opt.zero_grad()\n    F.cross_entropy(model(x), y).backward()\n    opt.step()\n#"
+    assert psg_code.count("\n...") == 1
+    ns = {"model": model, "x": x, "y": y, "F": F}
+    exec(psg_code.replace("\n...", "\n" + loop), ns)
+    assert ns["bits"] == {"0.weight": 8, "2.weight": 2, "4.weight": 8}  # the recipe measured in BENCHMARKS.md
+    q = ns["qmodel"]
+    assert q is not model and torch.unique(q[2].weight).numel() <= 3  # 2 bits: -1, 0, +1 steps
+    ns = {"torch": torch, "x": x, "s": torch.rand(16), "y": y}
+    exec(manifold_code, ns)
+    before = [p.detach().clone() for p in ns["model"].parameters()]
+    ns["loss"].backward()
+    ns["opt"].step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, ns["model"].parameters()))
