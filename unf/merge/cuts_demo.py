@@ -3,6 +3,9 @@
 Splits, per seed, all carved from the training split of ``unf.data.load("digits-flat", seed=0)`` (the test split
 is only reported): ``holdout`` (30%) is divided into three equal parts: the proxy inputs, the unlabelled inputs for
 choosing alpha, and the clean held-out set (for the fine-tuning baseline); the rest is the training set, corrupted.
+With ``evaluate_on="validation"`` a seeded validation split (20% of the training split) takes the test split's
+place and the experiment runs on the remaining 80%: the test split is not read at all. Settings (the defaults below
+included) are chosen that way, by ``benchmarks/merge_cuts.py choose``.
 
 - ``noise``: symmetric label noise (each training label, with probability ``noise_rate``, replaced by a uniformly
   drawn *other* class); a wide MLP (64-512-512-10) memorises it. Proxy: the proxy inputs with uniformly random
@@ -27,6 +30,12 @@ from .cuts import _predict, cuts
 TARGET = 0
 WIDTH = 512
 TRAIN_LR = 1e-3
+VALIDATION_FRACTION = 0.2
+# the defaults of run_cuts_demo and the CLI; benchmarks/merge_cuts.py choose compares settings on validation
+EPOCHS, PROXIES, PROXY_EPOCHS = 150, 5, 20
+NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
+# attack success on the proxy set stays above 1% up to alpha 4 (the rule's own signal, no labels): a longer grid
+BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
 
 
 def wide_mlp(width: int = WIDTH) -> nn.Module:
@@ -55,17 +64,37 @@ def _asr(model, x_trig, y_true) -> float:
     return float((_predict(model, x_trig[keep]) == TARGET).double().mean())
 
 
-def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: int = 60,
-                  proxy_epochs: int = 20, proxies: int = 1, poison_rate: float = 0.05,
-                  alphas: Optional[list] = None, progress=None) -> dict:
-    """One run of the experiment (see the module docstring); the JSON record ``unf merge cuts-demo`` prints."""
+def experiment_data(evaluate_on: str, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(x, y, x_eval, y_eval, num_classes)``: the data the experiment is carved from and the data it reports on
+    (the test split, or with ``evaluate_on="validation"`` a seeded 20% of the training split, the rest being
+    ``x, y``; the test split is then never read)."""
+    if evaluate_on not in ("test", "validation"):
+        raise ValueError(f"evaluate_on={evaluate_on!r}: choose 'test' or 'validation'")
+    split = data.load("digits-flat", seed=0)
+    if evaluate_on == "test":
+        return split.x_train, split.y_train, split.x_test, split.y_test, split.num_classes
+    order = torch.as_tensor(np.random.default_rng([seed, 1]).permutation(len(split.y_train)))
+    n_val = int(VALIDATION_FRACTION * len(order))
+    val, rest = order[:n_val], order[n_val:]
+    return split.x_train[rest], split.y_train[rest], split.x_train[val], split.y_train[val], split.num_classes
+
+
+def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: int = EPOCHS,
+                  proxy_epochs: int = PROXY_EPOCHS, proxies: int = PROXIES, poison_rate: float = 0.05,
+                  alphas: Optional[list] = None, evaluate_on: str = "test", progress=None) -> dict:
+    """One run of the experiment (see the module docstring); the JSON record ``unf merge cuts-demo`` prints.
+
+    The reported accuracies (``*_acc``, ``*_asr``, the alpha curve's ``acc`` and ``asr``) are on ``evaluate_on``
+    (``"test"``, or ``"validation"``: see :func:`experiment_data`). ``alphas``: default ``NOISE_ALPHAS`` or
+    ``BACKDOOR_ALPHAS``."""
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
     if not 0 <= noise_rate < 1:
         raise ValueError(f"noise_rate={noise_rate}: must be in [0, 1)")
     tick = progress or (lambda _: None)
-    split = data.load("digits-flat", seed=0)
-    x, y, c = split.x_train, split.y_train, split.num_classes
+    x, y, xt, yt, c = experiment_data(evaluate_on, seed)
+    if alphas is None:
+        alphas = NOISE_ALPHAS if kind == "noise" else BACKDOOR_ALPHAS
     rng = np.random.default_rng(seed)
     order = torch.as_tensor(rng.permutation(len(y)))
     n_hold = int(0.3 * len(y)) // 3 * 3
@@ -100,7 +129,6 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
     base = corrupted.state_dict()
     rand = copy.deepcopy(corrupted)
     rand.load_state_dict(res.task_vector.random_like(seed).apply(base, -res.alpha))
-    xt, yt = split.x_test, split.y_test
     xt_trig = add_trigger(xt)
     net = copy.deepcopy(corrupted)
     curve = []
@@ -113,7 +141,7 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         else:
             row["score"] = point["score"]
         curve.append(row)
-    out = {"kind": kind, "seed": seed, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
+    out = {"kind": kind, "seed": seed, "evaluated_on": evaluate_on, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
            "random_acc": _acc(rand, xt, yt), "clean_ft_acc": _acc(clean_ft, xt, yt), "clean_acc": _acc(clean, xt, yt),
            "alpha": res.alpha, "alpha_curve": curve}
     if kind == "noise":
@@ -122,7 +150,7 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         gap = out["clean_acc"] - out["corrupted_acc"]
         out["gap_recovered"] = (out["cuts_acc"] - out["corrupted_acc"]) / gap if gap > 0 else None
         out["best_alpha_gap_recovered"] = (max(r["acc"] for r in curve) - out["corrupted_acc"]) / gap \
-            if gap > 0 else None  # hindsight, on test: for reference only, never used to choose
+            if gap > 0 else None  # hindsight, on the reported split: for reference only, never used to choose
     else:
         out.update(poison_rate=poison_rate, corrupted_asr=_asr(corrupted, xt_trig, yt),
                    cuts_asr=_asr(res.model, xt_trig, yt), random_asr=_asr(rand, xt_trig, yt),
