@@ -58,6 +58,9 @@ def test_noise_alpha_selection_finds_the_known_answer():
     assert alpha == 1.0, curve
     assert [p["alpha"] for p in curve] == [0.0, 0.5, 0.8, 1.0, 1.2, 1.5, 2.0]
     assert model.state_dict()["2.weight"].equal(base["2.weight"])  # the input model is untouched
+    # a flat curve (tau = 0: every alpha is the same model): ties go to the first alpha
+    alpha, curve = select_alpha(model, 0 * tau, [0.3, 0.6, 0.9], kind="noise", inputs=x, features=lambda m, z: z)
+    assert len({p["score"] for p in curve}) == 1 and alpha == 0.3
 
 
 def test_backdoor_alpha_is_the_first_with_attack_success_at_most_one_percent():
