@@ -3,8 +3,12 @@
     # 1. choose epochs / proxies / proxy epochs on a validation split carved from the training split (seed 0; the
     #    test split is not read): results/merge_cuts_choice.jsonl, a table and the chosen setting
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --seed 0
-    # 2. the test-split runs with the library defaults (set to the chosen setting): results/merge_cuts.jsonl
+    # 2. the test-split runs with the chosen setting (for the scratch backbone: the library defaults, which must
+    #    match it): results/merge_cuts.jsonl
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --kinds noise backdoor --seeds 0 1 2 3 4
+    # the same with a backbone pretrained without labels (rotation prediction); choose its setting first
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --seed 0 --backbone rotation
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --seeds 0 1 2 3 4
     # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
     python benchmarks/merge_cuts.py table
 
@@ -32,7 +36,7 @@ CHOICE = RESULTS / "merge_cuts_choice.jsonl"
 RUNS = RESULTS / "merge_cuts.jsonl"
 # the settings compared on validation (label noise 0.4; criterion: gap recovered with the label-free alpha)
 GRID = {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40]}
-SETTING = ("kind", "seed", "evaluated_on", "noise_rate", "epochs", "proxies", "proxy_epochs")
+SETTING = ("kind", "seed", "evaluated_on", "backbone", "noise_rate", "epochs", "proxies", "proxy_epochs")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -82,34 +86,48 @@ def ms(vals, scale=100.0) -> str:
     return f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}"  # sample std
 
 
+def chosen(rows: list[dict], seed: int, backbone: str) -> dict:
+    """The first setting (in grid order) with the largest validation gap recovered: the cheaper one on ties."""
+    rows = [r for r in rows if r["evaluated_on"] == "validation" and r["seed"] == seed and r["backbone"] == backbone]
+    if not rows:
+        raise SystemExit(f"{CHOICE} has no validation runs for seed {seed}, backbone {backbone}: run "
+                         f"'benchmarks/merge_cuts.py choose --seed {seed} --backbone {backbone}' first")
+    best = max(rows, key=lambda r: r["gap_recovered"])
+    return {k: best[k] for k in GRID}
+
+
 def choose(args) -> None:
-    settings = [{"kind": "noise", "seed": args.seed, "evaluated_on": "validation", "epochs": e, "proxies": p,
-                 "proxy_epochs": pe} for e, p, pe in itertools.product(*GRID.values())]
-    rows = [r for r in run_missing(CHOICE, settings) if r["evaluated_on"] == "validation" and r["seed"] == args.seed]
-    print(f"\nSettings on the validation split of seed {args.seed} (label noise 0.4; validation accuracy %):\n")
+    settings = [{"kind": "noise", "seed": args.seed, "evaluated_on": "validation", "backbone": args.backbone,
+                 "epochs": e, "proxies": p, "proxy_epochs": pe} for e, p, pe in itertools.product(*GRID.values())]
+    rows = [r for r in run_missing(CHOICE, settings)
+            if r["seed"] == args.seed and r["backbone"] == args.backbone]
+    print(f"\nSettings on the validation split of seed {args.seed}, backbone {args.backbone} (label noise 0.4; "
+          "validation accuracy %):\n")
     print("| epochs | proxies | proxy epochs | corrupted | CUTS | alpha | clean training | gap recovered |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} | "
               f"{100 * r['cuts_acc']:.1f} | {r['alpha']} | {100 * r['clean_acc']:.1f} | "
               f"{100 * r['gap_recovered']:.1f}% |")
-    best = max(rows, key=lambda r: r["gap_recovered"])  # first maximum in grid order: the cheaper setting on ties
-    print(f"\nchosen: epochs {best['epochs']}, proxies {best['proxies']}, proxy epochs {best['proxy_epochs']} "
-          f"(validation gap recovered {100 * best['gap_recovered']:.1f}%); library defaults now: epochs "
-          f"{cuts_demo.EPOCHS}, proxies {cuts_demo.PROXIES}, proxy epochs {cuts_demo.PROXY_EPOCHS}")
+    print(f"\nchosen: {chosen(rows, args.seed, args.backbone)}; library defaults: epochs {cuts_demo.EPOCHS}, "
+          f"proxies {cuts_demo.PROXIES}, proxy epochs {cuts_demo.PROXY_EPOCHS}")
 
 
 def run(args) -> None:
-    settings = [{"kind": k, "seed": s, "evaluated_on": "test", "epochs": cuts_demo.EPOCHS,
-                 "proxies": cuts_demo.PROXIES, "proxy_epochs": cuts_demo.PROXY_EPOCHS}
+    setting = chosen(read_jsonl(CHOICE), args.choice_seed, args.backbone)
+    defaults = {"epochs": cuts_demo.EPOCHS, "proxies": cuts_demo.PROXIES, "proxy_epochs": cuts_demo.PROXY_EPOCHS}
+    if args.backbone == "scratch" and setting != defaults:
+        raise SystemExit(f"the library defaults {defaults} are not the setting chosen on validation {setting}: "
+                         "update EPOCHS, PROXIES, PROXY_EPOCHS in unf/merge/cuts_demo.py")
+    settings = [{"kind": k, "seed": s, "evaluated_on": "test", "backbone": args.backbone, **setting}
                 for k in args.kinds for s in args.seeds]
     run_missing(RUNS, settings)
     table(args)
 
 
 def table(args) -> None:
-    rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test"]
-    chosen_on = {r["seed"] for r in read_jsonl(CHOICE)}
+    rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test" and r["backbone"] == args.backbone]
+    chosen_on = {r["seed"] for r in read_jsonl(CHOICE) if r["backbone"] == args.backbone}
     for kind in ("noise", "backdoor"):
         rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["seed"])
         if not rs:
@@ -118,8 +136,10 @@ def table(args) -> None:
         groups = [(f"seeds {[r['seed'] for r in held]} (not used for the choice)", held),
                   (f"all seeds {[r['seed'] for r in rs]}", rs)] if held and len(held) < len(rs) else \
             [(f"seeds {[r['seed'] for r in rs]}", rs)]
-        print(f"\n{kind}: test %, mean +- sample std over seeds; settings chosen on the validation split of seed(s) "
-              f"{sorted(chosen_on)}; alphas chosen without labels: {[r['alpha'] for r in rs]}\n")
+        setting = {k: rs[0][k] for k in GRID}
+        print(f"\n{kind}, backbone {args.backbone}, {setting}: test %, mean +- sample std over seeds; setting chosen "
+              f"on the validation split of seed(s) {sorted(chosen_on)}; alphas chosen without labels: "
+              f"{[r['alpha'] for r in rs]}\n")
 
         def line(name, get):
             print(f"| {name} | " + " | ".join(ms([get(r) for r in g]) for _, g in groups) + " |")
@@ -151,7 +171,7 @@ def table(args) -> None:
                 vals = [statistics.mean(r["alpha_curve"][i][k] for r in rs) for i in range(0, len(alphas), 5)]
                 print(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
         if args.plot:
-            path = RESULTS / f"merge_cuts_{kind}.png"
+            path = RESULTS / f"merge_cuts_{kind}_{args.backbone}.png"
             cuts_demo.plot_alpha_curves(rs, str(path))
             print(f"\nfigure: {path}")
 
@@ -161,12 +181,16 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("choose", help="compare settings on validation (test split not read)")
     c.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("run", help="test-split runs with the library defaults, then the tables")
+    r = sub.add_parser("run", help="test-split runs with the setting chosen on validation, then the tables")
     r.add_argument("--kinds", nargs="+", choices=["noise", "backdoor"], default=["noise", "backdoor"])
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    r.add_argument("--choice-seed", type=int, default=0, help="the seed whose validation runs chose the setting")
     t = sub.add_parser("table", help="tables (and figures) from results/merge_cuts.jsonl only")
+    for p in (c, r, t):
+        p.add_argument("--backbone", choices=["scratch", "rotation"], default="scratch")
     for p in (r, t):
-        p.add_argument("--plot", action="store_true", help="also write results/merge_cuts_{noise,backdoor}.png")
+        p.add_argument("--plot", action="store_true",
+                       help="also write results/merge_cuts_{noise,backdoor}_{backbone}.png")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"choose": choose, "run": run, "table": table}[args.cmd](args)

@@ -167,6 +167,20 @@ def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch):
         run_cuts_demo("noise", evaluate_on="train")
 
 
+def test_rotation_backbone_is_pretrained_from_inputs_with_a_fresh_head():
+    x = data.load("digits-flat", seed=0).x_train[:200]
+    net = cuts_demo.rotation_pretrained(x, seed=3, epochs=2)
+    again = cuts_demo.rotation_pretrained(x, seed=3, epochs=2)
+    torch.manual_seed(3)
+    init = cuts_demo.wide_mlp()
+    assert net[-1].out_features == 10 and net(x).shape == (200, 10)
+    assert not net[0].weight.equal(init[0].weight)  # the body was trained
+    for k, v in net.state_dict().items():
+        assert v.equal(again.state_dict()[k]), k  # seeded
+    with pytest.raises(ValueError, match="backbone"):
+        run_cuts_demo("noise", backbone="imagenet")
+
+
 def test_cli_cuts_demo_user_errors(capsys):
     assert main(["merge", "cuts-demo", "--kind", "backdoor", "--noise-rate", "0.3"]) == 2
     assert "--noise-rate applies to --kind noise" in capsys.readouterr().err

@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--evaluate-on", choices=["test", "validation"], default="test",
                    help="report on the test split, or on a seeded validation split carved from the training split "
                         "(the test split is then not read: use it to choose settings)")
+    p.add_argument("--backbone", choices=["scratch", "rotation"], default="scratch",
+                   help="train the corrupted and the clean model from a random initialisation (default), or from a "
+                        "backbone pretrained without labels to predict the rotation of the training inputs")
     p.add_argument("--plot", help="write a PNG of test accuracy (and attack success or score) against alpha here")
 
 
@@ -52,7 +55,8 @@ def run(args) -> int:
 
         bar = progress(total=4, desc="cuts-demo")
     rec = run_cuts_demo(args.kind, args.noise_rate, args.seed, epochs=args.epochs, proxy_epochs=args.proxy_epochs,
-                        proxies=args.proxies, evaluate_on=args.evaluate_on, progress=(lambda _: bar.update(1)) if bar is not None else None)
+                        proxies=args.proxies, evaluate_on=args.evaluate_on, backbone=args.backbone,
+                        progress=(lambda _: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()
     info(f"seed {args.seed}, {args.kind}: {args.evaluate_on} accuracy corrupted {rec['corrupted_acc']:.3f}, CUTS "

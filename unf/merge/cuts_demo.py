@@ -31,6 +31,7 @@ TARGET = 0
 WIDTH = 512
 TRAIN_LR = 1e-3
 VALIDATION_FRACTION = 0.2
+PRETRAIN_EPOCHS = 30  # the rotation-pretrained backbone (backbone="rotation")
 # the defaults of run_cuts_demo and the CLI; benchmarks/merge_cuts.py choose compares settings on validation
 EPOCHS, PROXIES, PROXY_EPOCHS = 150, 5, 20
 NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
@@ -40,6 +41,21 @@ BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
 
 def wide_mlp(width: int = WIDTH) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def rotation_pretrained(x: torch.Tensor, seed: int, epochs: int = PRETRAIN_EPOCHS) -> nn.Module:
+    """A wide MLP whose body is pretrained without labels on ``x`` ``[N, 64]`` (self-supervised: which of the four
+    90-degree rotations an 8x8 input shows), returned with a fresh, seeded 10-class head: a pretrained backbone
+    made from the inputs alone, so that no clean label enters the corrupted experiment."""
+    img = x.reshape(-1, 8, 8)
+    xs = torch.cat([torch.rot90(img, k, dims=(1, 2)).reshape(-1, 64) for k in range(4)])
+    ys = torch.arange(4).repeat_interleave(len(x))
+    torch.manual_seed(seed)
+    net = wide_mlp()
+    net[-1] = nn.Linear(WIDTH, 4)
+    train_classifier(net, xs, ys, epochs=epochs, lr=TRAIN_LR, seed=seed)
+    net[-1] = nn.Linear(WIDTH, 10)
+    return net
 
 
 def add_trigger(x: torch.Tensor) -> torch.Tensor:
@@ -81,14 +97,19 @@ def experiment_data(evaluate_on: str, seed: int) -> tuple[torch.Tensor, ...]:
 
 def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: int = EPOCHS,
                   proxy_epochs: int = PROXY_EPOCHS, proxies: int = PROXIES, poison_rate: float = 0.05,
-                  alphas: Optional[list] = None, evaluate_on: str = "test", progress=None) -> dict:
+                  alphas: Optional[list] = None, evaluate_on: str = "test", backbone: str = "scratch",
+                  progress=None) -> dict:
     """One run of the experiment (see the module docstring); the JSON record ``unf merge cuts-demo`` prints.
 
     The reported accuracies (``*_acc``, ``*_asr``, the alpha curve's ``acc`` and ``asr``) are on ``evaluate_on``
     (``"test"``, or ``"validation"``: see :func:`experiment_data`). ``alphas``: default ``NOISE_ALPHAS`` or
-    ``BACKDOOR_ALPHAS``."""
+    ``BACKDOOR_ALPHAS``. ``backbone``: ``"scratch"`` (the corrupted and the clean model trained from a random
+    initialisation) or ``"rotation"`` (both trained from :func:`rotation_pretrained` on the experiment's training
+    inputs, without labels)."""
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
+    if backbone not in ("scratch", "rotation"):
+        raise ValueError(f"backbone={backbone!r}: choose 'scratch' or 'rotation'")
     if not 0 <= noise_rate < 1:
         raise ValueError(f"noise_rate={noise_rate}: must be in [0, 1)")
     tick = progress or (lambda _: None)
@@ -108,11 +129,17 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         poison = torch.randperm(len(y_tr), generator=gen)[:int(round(poison_rate * len(y_tr)))]
         x_bad, y_bad = x_tr.clone(), y_tr.clone()
         x_bad[poison], y_bad[poison] = add_trigger(x_tr[poison]), TARGET
-    torch.manual_seed(seed)
-    corrupted = train_classifier(wide_mlp(), x_bad, y_bad, epochs=epochs, lr=TRAIN_LR, seed=seed)
+    pretrained = rotation_pretrained(x, seed) if backbone == "rotation" else None
+
+    def start() -> nn.Module:  # the same initial weights for the corrupted and the clean model
+        if pretrained is not None:
+            return copy.deepcopy(pretrained)
+        torch.manual_seed(seed)
+        return wide_mlp()
+
+    corrupted = train_classifier(start(), x_bad, y_bad, epochs=epochs, lr=TRAIN_LR, seed=seed)
     tick("corrupted model trained")
-    torch.manual_seed(seed)
-    clean = train_classifier(wide_mlp(), x_tr, y_tr, epochs=epochs, lr=TRAIN_LR, seed=seed)
+    clean = train_classifier(start(), x_tr, y_tr, epochs=epochs, lr=TRAIN_LR, seed=seed)
     tick("clean model trained")
     clean_ft = train_classifier(copy.deepcopy(corrupted), x[clean_idx], y[clean_idx], epochs=proxy_epochs,
                                 lr=TRAIN_LR / 10, seed=seed)
@@ -141,7 +168,7 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         else:
             row["score"] = point["score"]
         curve.append(row)
-    out = {"kind": kind, "seed": seed, "evaluated_on": evaluate_on, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
+    out = {"kind": kind, "seed": seed, "evaluated_on": evaluate_on, "backbone": backbone, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
            "random_acc": _acc(rand, xt, yt), "clean_ft_acc": _acc(clean_ft, xt, yt), "clean_acc": _acc(clean, xt, yt),
            "alpha": res.alpha, "alpha_curve": curve}
     if kind == "noise":
