@@ -34,7 +34,11 @@ def main() -> None:
     ap.add_argument("--solver", default="heun")
     ap.add_argument("--sweep", default="1,2,4,8,16,32")
     ap.add_argument("--sweep-num", type=int, default=200)
-    ap.add_argument("--sweep-only", action="store_true", help="only the NFE sweep (training split), no evaluation")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the NFE sweep (training split) and the setting it chooses, no evaluation")
+    ap.add_argument("--tolerance", type=float, default=0.005,
+                    help="the choice: the fewest NFE (then euler, heun, rk4) within this of the sweep's best mean "
+                         "training-split accuracy (default 0.005)")
     ap.add_argument("--baseline-num", type=int, default=200)
     ap.add_argument("--out", default="benchmarks/results/flow_eval")
     args = ap.parse_args()
@@ -95,6 +99,7 @@ def main() -> None:
         sets[name] = ws
     out = Path(args.out)
     if args.sweep_only:
+        lines += choose(lines, args.tolerance)
         write_lines(out.with_suffix(".jsonl"), [{**meta, **line} for line in lines], atomic_write)
         return
     n = args.baseline_num
@@ -121,6 +126,29 @@ def main() -> None:
                   "acc_std": float(train_acc.std())})
     write_lines(out.with_suffix(".jsonl"), [{**meta, **line} for line in lines], atomic_write)
     plot(points, frontier, float(train_acc.mean()), out.with_suffix(".png"), atomic_write)
+
+
+def choose(lines: list, tolerance: float) -> list:
+    """Per run, the sweep's choice (a ``kind: "choice"`` line): the cheapest setting whose mean training-split
+    accuracy is within ``tolerance`` of the best; prints the sweep as a table."""
+    out = []
+    for run in dict.fromkeys(x["run"] for x in lines if x["kind"] == "sweep"):
+        sweep = [x for x in lines if x["kind"] == "sweep" and x["run"] == run]
+        best = max(x["acc_mean"] for x in sweep)
+        order = ("euler", "heun", "rk4")
+        pick = min((x for x in sweep if x["acc_mean"] >= best - tolerance),
+                   key=lambda x: (x["nfe"], order.index(x["solver"])))
+        nfes = sorted({x["nfe"] for x in sweep})
+        print(f"\n{run}: mean accuracy on the training split ({sweep[0]['num']} samples)\n| NFE | "
+              + " | ".join(map(str, nfes)) + " |\n|---|" + "---|" * len(nfes))
+        for solver in order:
+            acc = {x["nfe"]: x["acc_mean"] for x in sweep if x["solver"] == solver}
+            print(f"| {solver} | " + " | ".join(f"{acc[k]:.3f}" if k in acc else "" for k in nfes) + " |")
+        print(f"choice: {pick['solver']} at {pick['nfe']} NFE ({pick['acc_mean']:.3f}; best {best:.3f}, "
+              f"tolerance {tolerance})")
+        out.append({"kind": "choice", "split": "train", "run": run, "solver": pick["solver"], "nfe": pick["nfe"],
+                    "acc_mean": pick["acc_mean"], "best": best, "tolerance": tolerance})
+    return out
 
 
 def write_lines(path: Path, lines: list, atomic_write) -> None:

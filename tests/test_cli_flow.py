@@ -89,7 +89,8 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--condition",
                          "activation", "--select-every", "2"], "cannot be combined with --condition")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
-                         "activation=relu", "--select-num", "5"], "--select-num 5", "--select-every")
+                         "activation=relu", "--velocity", "mlp", "--steps", "1", "--select-num", "5"],
+                "--select-num 5", "--select-every")
     assert not (tmp_path / "r").exists()
 
 
