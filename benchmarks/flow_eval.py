@@ -6,19 +6,23 @@
 Every run must come from ``unf flow train`` on ``--zoo`` with the same selection and holdout (its flow file names
 them). Per run: time to sample ``--num`` networks on the CPU, their test accuracy (no fine-tuning) and novelty
 against the flow's training networks, held-out networks as the reference level; an NFE sweep on ``--sweep-num``
-networks. Baselines on the same axes: memorisers (k best training networks + noise, sigma grid), interpolations of
-aligned pairs, a per-parameter Gaussian. Writes ``OUT.jsonl`` and ``OUT.png`` (accuracy vs novelty).
+networks, scored on the TRAINING split (it is there to choose a solver and NFE; ``--sweep-only`` runs just it).
+Baselines on the same axes: memorisers (the k training networks best by their metadata's ``train_acc``, + noise,
+sigma grid), interpolations of aligned pairs, a per-parameter Gaussian. Writes ``OUT.jsonl`` and ``OUT.png``
+(accuracy vs novelty).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import time
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from timing import cpu_name
 
 
 def main() -> None:
@@ -30,16 +34,22 @@ def main() -> None:
     ap.add_argument("--solver", default="heun")
     ap.add_argument("--sweep", default="1,2,4,8,16,32")
     ap.add_argument("--sweep-num", type=int, default=200)
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the NFE sweep (training split) and the setting it chooses, no evaluation")
+    ap.add_argument("--tolerance", type=float, default=0.005,
+                    help="the choice: the fewest NFE (then euler, heun, rk4) within this of the sweep's best mean "
+                         "training-split accuracy (default 0.005)")
     ap.add_argument("--baseline-num", type=int, default=200)
     ap.add_argument("--out", default="benchmarks/results/flow_eval")
     args = ap.parse_args()
 
     from unf import data as datasets
     from unf.flow import WeightFlow
-    from unf.flow.baselines import gaussian, interpolations, memorisers, noise_frontier, dominated
+    from unf.flow.baselines import dominated, gaussian, interpolations, memorisers, noise_frontier, train_split_accuracy
     from unf.flow.evaluate import evaluate_networks
     from unf.flow.novelty import novelty_report, probe_set, stacked_logits
     from unf.flow.zoo import build_network, model_factory, select_rows
+    from unf.io import atomic_write
     from unf.zoo import Zoo
 
     zoo = Zoo(args.zoo)
@@ -55,38 +65,47 @@ def main() -> None:
     train_ws, held_ws = zoo.weight_space(train_rows), zoo.weight_space(held_rows)
     x = probe_set(split.x_test, copies=2, seed=first["split_seed"])
     lines = []
-    meta = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads", "torch": torch.__version__, "zoo": args.zoo,
-            "train": len(train_rows), "heldout": len(held_rows)}
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+            "threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg()), "torch": torch.__version__,
+            "zoo": args.zoo, "train": len(train_rows), "heldout": len(held_rows)}
 
-    def acc_of(ws):
-        return (stacked_logits(model, zoo.spec, ws, split.x_test).argmax(2) == split.y_test).double().mean(1)
+    def acc_of(ws, inputs=split.x_test, labels=split.y_test):
+        return (stacked_logits(model, zoo.spec, ws, inputs).argmax(2) == labels).double().mean(1)
 
-    train_acc = acc_of(train_ws)
+    train_acc = acc_of(train_ws)  # reported only
+    rank = train_split_accuracy([zoo.metadata[i] for i in train_rows])  # the memorisers' "best": never test data
     sets, times = {}, {}
     for name, flow in flows.items():
-        flow.sample(8, args.nfe, args.solver)  # warm-up
-        start = time.perf_counter()
-        ws, nfe = flow.sample(args.num, args.nfe, args.solver, seed=0)
-        times[name] = {"seconds": time.perf_counter() - start, "nfe": nfe,
-                       "per_eval": (time.perf_counter() - start) / nfe,
-                       "parameters": flow.info.get("velocity_parameters"),
-                       "velocity": flow.velocity.kind, "canonicalize": flow.info["config"]["canonicalize"],
-                       "train_seconds": flow.info.get("seconds")}
-        sets[name] = ws
         for k in [int(v) for v in args.sweep.split(",") if v]:
             for solver in ("euler", "heun", "rk4"):
                 if k < {"euler": 1, "heun": 2, "rk4": 4}[solver]:
                     continue
                 sw, n = flow.sample(args.sweep_num, k, solver, seed=1)
-                acc = acc_of(sw)
-                lines.append({"kind": "sweep", "run": name, "solver": solver, "nfe": n, "acc_mean": float(acc.mean()),
-                              "acc_median": float(acc.median())})
+                acc = acc_of(sw, split.x_train, split.y_train)
+                lines.append({"kind": "sweep", "split": "train", "run": name, "solver": solver, "nfe": n,
+                              "num": args.sweep_num, "acc_mean": float(acc.mean()), "acc_median": float(acc.median())})
                 print(lines[-1], flush=True)
+        if args.sweep_only:
+            continue
+        flow.sample(8, args.nfe, args.solver)  # warm-up
+        start = time.perf_counter()
+        ws, nfe = flow.sample(args.num, args.nfe, args.solver, seed=0)
+        times[name] = {"seconds": time.perf_counter() - start, "nfe": nfe, "solver": args.solver,
+                       "per_eval": (time.perf_counter() - start) / nfe,
+                       "parameters": flow.info.get("velocity_parameters"),
+                       "velocity": flow.velocity.kind, "canonicalize": flow.info["config"]["canonicalize"],
+                       "train_seconds": flow.info.get("seconds"), "selected_step": flow.info.get("selected_step")}
+        sets[name] = ws
+    out = Path(args.out)
+    if args.sweep_only:
+        lines += choose(lines, args.tolerance)
+        write_lines(out.with_suffix(".jsonl"), [{**meta, **line} for line in lines], atomic_write)
+        return
     n = args.baseline_num
     for k in (1, 10, len(train_rows)):
         for sigma in (0.02, 0.05, 0.1, 0.2, 0.5):
-            sets[f"memoriser k={k} sigma={sigma}"] = memorisers(train_ws, train_acc, k, sigma, n, seed=0)
+            sets[f"memoriser k={k} sigma={sigma}"] = memorisers(train_ws, rank, k, sigma, n, seed=0)
     sets["interpolation"] = interpolations(zoo.spec, train_ws, n, seed=0)
     sets["gaussian"] = gaussian(train_ws, n, seed=0)
     sets["gaussian (aligned zoo)"] = gaussian(train_ws, n, seed=0, align=True)
@@ -105,15 +124,38 @@ def main() -> None:
               times.get(name, ""), flush=True)
     lines.append({"kind": "train", "acc_mean": float(train_acc.mean()), "acc_median": float(train_acc.median()),
                   "acc_std": float(train_acc.std())})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".jsonl"), "w") as f:
-        for line in lines:
-            f.write(json.dumps({**meta, **line}) + "\n")
-    plot(points, frontier, float(train_acc.mean()), out.with_suffix(".png"))
+    write_lines(out.with_suffix(".jsonl"), [{**meta, **line} for line in lines], atomic_write)
+    plot(points, frontier, float(train_acc.mean()), out.with_suffix(".png"), atomic_write)
 
 
-def plot(points: dict, frontier: torch.Tensor, train_acc: float, path: Path) -> None:
+def choose(lines: list, tolerance: float) -> list:
+    """Per run, the sweep's choice (a ``kind: "choice"`` line): the cheapest setting whose mean training-split
+    accuracy is within ``tolerance`` of the best; prints the sweep as a table."""
+    out = []
+    for run in dict.fromkeys(x["run"] for x in lines if x["kind"] == "sweep"):
+        sweep = [x for x in lines if x["kind"] == "sweep" and x["run"] == run]
+        best = max(x["acc_mean"] for x in sweep)
+        order = ("euler", "heun", "rk4")
+        pick = min((x for x in sweep if x["acc_mean"] >= best - tolerance),
+                   key=lambda x: (x["nfe"], order.index(x["solver"])))
+        nfes = sorted({x["nfe"] for x in sweep})
+        print(f"\n{run}: mean accuracy on the training split ({sweep[0]['num']} samples)\n| NFE | "
+              + " | ".join(map(str, nfes)) + " |\n|---|" + "---|" * len(nfes))
+        for solver in order:
+            acc = {x["nfe"]: x["acc_mean"] for x in sweep if x["solver"] == solver}
+            print(f"| {solver} | " + " | ".join(f"{acc[k]:.3f}" if k in acc else "" for k in nfes) + " |")
+        print(f"choice: {pick['solver']} at {pick['nfe']} NFE ({pick['acc_mean']:.3f}; best {best:.3f}, "
+              f"tolerance {tolerance})")
+        out.append({"kind": "choice", "split": "train", "run": run, "solver": pick["solver"], "nfe": pick["nfe"],
+                    "acc_mean": pick["acc_mean"], "best": best, "tolerance": tolerance})
+    return out
+
+
+def write_lines(path: Path, lines: list, atomic_write) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(line) + "\n" for line in lines)))
+
+
+def plot(points: dict, frontier: torch.Tensor, train_acc: float, path: Path, atomic_write) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +176,7 @@ def plot(points: dict, frontier: torch.Tensor, train_acc: float, path: Path) -> 
     ax.set_ylabel("mean test accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 if __name__ == "__main__":

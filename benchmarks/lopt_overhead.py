@@ -1,20 +1,26 @@
 """Overhead of the learned optimizers against Adam, side by side in one run.
 
-    python benchmarks/lopt_overhead.py [--repeats 30] [--device cpu|cuda]
+    python benchmarks/lopt_overhead.py [--repeats 30] [--device cpu|cuda] [--compile]
 
 For an MLP 64-300-300-10 (~112k parameters) at batch 128 and the digits CNN at batch 64: the time of a full training
 step (forward, backward, optimizer step) and of the optimizer step alone, for Adam and the three learned rules (UNF,
-DeepSets, per-parameter MLP) with their shipped weights. Medians over ``--repeats`` (after a warm-up), min and max
-beside them; one JSON line per run appended to ``benchmarks/results/lopt_overhead.jsonl``.
+DeepSets, per-parameter MLP) with their shipped weights; with ``--compile`` also each rule with
+``UNFOptimizer(compile=True)`` (its compile time, the first step, reported on its own). Medians over ``--repeats``
+(after a warm-up), min and max beside them, the ATen calls of one optimizer step (a load-independent measure of
+dispatch overhead), and the rule's matmul FLOPs with the GFLOP/s achieved, beside this machine's square-matmul peak and
+copy bandwidth measured in the same run; one JSON line per run appended to
+``benchmarks/results/lopt_overhead.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,10 +41,36 @@ def _times(fn, repeats, sync):
     return statistics.median(out) * 1e3, min(out) * 1e3, max(out) * 1e3
 
 
+def _aten_calls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def _matmul_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _machine_peaks(dev, sync) -> dict:
+    """Square-matmul GFLOP/s (1024^3, float32) and copy GB/s (64 MiB, read + write) on ``dev``, same run."""
+    a = torch.randn(1024, 1024, device=dev)
+    mm = statistics.median(wall_times(lambda: a @ a, 10, sync=sync))
+    x = torch.empty(16 * 2**20, device=dev)
+    cp = statistics.median(wall_times(lambda: x.clone(), 10, sync=sync))
+    return {"matmul_gflops": 2 * 1024**3 / mm / 1e9, "copy_gbs": 2 * x.numel() * 4 / cp / 1e9}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="also time each rule with UNFOptimizer(compile=True)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -49,36 +81,49 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(*shape, generator=g).to(dev)
         y = torch.randint(10, (shape[0],), generator=g).to(dev)
-        for name in ("adam", *LEARNED):
+        names = ["adam", *LEARNED] + ([f"{n}+compile" for n in LEARNED] if args.compile else [])
+        for name in names:
             torch.manual_seed(0)
             model = make().to(dev)
             if name == "adam":
                 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             else:
-                opt = UNFOptimizer.for_model(model, x[:1], weights=LearnedRule.load(LEARNED[name]))
+                opt = UNFOptimizer.for_model(model, x[:1], weights=LearnedRule.load(LEARNED[name.split("+")[0]]),
+                                             compile=name.endswith("+compile"))
 
             def full():
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
 
+            sync()
+            t0 = time.perf_counter()
+            full()  # the first step builds the plans (and compiles, with +compile)
+            sync()
+            first_s = time.perf_counter() - t0
             full_t = _times(full, args.repeats, sync)
             step_t = _times(opt.step, args.repeats, sync)  # gradients of the last full step stay in place
+            flops = _matmul_flops(opt.step)
             rows.append({"case": case, "optimizer": name, "params": sum(p.numel() for p in model.parameters()),
-                         "full_ms": full_t, "step_ms": step_t})
+                         "full_ms": full_t, "step_ms": step_t, "first_step_s": first_s,
+                         "aten_calls_per_step": _aten_calls(opt.step), "step_matmul_flops": flops,
+                         "step_gflops": flops / (step_t[0] / 1e3) / 1e9})
     base = {r["case"]: r["full_ms"][0] for r in rows if r["optimizer"] == "adam"}
     stamp = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(dev)}
+             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(dev),
+             "loadavg_1m": os.getloadavg()[0], **_machine_peaks(dev, sync)}
     print(f"{stamp}")
-    print("| case | optimizer | full step ms (median, min-max) | x Adam | optimizer step ms |")
-    print("|---|---|---|---|---|")
+    print("| case | optimizer | full step ms (median, min-max) | x Adam | optimizer step ms | ATen calls per step "
+          "| first step s | step GFLOP/s (matmul) |")
+    print("|---|---|---|---|---|---|---|---|")
     out = Path(__file__).resolve().parent / "results" / "lopt_overhead.jsonl"
     out.parent.mkdir(exist_ok=True)
     with out.open("a") as f:
         for r in rows:
             ratio = r["full_ms"][0] / base[r["case"]]
             print(f"| {r['case']} | {r['optimizer']} | {r['full_ms'][0]:.2f} ({r['full_ms'][1]:.2f}-"
-                  f"{r['full_ms'][2]:.2f}) | {ratio:.2f} | {r['step_ms'][0]:.2f} |")
+                  f"{r['full_ms'][2]:.2f}) | {ratio:.2f} | {r['step_ms'][0]:.2f} | {r['aten_calls_per_step']} | "
+                  f"{r['first_step_s']:.1f} | {r['step_gflops']:.2f} |")
             f.write(json.dumps({**stamp, **r, "ratio_vs_adam": ratio}) + "\n")
 
 

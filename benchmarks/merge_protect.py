@@ -6,13 +6,15 @@
 Splits (per seed, carved from the training split of unf.data.load("digits-flat", seed=0)): 50% pretraining pool
 (all classes, a short pretraining), 15% validation (chooses lambda for the unprotected merge; that lambda is used for every variant), 35%
 fine-tuning pool, divided by class into task A (0-4) and task B (5-9). The test split is only reported.
-Writes benchmarks/results/merge_protect.jsonl (one object per seed) and merge_protect.png.
+Writes benchmarks/results/merge_protect.jsonl (one object per seed) and merge_protect.png; with --from-results, only
+reads the JSON lines and prints the summary and the table (mean +- sample std) and redraws the figure.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -111,9 +113,18 @@ def run(seed: int) -> dict:
     return out
 
 
+ROWS = (("A unprotected", "unprotected"), ("A protected (permutation + ReLU rescaling)", "protected"),
+        ("A protected, then the full attack (`unprotect`)", "attack_full"),
+        ("A protected, attack without scale recovery", "attack_perm_only"),
+        ("A protected by rescaling only", "scale_protected"),
+        ("A protected by permutation only, then attacked", "perm_protected_attacked"))
+
+
+def ms(vals) -> str:
+    return f"{100 * statistics.mean(vals):.1f} +- {100 * statistics.stdev(vals):.1f}"  # sample std (n - 1)
+
+
 def summarise(rows: list[dict]) -> None:
-    def ms(vals):
-        return f"{100 * np.mean(vals):.1f} +- {100 * np.std(vals):.1f}"
 
     print(f"{len(rows)} seeds; lambda chosen on validation: {[r['lam'] for r in rows]}")
     for key in ("base", "expert_a", "expert_b", "protected_own"):
@@ -125,6 +136,15 @@ def summarise(rows: list[dict]) -> None:
               f"{ms([r['merged_at_lam'][k]['task_b'] for r in rows])}, all {ms([r['merged_at_lam'][k]['all'] for r in rows])}"
               f"; |tau_A' - tau_A| / |tau_A| {np.mean([r['tv_relative_distance'][k] for r in rows]):.3f}")
     print(f"unprotected experts align to the identity: {[r['unprotected_align_identity'] for r in rows]}")
+    print(f"\nTest accuracy %, mean +- sample std over {len(rows)} seeds:\n")
+    print("| A merged with B | all test digits | task A (0-4) |\n|---|---|---|")
+    for label, k in ROWS:
+        print(f"| {label} | {ms([r['merged_at_lam'][k]['all'] for r in rows])} | "
+              f"{ms([r['merged_at_lam'][k]['task_a'] for r in rows])} |")
+    restored = [statistics.mean(r["merged_at_lam"][k]["all"] for r in rows)
+                for k in ("unprotected", "protected", "attack_full")]
+    print(f"\nthe attack restores {100 * (restored[2] - restored[1]) / (restored[0] - restored[1]):.0f}% of what "
+          "protection took from the merge (all test digits, means)")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -141,10 +161,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, title in ((axes[0], "curves", "all test digits"), (axes[1], "curves_task_a", "task A (0-4)")):
         for k, label in labels.items():
             arr = np.array([r[key][k] for r in rows])
-            ax.errorbar(rows[0]["lams"], arr.mean(0), yerr=arr.std(0), marker="o", ms=3, capsize=2, label=label)
+            ax.errorbar(rows[0]["lams"], arr.mean(0), yerr=arr.std(0, ddof=1), marker="o", ms=3, capsize=2,
+                        label=label)
         ax.set(xlabel="lambda (merged = base + lambda (tau_A + tau_B))", ylabel="test accuracy", title=title)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Task-arithmetic merge of two digits experts, mean +- std over {len(rows)} seeds")
+    fig.suptitle(f"Task-arithmetic merge of two digits experts, mean +- sample std over {len(rows)} seeds")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -153,13 +174,21 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--from-results", action="store_true",
+                    help="no runs: the summary, the table and the figure from results/merge_protect.jsonl")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    rows = [run(s) for s in args.seeds]
     from unf.io import atomic_write
 
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    atomic_write(RESULTS / "merge_protect.jsonl", lambda tmp: Path(tmp).write_text(text))
+    path = RESULTS / "merge_protect.jsonl"
+    if args.from_results:
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist: run without --from-results first")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        torch.set_num_threads(1)
+        rows = [run(s) for s in args.seeds]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     summarise(rows)
     plot(rows, RESULTS / "merge_protect.png")
 

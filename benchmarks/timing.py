@@ -1,6 +1,7 @@
 """Shared timing helper for the benchmark scripts."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable
@@ -26,3 +27,12 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: bool = True,
                 sync: Callable[[], None] = lambda: None) -> float:
     """Median of :func:`wall_times`."""
     return statistics.median(wall_times(fn, repeats, warmup, sync))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

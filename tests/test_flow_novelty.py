@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import unf
 from unf.flow.baselines import (averages, dominated, frontier_accuracy, gaussian, interpolations, memorisers,
-                                noise_frontier)
+                                noise_frontier, train_split_accuracy)
 from unf.flow.novelty import (_align, _permute, _stacked, aligned_l2, derivedness, error_iou, novelty_report,
                               probe_set, stacked_logits, take)
 from unf.weights import WeightSpace
@@ -147,6 +147,19 @@ def test_memorisers_without_noise_return_the_best_parent(zoo):
         memorisers(ref, acc[:3], k=1, sigma=0.0, n=1)
 
 
+def test_memorisers_rank_by_training_split_accuracy_never_test(zoo):
+    ref = zoo["ref"]
+    train_acc = torch.tensor([0.5, 0.9, 0.7, 0.95, 0.2, 0.6, 0.8, 0.1])
+    rows = [{"train_acc": str(float(a)), "test_acc": str(float(b))} for a, b in zip(train_acc, zoo["acc"])]
+    blind = [{**r, "test_acc": "nan"} for r in rows]  # test accuracies unknown: the choice must not change
+    rank = train_split_accuracy(rows)
+    assert torch.equal(rank, train_split_accuracy(blind)) and torch.allclose(rank, train_acc.double())
+    out = memorisers(ref, train_split_accuracy(blind), k=2, sigma=0.0, n=4, seed=0)
+    assert torch.equal(out.flatten(), take(ref, torch.tensor([3, 1, 3, 1])).flatten())  # train_acc 0.95, 0.9
+    with pytest.raises(ValueError, match="train_acc"):
+        train_split_accuracy([{"test_acc": "0.9"}] * 8)
+
+
 def test_gaussian_matches_the_zoo_statistics(zoo):
     ref = zoo["ref"]
     w = _stacked(ref)
@@ -172,8 +185,15 @@ def test_interpolations_at_the_ends_are_parents_and_averages_are_means(zoo):
     mid = interpolations(spec, ref, 6, seed=0)
     assert torch.equal(mid.flatten(), interpolations(spec, ref, 6, seed=0).flatten())
     avg = averages(spec, ref, 3, k=2, seed=0)
-    assert avg.batch_size == 3 and torch.isfinite(avg.flatten()).all()
     assert torch.equal(avg.flatten(), averages(spec, ref, 3, k=2, seed=0).flatten())
+    g = torch.Generator().manual_seed(0)  # the pairs averages() draws: the first two of a permutation per output
+    pairs = [torch.randperm(ref.batch_size, generator=g)[:2].tolist() for _ in range(3)]
+    assert len({tuple(p) for p in pairs}) == 3
+    sds = ref.to_state_dicts()
+    for m, (i, j) in enumerate(pairs):  # (w_i + P(w_j)) / 2, P from the main weight matching
+        moved = spec.permute(sds[j], unf.align.weight_matching(spec, sds[i], sds[j]))
+        for name in spec.float_names:
+            assert torch.allclose(avg[name][m, 0], (sds[i][name] + moved[name]) / 2, atol=1e-6)
 
 
 def test_noise_frontier_and_dominance_on_hand_made_points():

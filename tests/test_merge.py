@@ -77,7 +77,7 @@ def test_random_like_keeps_per_tensor_norms_and_is_seeded(three):
     for k in ta.names:
         assert float(r[k].norm()) == pytest.approx(float(ta[k].norm()), rel=1e-10)
         assert torch.equal(r[k], r2[k]) and not torch.equal(r[k], r3[k])
-    assert abs(r.cosine(ta)) < 0.9
+    assert abs(r.cosine(ta)) < 0.3 and abs(r3.cosine(ta)) < 0.3  # independent of ta (63 entries)
 
 
 def test_permute_commutes_with_arithmetic(three):

@@ -1,4 +1,5 @@
 """CUTS: the label-free alpha selection on synthetic cases with a known answer, the score's anchors, the CLI."""
+import dataclasses
 import json
 import math
 
@@ -6,8 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from unf import data
 from unf.cli import main
 from unf.merge import TaskVector, cuts, knn_agreement, last_linear_input, select_alpha
+from unf.merge import cuts_demo
+from unf.merge.cuts_demo import run_cuts_demo
+from unf.training import evaluate, train_classifier
 
 
 def _clusters(n=40, c=3, spread=0.3, seed=0):
@@ -53,6 +58,9 @@ def test_noise_alpha_selection_finds_the_known_answer():
     assert alpha == 1.0, curve
     assert [p["alpha"] for p in curve] == [0.0, 0.5, 0.8, 1.0, 1.2, 1.5, 2.0]
     assert model.state_dict()["2.weight"].equal(base["2.weight"])  # the input model is untouched
+    # a flat curve (tau = 0: every alpha is the same model): ties go to the first alpha
+    alpha, curve = select_alpha(model, 0 * tau, [0.3, 0.6, 0.9], kind="noise", inputs=x, features=lambda m, z: z)
+    assert len({p["score"] for p in curve}) == 1 and alpha == 0.3
 
 
 def test_backdoor_alpha_is_the_first_with_attack_success_at_most_one_percent():
@@ -74,35 +82,103 @@ def test_backdoor_alpha_is_the_first_with_attack_success_at_most_one_percent():
     assert alpha == 0.25
 
 
-def test_cuts_end_to_end_unlearns_a_fitted_proxy():
-    x, y = _clusters(n=30, seed=3)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3))
-    from unf.training import train_classifier
+def _noisy_case(seed=0, c=4, rate=0.4):
+    """Four 2-D clusters, 40% symmetric label noise memorised (to 72%) by a 2-128-128-4 MLP; a clean validation
+    set from the same clusters."""
+    x, y = _clusters(n=40, c=c, spread=0.8, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(y), generator=g) < rate
+    noisy = torch.where(flip, (y + torch.randint(1, c, y.shape, generator=g)) % c, y)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, c))
+    train_classifier(model, x, noisy, epochs=300, lr=3e-3, seed=seed)
+    return model, x, noisy, g
 
-    train_classifier(model, x, y, epochs=30, lr=1e-2)
-    feats = last_linear_input(model, x)
-    assert feats.shape == (len(x), 32)
-    proxy_y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(0))
-    res = cuts(model, x[:30], proxy_y, x[30:], kind="noise", alphas=[0.0, 0.5, 1.0], epochs=5, lr=1e-3, proxies=2)
-    assert res.alpha in (0.0, 0.5, 1.0) and len(res.curve) == 3
+
+def test_cuts_end_to_end_unlearns_label_noise():
+    c = 4
+    model, x, noisy, g = _noisy_case(c=c)
+    x_val, y_val = _clusters(n=40, c=c, spread=0.8, seed=100)
+    proxy_x, _ = _clusters(n=10, c=c, spread=0.8, seed=200)
+    proxy_y = torch.randint(0, c, (len(proxy_x),), generator=g)  # random labels: the proxy learns noise
+    inputs, _ = _clusters(n=20, c=c, spread=0.8, seed=300)  # unlabelled
+    assert evaluate(model, x, noisy)[1] > 0.7  # the noise is (largely) memorised
+    before = evaluate(model, x_val, y_val)[1]
+    alphas = [0.25 * i for i in range(13)]
+    res = cuts(model, proxy_x, proxy_y, inputs, kind="noise", alphas=alphas, epochs=20, lr=3e-4, proxies=3)
+    scores = [p["score"] for p in res.curve]
+    assert [p["alpha"] for p in res.curve] == alphas
+    assert res.alpha == alphas[scores.index(max(scores))]  # the first maximum of the label-free score
+    assert max(scores) > scores[0] + 0.1  # the score curve is not flat: the choice means something
+    after = evaluate(res.model, x_val, y_val)[1]
+    assert after > before + 0.05, (before, after)  # clean accuracy rises
     moved = res.task_vector.apply(model.state_dict(), -res.alpha)
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(v, moved[k])
     with pytest.raises(ValueError, match="inputs"):
-        cuts(model, x[:30], proxy_y, None, kind="noise")
+        cuts(model, proxy_x, proxy_y, None, kind="noise")
     with pytest.raises(ValueError, match="kind"):
-        cuts(model, x[:30], proxy_y, x, kind="poison")
+        cuts(model, proxy_x, proxy_y, inputs, kind="poison")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cuts_keeps_the_callers_train_eval_mode(training):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train(training)
+    x, y = _clusters(n=10, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = cuts(model, x[:12], y[:12], x[12:], kind="noise", alphas=[0.0, 1.0], epochs=1, proxies=1)
+    assert model.training is training and all(m.training is training for m in model.modules())
+    assert res.model.training is training
+    assert last_linear_input(model, x).shape == (len(x), 8) and model.training is training
+    for k, v in model.state_dict().items():  # BatchNorm statistics included: the input model is untouched
+        assert v.equal(before[k]), k
+    for kind in ("noise", "backdoor"):
+        model.train(training)
+        select_alpha(model, res.task_vector, [0.0, 1.0], kind=kind, inputs=x, proxy_x=x, proxy_y=y)
+        assert model.training is training
 
 
 def test_cli_cuts_demo_json_keys(capsys):
     assert main(["merge", "cuts-demo", "--kind", "backdoor", "--epochs", "1", "--proxy-epochs", "1", "--proxies",
-                 "1", "--seed", "2", "--json"]) == 0
+                 "1", "--seed", "2", "--evaluate-on", "validation", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("seed", "corrupted_acc", "cuts_acc", "random_acc", "clean_ft_acc", "clean_acc", "alpha",
                 "alpha_curve", "corrupted_asr", "cuts_asr", "random_asr"):
         assert key in rec, key
     assert rec["seed"] == 2 and {"alpha", "acc", "asr"} <= set(rec["alpha_curve"][0])
+    assert rec["evaluated_on"] == "validation"
+
+
+@pytest.mark.filterwarnings("ignore:cuts. no alpha:RuntimeWarning")  # a 2-point alpha grid, 1 epoch
+def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch):
+    real = data.load("digits-flat", seed=0)
+    blind = dataclasses.replace(real, x_test=torch.full_like(real.x_test, math.nan),
+                                y_test=(real.y_test + 1) % real.num_classes)
+    kw = dict(epochs=1, proxy_epochs=1, proxies=1, alphas=[0.0, 0.5])
+    honest = run_cuts_demo("backdoor", seed=1, evaluate_on="validation", **kw)
+    honest_test = run_cuts_demo("backdoor", seed=1, evaluate_on="test", **kw)
+    monkeypatch.setattr(cuts_demo.data, "load", lambda *a, **k: blind)
+    assert run_cuts_demo("backdoor", seed=1, evaluate_on="validation", **kw) == honest  # test data unused
+    assert run_cuts_demo("backdoor", seed=1, evaluate_on="test", **kw) != honest_test  # the probe can see use
+    assert honest["evaluated_on"] == "validation" and honest["train_size"] < honest_test["train_size"]
+    with pytest.raises(ValueError, match="evaluate_on"):
+        run_cuts_demo("noise", evaluate_on="train")
+
+
+def test_rotation_backbone_is_pretrained_from_inputs_with_a_fresh_head():
+    x = data.load("digits-flat", seed=0).x_train[:200]
+    net = cuts_demo.rotation_pretrained(x, seed=3, epochs=2)
+    again = cuts_demo.rotation_pretrained(x, seed=3, epochs=2)
+    torch.manual_seed(3)
+    init = cuts_demo.wide_mlp()
+    assert net[-1].out_features == 10 and net(x).shape == (200, 10)
+    assert not net[0].weight.equal(init[0].weight)  # the body was trained
+    for k, v in net.state_dict().items():
+        assert v.equal(again.state_dict()[k]), k  # seeded
+    with pytest.raises(ValueError, match="backbone"):
+        run_cuts_demo("noise", backbone="imagenet")
 
 
 def test_cli_cuts_demo_user_errors(capsys):

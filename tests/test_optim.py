@@ -266,6 +266,90 @@ def test_spec_shape_mismatch_names_the_parameter():
         UNFOptimizer(other.named_parameters(), spec=spec, weights=LearnedRule())
 
 
+def test_state_lives_in_one_flat_buffer_and_survives_a_changing_parameter_set():
+    model = _mlp()
+    opt = UNFOptimizer.for_model(model, torch.randn(1, 6), weights=_random_rule())
+    _train(model, opt, 2)
+    ms = [opt.state[p]["m"] for p in model.parameters()]
+    assert len({m.untyped_storage().data_ptr() for m in ms}) == 1  # views of one buffer
+    assert [tuple(m.shape) for m in ms] == [(3, *p.shape) for p in model.parameters()]
+    # a step without the last layer's gradients rebuilds the buffer and keeps every state
+    before = {k: v.clone() for k, v in opt.state[model[4].weight].items()}
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    model[4].weight.grad = None
+    opt.step()
+    assert all(torch.equal(opt.state[model[4].weight][k], v) for k, v in before.items())
+    assert float(opt.state[model[0].weight]["step"]) == 3 and float(opt.state[model[4].weight]["step"]) == 2
+    losses = _train(model, opt, 2)  # and back to every tensor
+    assert float(opt.state[model[4].weight]["step"]) == 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_optimizer_step_equals_the_weight_space_rule():
+    """The optimizer's flat path takes exactly the step of ``step_direction`` on weight spaces."""
+    model = _mlp(dtype=torch.float64)
+    spec = unf.spec_from_module(model, torch.randn(1, 6, dtype=torch.float64))
+    rule = _random_rule().double()
+    opt = UNFOptimizer(model.named_parameters(), spec=spec, weights=rule, lr=0.7)
+    _train(model, opt, 3)
+    names = [n for n, _ in model.named_parameters()]
+    ws = lambda ts: unf.WeightSpace(spec, {n: t[None, None] for n, t in zip(names, ts)})  # noqa: E731
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {"m": unf.WeightSpace(spec, {n: opt.state[p]["m"][None].clone() for n, p in model.named_parameters()}),
+             "v": ws([opt.state[p]["v"].clone() for p in model.parameters()])}
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(4, 6, dtype=torch.float64)), torch.tensor([0, 1, 2, 0])).backward()
+    direction, new = step_direction(rule, rule.plan(spec), ws(params), ws([p.grad for p in model.parameters()]),
+                                    state, 4)
+    opt.step()
+    for n, p, p0 in zip(names, model.parameters(), params):
+        assert torch.allclose(p, p0 - 0.7 * direction[n][0, 0], rtol=0, atol=1e-14)
+        assert torch.allclose(opt.state[p]["m"], new["m"][n][0], rtol=0, atol=1e-14)
+
+
+def test_rule_core_traces_as_one_graph():
+    """``compile=True`` pays off only if the whole rule is one graph: no graph break on an MLP or a CNN spec."""
+    import torch._dynamo as dynamo
+
+    from unf.optim.rule import flat_core
+    from unf.weights import segment_sizes
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(20, 3))
+    for model, x in ((_mlp(), torch.randn(1, 6)), (cnn, torch.randn(1, 1, 6, 6))):
+        spec = unf.spec_from_module(model, x)
+        rule = _random_rule()
+        plan = rule.plan(spec)
+        sizes = segment_sizes(spec)
+        n = sum(sizes)
+        index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        args = (rule, plan, torch.randn(1, n), torch.randn(1, n), torch.randn(1, 3, n), torch.rand(1, n),
+                torch.tensor(1.5), torch.tensor(2.0), torch.rand(3, len(sizes)), index)
+        dynamo.reset()
+        explained = dynamo.explain(flat_core)(*args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch):
+    a, b = _mlp(), _mlp()
+    spec = unf.spec_from_module(a, torch.randn(1, 6))
+    la = _train(a, UNFOptimizer(a.named_parameters(), spec=spec, weights=_random_rule()), 4)
+    lb = _train(b, UNFOptimizer(b.named_parameters(), spec=spec, weights=_random_rule(), compile=True), 4)
+    assert lb == pytest.approx(la, rel=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    c = _mlp()
+    opt = UNFOptimizer(c.named_parameters(), spec=spec, weights=_random_rule(), compile=True)
+
+    def broken(*args, **kw):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    opt._core = broken
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
+        lc = _train(c, opt, 4)
+    assert lc == pytest.approx(la, rel=1e-6) and opt._core is None
+
+
 def test_non_finite_gradient_skips_that_tensor_and_keeps_its_state():
     model = _mlp()
     opt = UNFOptimizer.for_model(model, torch.randn(1, 6), weights=_random_rule())

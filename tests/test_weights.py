@@ -52,6 +52,20 @@ def test_flatten_round_trip_and_arithmetic():
         unf.WeightSpace.from_flat(spec, flat[:, :-1])
 
 
+def test_channels_flat_round_trip_and_views():
+    spec, nets = make()
+    ws = unf.WeightSpace.from_module(spec, nets).map(lambda t: torch.cat([t, 2 * t, -t], 1))  # 3 channels
+    x = ws.channels_flat()
+    assert x.shape == (4, 3, sum(t[0, 0].numel() for t in ws.values()))
+    assert torch.equal(x[:, 1], 2 * x[:, 0])  # every channel holds the tensors in the same order
+    back = unf.WeightSpace.from_channels(spec, x)
+    assert all(torch.equal(back[n], ws[n]) for n in ws.names)
+    x.zero_()  # views, not copies
+    assert all(not back[n].any() for n in ws.names)
+    with pytest.raises(ValueError, match=r"expected \[batch, channels, "):
+        unf.WeightSpace.from_channels(spec, x[:, :, :-1])
+
+
 def test_to_device_dtype():
     spec, nets = make()
     ws = unf.WeightSpace.from_module(spec, nets).to(dtype=torch.float64)

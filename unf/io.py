@@ -1,10 +1,14 @@
-"""Reading and writing state_dicts: safetensors (no pickle), atomic writes, clear errors."""
+"""Reading and writing state_dicts: safetensors (no pickle), atomic writes, clear errors; model factories by
+reference (``file.py:name``, ``module:name``)."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 import torch
 
@@ -27,6 +31,40 @@ def atomic_write(path: PathLike, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def load_factory(ref: str) -> Callable:
+    """``path/to/file.py:name`` or ``package.module:name`` -> the callable ``name`` (a model factory, e.g. a zoo
+    manifest's ``info.architecture``). Raises ``ValueError`` saying what is wrong with ``ref``."""
+    target, sep, attr = ref.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"model reference {ref!r} must look like 'file.py:factory' or 'package.module:factory'")
+    if target.endswith(".py") or "/" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"model file {str(path)!r} does not exist")
+        name = f"unf_user_model_{abs(hash(str(path.resolve())))}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module  # dataclasses, pickling and tracing look modules up by name
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ValueError(f"model file {str(path)!r} failed to import ({type(e).__name__}: {e})") from e
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(f"model module {target!r} cannot be imported ({e})") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        names = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise ValueError(f"{target!r} has no callable {attr!r}; available: {', '.join(names)}")
+    return factory
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:

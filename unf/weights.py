@@ -70,6 +70,17 @@ class WeightSpace:
                           for n, p in zip(spec.float_names, parts)})
 
     @classmethod
+    def from_channels(cls, spec: WeightSpaceSpec, x: torch.Tensor) -> "WeightSpace":
+        """Views of ``x`` ``[batch, channels, numel]`` (tensors flattened one after another in spec order, the same
+        order in every channel): the layout of :meth:`channels_last_flat` and of a population's flat parameters."""
+        sizes = segment_sizes(spec)
+        if x.dim() != 3 or x.shape[2] != sum(sizes):
+            raise ValueError(f"flat tensor has shape {tuple(x.shape)}; expected [batch, channels, {sum(sizes)}]")
+        b, c = x.shape[:2]
+        return cls(spec, {n: part.view(b, c, *spec[n].shape)
+                          for n, part in zip(spec.float_names, x.split(sizes, dim=2))})
+
+    @classmethod
     def zeros(cls, spec: WeightSpaceSpec, batch: int, channels: int = 1, **kw) -> "WeightSpace":
         return cls(spec, {n: torch.zeros(batch, channels, *spec[n].shape, **kw) for n in spec.float_names})
 
@@ -129,6 +140,10 @@ class WeightSpace:
     def flatten(self) -> torch.Tensor:
         """``[batch, channels * numel]``: every tensor flattened (channel-major within a tensor), in spec order."""
         return torch.cat([t.reshape(t.shape[0], -1) for t in self._tensors.values()], dim=1)
+
+    def channels_flat(self) -> torch.Tensor:
+        """``[batch, channels, numel]``: inverse of :meth:`from_channels` (one copy)."""
+        return torch.cat([t.reshape(*t.shape[:2], -1) for t in self._tensors.values()], dim=2)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WeightSpace":
         """Apply ``fn`` to every tensor (it must keep ``[batch, channels, *shape]``, channels may change)."""
@@ -212,6 +227,11 @@ class WeightSpace:
 
     def __neg__(self):
         return self.map(torch.neg)
+
+
+def segment_sizes(spec: WeightSpaceSpec) -> list[int]:
+    """Number of entries of every float tensor of ``spec``, in spec order (the segments of a flat buffer)."""
+    return [_numel(spec[n].shape) for n in spec.float_names]
 
 
 def _numel(shape) -> int:

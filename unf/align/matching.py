@@ -191,13 +191,35 @@ class _Matcher:
 
 def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
                   max_iter: int = 100, seed: int = 0, init: Optional[Mapping[str, torch.Tensor]] = None,
-                  frozen: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], int]:
-    """Coordinate descent on stacked tensors (name -> ``[N or 1, *shape]``); returns per-group ``[N, n]`` permutations
-    and the number of sweeps. ``frozen`` groups keep their ``init`` permutation."""
+                  frozen: Sequence[str] = (), start: str = "signature",
+                  heads: Union[bool, str] = "auto") -> tuple[dict[str, torch.Tensor], int]:
+    """Weight matching on stacked tensors (name -> ``[N or 1, *shape]``): the one implementation behind
+    :func:`weight_matching`, :func:`align_many`, :func:`merge_many` and the generator's coupling. Returns per-group
+    ``[N, n]`` permutations and the number of sweeps of coordinate descent.
+
+    Groups given in ``init`` start there (``frozen`` ones keep it). Head groups (``heads``: ``"auto"`` or ``True``;
+    see :mod:`unf.align.heads`) are assigned by head signatures and held. Every other group starts from ``start``:
+    ``"signature"``, an assignment of sorted unit slices (:func:`signature_init`; it finds an exact permuted copy
+    before any descent), or ``"identity"``, as in Ainsworth et al."""
+    from .heads import head_groups, match_heads
+
+    if start not in ("signature", "identity"):
+        raise ValueError(f"init={start!r}: choose 'signature' or 'identity'")
+    init = dict(init or {})
+    use_heads = [g for g in head_groups(spec) if g not in init] if heads in (True, "auto") else []
+    if heads is True and not use_heads:
+        raise ValueError("heads=True but the spec has no head groups (groups acting only as the outer factor of "
+                         "a product with other groups)")
+    rest = [g for g in spec.groups if g not in init and g not in use_heads]
+    if start == "signature":
+        init.update(signature_init(spec, reference, other, rest))
+    if use_heads:
+        init.update(match_heads(spec, reference, other, use_heads))
+    frozen = [*frozen, *use_heads]
     n_models = next(iter(other.values())).shape[0]
     device = next(iter(other.values())).device
-    perms = {g: (init[g].to(device) if init is not None and g in init else
-                 torch.arange(n, device=device).expand(n_models, n).clone()) for g, n in spec.groups.items()}
+    perms = {g: (init[g].to(device) if g in init else torch.arange(n, device=device).expand(n_models, n).clone())
+             for g, n in spec.groups.items()}
     state = _Matcher(spec, reference, other, perms)
     free = [g for g in spec.groups if g not in frozen and state.where[g]]
     rng = np.random.default_rng(seed)
@@ -241,21 +263,9 @@ def align_many(spec: WeightSpaceSpec, reference: StateDict, others: Sequence[Sta
                seed: int = 0, heads: Union[bool, str] = "auto", init: str = "signature",
                dtype: torch.dtype = torch.float32, include_buffers: bool = False) -> list[Permutation]:
     """Align many models to one reference at once (batched similarities, one LAP per model and group)."""
-    from .heads import head_groups, match_heads
-
     ref = _stack(spec, reference, dtype, include_buffers)
     oth = _stack(spec, others, dtype, include_buffers)
-    use_heads = head_groups(spec) if heads in (True, "auto") else []
-    if heads is True and not use_heads:
-        raise ValueError("heads=True but the spec has no head groups (groups acting only as the outer factor of "
-                         "a product with other groups)")
-    if init not in ("signature", "identity"):
-        raise ValueError(f"init={init!r}: choose 'signature' or 'identity'")
-    start = signature_init(spec, ref, oth, [g for g in spec.groups if g not in use_heads]) \
-        if init == "signature" else {}
-    if use_heads:
-        start.update(match_heads(spec, ref, oth, use_heads))
-    perms, _ = match_batched(spec, ref, oth, max_iter, seed, start, frozen=use_heads)
+    perms, _ = match_batched(spec, ref, oth, max_iter, seed, start=init, heads=heads)
     return [Permutation({g: p[m] for g, p in perms.items()}) for m in range(len(others))]
 
 

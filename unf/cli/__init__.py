@@ -21,7 +21,8 @@ import traceback
 from typing import Optional, Sequence
 
 from . import common
-from .common import Parser, UserError, configure, load_factory, warn  # noqa: F401  (load_factory: public)
+from ..io import load_factory  # noqa: F401  (public here too)
+from .common import Parser, UserError, configure, warn  # noqa: F401
 
 # Built-in commands, in the order ``unf --help`` lists them: each is a module ``unf/cli/<name>.py`` with
 # ``register(sub)`` and ``run(args)``. A new use adds its module and its name here.

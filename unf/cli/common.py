@@ -16,15 +16,12 @@ a ``run(args) -> int``. Inside ``run``:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import inspect
 import json
 import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 
@@ -217,40 +214,6 @@ def user_error(prefix: Optional[str] = None, types: tuple = (OSError, ValueError
 
 # ------------------------------------------------------------------------------------------- models and checkpoints
 
-def load_factory(ref: str) -> Callable:
-    """``path/to/file.py:name`` or ``package.module:name`` -> the callable ``name``."""
-    target, sep, attr = ref.rpartition(":")
-    if not sep or not target or not attr:
-        raise UserError(f"model reference {ref!r} must look like 'file.py:factory' or 'package.module:factory'")
-    if target.endswith(".py") or "/" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise UserError(f"model file {str(path)!r} does not exist")
-        name = f"unf_user_model_{abs(hash(str(path.resolve())))}"
-        mod_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module  # dataclasses, pickling and tracing look modules up by name
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[name]
-            raise UserError(f"model file {str(path)!r} failed to import ({type(e).__name__}: {e}); "
-                            "rerun with --debug for the traceback") from e
-        finally:
-            sys.path.pop(0)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise UserError(f"model module {target!r} cannot be imported ({e})") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        names = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
-        raise UserError(f"{target!r} has no callable {attr!r}; available: {', '.join(names)}")
-    return factory
-
-
 def parse_kwargs(items: Sequence[str]) -> dict:
     """``--arg key=value`` items -> keyword arguments (values parsed as JSON when possible)."""
     out = {}
@@ -269,7 +232,13 @@ def build_model(ref: str, arg_items: Sequence[str]):
     """The model of ``ref`` built with the ``--arg`` keyword arguments: ``(factory, kwargs, model)``."""
     import torch
 
-    factory, kwargs = load_factory(ref), parse_kwargs(arg_items)
+    from ..io import load_factory
+
+    try:
+        factory = load_factory(ref)
+    except ValueError as e:  # a failed import keeps its cause: --debug shows where
+        raise UserError(f"{e}; rerun with --debug for the traceback" if e.__cause__ else str(e)) from e
+    kwargs = parse_kwargs(arg_items)
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UserError, add_command, add_group, at_least, emit, info, user_error
+from .common import UserError, add_command, add_group, at_least, emit, info, user_error, warn
 
 
 def register(sub) -> None:
@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=64, help="networks per step and process (default 64)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
     p.add_argument("--condition", action="append", default=[], metavar="COL",
-                   help="metadata column to condition on (repeatable), e.g. test_acc")
+                   help="metadata column to condition on (repeatable), e.g. train_acc (not test_acc: generated "
+                        "networks are scored on the test split)")
     p.add_argument("--canonicalize", choices=("auto", "none", "reference", "barycentre"), default="auto",
                    help="align the zoo's networks before fitting (reference: to the one most accurate on the "
                         "training split); auto (default): reference for the mlp field, which sees units by "
@@ -46,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--select-every", type=at_least(0), default=0, metavar="K",
                    help="every K steps sample --select-num networks and keep the flow whose samples are most "
                         "accurate on the zoo's training split (no test data; default 0: keep the last)")
-    p.add_argument("--select-num", type=at_least(1), default=100, help="networks sampled per selection (100)")
+    p.add_argument("--select-num", type=at_least(1), default=None,
+                   help="networks sampled per selection (default 100; needs --select-every)")
 
     p = add_command(flow, "sample", run=run_sample, seed=True, device=True,
                     help="generate networks from a trained flow and store them as a zoo (with test accuracy)",
@@ -75,16 +77,22 @@ def _flow_path(run: str) -> Path:
 
 
 def run_train(args) -> int:
+    import warnings
+
     import torch
 
     from unf.distributed import dist_info, init_distributed
     from unf.flow import CheckpointError, FlowConfig, train_flow
     from unf.flow.canonical import reference_index
     from unf.flow.zoo import holdout_split, model_factory, parse_where, select_rows, zoo_data
+    from unf.io import atomic_write
     from unf.zoo import Zoo, ZooFormatError
 
     if not 0 <= args.holdout < 1:
         raise UserError(f"--holdout {args.holdout}: must be in [0, 1)")
+    if args.select_num is not None and not args.select_every:
+        raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
+                        "without --select-every K (K > 0)")
     init_distributed(str(args.device))
     _, rank, _ = dist_info()
     with user_error("--zoo", (ZooFormatError, OSError)):
@@ -103,15 +111,19 @@ def run_train(args) -> int:
         raise UserError(f"only {len(train_rows)} training networks after --where/--epoch/--holdout; a flow needs >= 2")
     meta = [zoo.metadata[i] for i in train_rows]
     ws = zoo.weight_space(train_rows)
-    # the reference network of canonicalisation: the best on the training split (test accuracy is for reports)
-    acc_col = next((c for c in ("train_acc", "test_acc") if c in meta[0]), None)
-    acc = [float(r[acc_col]) for r in meta] if acc_col else None
     cfg = FlowConfig(velocity=args.velocity, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                      lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
                      canonicalize=(args.canonicalize if args.canonicalize != "auto" else
                                    "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
                      velocity_config={} if args.prediction is None else {"prediction": args.prediction})
+    reference = 0
+    if cfg.canonicalize == "reference":  # the network best on its training split (test accuracy is for reports)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reference = reference_index(meta)
+        for w in caught:
+            warn(str(w.message))
     epoch = str(meta[0]["epoch"])
     # columns that every training network shares (an activation chosen by --where, hyperparameters held fixed):
     # generated networks carry them, so they are evaluated with the right architecture
@@ -124,7 +136,8 @@ def run_train(args) -> int:
     run_info = {"fixed": fixed, "zoo": str(Path(args.zoo).resolve()), "zoo_name": zoo.manifest.get("name"),
                 "zoo_info": zoo.manifest.get("info", {}), "where": where, "epoch": epoch, "data": data_name,
                 "split_seed": split_seed, "holdout": held, "holdout_fraction": args.holdout,
-                "train_ids": train_ids, "seed": args.seed}
+                "train_ids": train_ids, "seed": args.seed,
+                "canonical_reference": str(meta[reference]["model_id"]) if cfg.canonicalize == "reference" else None}
     info(f"{len(train_rows)} training networks ({len(held)} held out) from {args.zoo}, epoch {epoch}; "
          f"{cfg.velocity} velocity, {cfg.steps} steps")
     select = None
@@ -134,12 +147,12 @@ def run_train(args) -> int:
         from unf.flow.evaluate import train_split_scorer
 
         select = train_split_scorer(model_factory(zoo.manifest.get("info", {})), meta[0], data_name, split_seed,
-                                    num=args.select_num, seed=args.seed)
+                                    num=args.select_num or 100, seed=args.seed)
     with user_error("--out", (CheckpointError, OSError)):
         flow, history = train_flow(ws, meta, cfg, out=args.out, device=args.device, progress=args.progress,
-                                   info=run_info, reference=reference_index(acc), select=select)
+                                   info=run_info, reference=reference, select=select)
     if rank == 0:
-        (Path(args.out) / "history.json").write_text(json.dumps(history))
+        atomic_write(Path(args.out) / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history)))
         chosen = (f"; kept step {flow.info['selected_step']} (training-split accuracy of its samples "
                   f"{flow.info['selected_score']:.4f})" if "selected_step" in flow.info else "")
         info(f"final loss {history[-1]['loss']:.4f}{chosen}; flow in {Path(args.out) / 'flow.safetensors'}")

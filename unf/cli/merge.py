@@ -17,6 +17,8 @@ def _rate(text: str) -> float:
 
 
 def register(sub) -> None:
+    from ..merge.cuts_demo import EPOCHS, PROXIES, PROXY_EPOCHS
+
     group = add_group(sub, "merge", help="weight-space editing: task vectors, CUTS unlearning",
                       example="unf merge cuts-demo --kind noise --noise-rate 0.4 --seed 0 --json")
     p = add_command(group, "cuts-demo", run=run, seed=True,
@@ -26,11 +28,18 @@ def register(sub) -> None:
     p.add_argument("--kind", choices=["noise", "backdoor"], default="noise",
                    help="symmetric label noise, or a BadNets 2x2 patch backdoor on 5%% of the training set")
     p.add_argument("--noise-rate", type=_rate, default=None, help="label-noise rate (default 0.4; --kind noise only)")
-    p.add_argument("--epochs", type=at_least(1), default=150,
-                   help="training epochs of the corrupted and the clean model (default 150: memorises the noise)")
-    p.add_argument("--proxy-epochs", type=at_least(1), default=20, help="proxy fine-tuning epochs (default 20)")
-    p.add_argument("--proxies", type=at_least(1), default=5,
-                   help="proxy task vectors averaged into tau (default 5; 1 is the paper's single proxy)")
+    p.add_argument("--epochs", type=at_least(1), default=EPOCHS,
+                   help=f"training epochs of the corrupted and the clean model (default {EPOCHS})")
+    p.add_argument("--proxy-epochs", type=at_least(1), default=PROXY_EPOCHS,
+                   help=f"proxy fine-tuning epochs (default {PROXY_EPOCHS})")
+    p.add_argument("--proxies", type=at_least(1), default=PROXIES,
+                   help=f"proxy task vectors averaged into tau (default {PROXIES}; 1 is the paper's single proxy)")
+    p.add_argument("--evaluate-on", choices=["test", "validation"], default="test",
+                   help="report on the test split, or on a seeded validation split carved from the training split "
+                        "(the test split is then not read: use it to choose settings)")
+    p.add_argument("--backbone", choices=["scratch", "rotation"], default="scratch",
+                   help="train the corrupted and the clean model from a random initialisation (default), or from a "
+                        "backbone pretrained without labels to predict the rotation of the training inputs")
     p.add_argument("--plot", help="write a PNG of test accuracy (and attack success or score) against alpha here")
 
 
@@ -46,10 +55,11 @@ def run(args) -> int:
 
         bar = progress(total=4, desc="cuts-demo")
     rec = run_cuts_demo(args.kind, args.noise_rate, args.seed, epochs=args.epochs, proxy_epochs=args.proxy_epochs,
-                        proxies=args.proxies, progress=(lambda _: bar.update(1)) if bar is not None else None)
+                        proxies=args.proxies, evaluate_on=args.evaluate_on, backbone=args.backbone,
+                        progress=(lambda _: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()
-    info(f"seed {args.seed}, {args.kind}: test accuracy corrupted {rec['corrupted_acc']:.3f}, CUTS "
+    info(f"seed {args.seed}, {args.kind}: {args.evaluate_on} accuracy corrupted {rec['corrupted_acc']:.3f}, CUTS "
          f"{rec['cuts_acc']:.3f} (alpha {rec['alpha']}), random vector {rec['random_acc']:.3f}, clean fine-tuning "
          f"{rec['clean_ft_acc']:.3f}, clean training {rec['clean_acc']:.3f}")
     if args.kind == "noise" and rec["gap_recovered"] is not None:

@@ -10,7 +10,7 @@ Every baseline returns a one-channel :class:`~unf.weights.WeightSpace` of the tr
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 
@@ -32,7 +32,8 @@ def _check_n(n: int) -> None:
 @torch.no_grad()
 def memorisers(train: WeightSpace, acc: torch.Tensor, k: int, sigma: float, n: int, seed: int = 0,
                robust: bool = True) -> WeightSpace:
-    """``n`` networks: the ``k`` most accurate training networks (``acc`` ``[M]``), cycled, plus Gaussian noise.
+    """``n`` networks: the ``k`` most accurate training networks (``acc`` ``[M]``, accuracy on their training split:
+    :func:`train_split_accuracy`), cycled, plus Gaussian noise.
 
     Noise on a tensor has std ``sigma`` times that tensor's spread across the zoo (one scale per tensor over all
     networks and entries, :meth:`WeightSpace.tensor_stats`; ``robust``: IQR / 1.349, which a few diverged networks
@@ -55,6 +56,16 @@ def memorisers(train: WeightSpace, acc: torch.Tensor, k: int, sigma: float, n: i
     g = torch.Generator().manual_seed(seed)
     return WeightSpace(out.spec, {name: t + sigma * scales[name][1].view(1, 1, *[1] * (t.dim() - 2))
                                   * _randn(t.shape, g, t) for name, t in out.items()}, out.extras)
+
+
+def train_split_accuracy(rows: Sequence[Mapping]) -> torch.Tensor:
+    """``[M]``: each metadata row's ``train_acc``, what :func:`memorisers` ranks a zoo by. Choosing the "best"
+    networks by test accuracy would let the test split into a baseline that is then scored on it."""
+    missing = [i for i, r in enumerate(rows) if "train_acc" not in r]
+    if not rows or missing:
+        raise ValueError("memorisers rank networks by their metadata's train_acc; "
+                         + ("no rows" if not rows else f"row {missing[0]} has none"))
+    return torch.tensor([float(r["train_acc"]) for r in rows], dtype=torch.float64)
 
 
 def _pairs(m: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ source should need this less: the benchmark measures both.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import warnings
+from typing import Mapping, Sequence
 
 import torch
 
@@ -46,8 +47,12 @@ def permute_stacked(ws: WeightSpace, perms: Sequence) -> WeightSpace:
     return WeightSpace(spec, out, ws.extras)
 
 
-def reference_index(acc: Optional[Sequence[float]]) -> int:
-    """The most accurate network (ties: the first), or 0 without accuracies."""
-    if not acc:
+def reference_index(rows: Sequence[Mapping]) -> int:
+    """The network most accurate on its training split (metadata ``train_acc``; ties: the first). Without a
+    ``train_acc`` column: network 0, with a warning. Test accuracy is never read: it is for reports only."""
+    if not rows or "train_acc" not in rows[0]:
+        warnings.warn("the zoo's metadata has no train_acc column: canonicalisation aligns to network 0",
+                      stacklevel=2)
         return 0
+    acc = [float(r["train_acc"]) for r in rows]
     return max(range(len(acc)), key=lambda i: (acc[i], -i))

@@ -30,7 +30,8 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def align_source(x0: WeightSpace, x1: WeightSpace, max_iter: int = 10, seed: int = 0) -> WeightSpace:
     """``x0`` (noise, ``[B, 1]``) with each sample permuted to best match the target ``x1[b]``, by batched weight
-    matching over every float tensor."""
+    matching over every float tensor (:func:`unf.align.matching.match_batched`, as ``unf.align.weight_matching``:
+    an exact permuted copy is recovered)."""
     spec = x0.spec
     ref = {n: x1[n][:, 0].float() for n in spec.float_names}
     oth = {n: x0[n][:, 0].float() for n in spec.float_names}

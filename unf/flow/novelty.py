@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from ..align.heads import head_groups, match_heads
-from ..align.matching import match_batched, permute_batched, signature_init
+from ..align.matching import match_batched, permute_batched
 from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
 
@@ -68,22 +67,18 @@ def _align(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: 
     """Weight matching of ``other`` (name -> ``[N, *shape]``) to ``reference`` (``[1 or N, *shape]``: one reference for
     all, or one per network); returns group -> ``[N, n]`` permutations for :func:`permute_batched`.
 
-    :func:`unf.align.align_many` with a reference per network, which it cannot take (it aligns many to one): the
-    same signature start, head matching and coordinate descent on the parameters (buffers are permuted along but do
-    not enter the objective, as in ``align_many``). Networks are matched in blocks of ``block`` to bound memory."""
+    :func:`unf.align.matching.match_batched` (signature start, head matching, coordinate descent) on the
+    parameters, with a reference per network if given (buffers are permuted along but do not enter the objective,
+    as in ``align_many``). Networks are matched in blocks of ``block`` to bound memory."""
     names = spec.parameter_names
     dtype = torch.promote_types(next(iter(other.values())).dtype, torch.float32)
-    heads = head_groups(spec)
     n_models = next(iter(other.values())).shape[0]
     out: dict[str, list] = {g: [] for g in spec.groups}
     for a in range(0, n_models, block):
         ref = {n: (reference[n] if reference[n].shape[0] == 1 else reference[n][a:a + block]).to(dtype)
                for n in names}
         oth = {n: other[n][a:a + block].to(dtype) for n in names}
-        start = signature_init(spec, ref, oth, [g for g in spec.groups if g not in heads])
-        if heads:
-            start.update(match_heads(spec, ref, oth, heads))
-        perms, _ = match_batched(spec, ref, oth, max_iter, seed, start, frozen=heads)
+        perms, _ = match_batched(spec, ref, oth, max_iter, seed)
         for g in spec.groups:
             out[g].append(perms[g])
     return {g: torch.cat(p) for g, p in out.items()}

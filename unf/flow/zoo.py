@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..io import load_factory
 from ..weights import WeightSpace
 from ..zoo.store import Zoo, ZooWriter
 
@@ -92,8 +93,6 @@ def zoo_data(info: Mapping) -> tuple[str, int]:
 
 def model_factory(info: Mapping) -> Callable[..., nn.Module]:
     """The architecture of a zoo's manifest (``info.architecture``: ``module:function``)."""
-    from ..cli.common import load_factory
-
     arch = info.get("architecture")
     if not arch:
         raise ValueError("the zoo's manifest has no info.architecture (module:function building the network)")

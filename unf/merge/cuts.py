@@ -82,13 +82,18 @@ def knn_agreement(features: torch.Tensor, preds: torch.Tensor, num_classes: int,
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's outputs in eval mode; the model's train/eval mode is restored."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was)
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    return _logits(model, x, batch_size).argmax(1)
 
 
 def select_alpha(model: nn.Module, tau: TaskVector, alphas: Sequence[float], *, kind: str,
@@ -104,7 +109,7 @@ def select_alpha(model: nn.Module, tau: TaskVector, alphas: Sequence[float], *, 
         net.load_state_dict(tau.apply(base, -float(a)))
         if kind == "noise":
             preds = _predict(net, inputs)
-            c = num_classes or int(net.eval()(inputs[:1]).shape[1])
+            c = num_classes or int(_logits(net, inputs[:1]).shape[1])
             curve.append({"alpha": float(a), "score": knn_agreement(features(net, inputs), preds, c, k)})
         else:
             asr = float((_predict(net, proxy_x) == proxy_y).double().mean())
@@ -134,7 +139,7 @@ def cuts(model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, inputs:
     ``epochs`` at ``lr`` (the paper: 10x below the training rate); with ``proxies > 1`` several proxy fine-tunes
     (seeds ``seed .. seed + proxies - 1``, each with its own random labels for noise) are averaged into ``tau``.
     BatchNorm statistics are excluded from ``tau`` (``exclude``, see :class:`TaskVector`). The input model is not
-    modified.
+    modified, its train/eval mode included; the edited model is returned in that same mode.
     """
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
@@ -144,7 +149,7 @@ def cuts(model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, inputs:
         raise ValueError(f"proxy_x has {len(proxy_x)} inputs but proxy_y {len(proxy_y)} labels")
     alphas = list(alphas) if alphas is not None else [round(0.1 * i, 1) for i in range(0, 41)]
     base = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
-    num_classes = int(model.eval()(proxy_x[:1]).shape[1])
+    num_classes = int(_logits(model, proxy_x[:1]).shape[1])
     taus = []
     for i in range(proxies):
         y = proxy_y
@@ -157,6 +162,6 @@ def cuts(model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, inputs:
     tau = sum(taus) / len(taus)
     alpha, curve = select_alpha(model, tau, alphas, kind=kind, inputs=inputs, proxy_x=proxy_x, proxy_y=proxy_y,
                                 features=features, k=k, asr_threshold=asr_threshold, num_classes=num_classes)
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model)  # in the caller's train/eval mode
     out.load_state_dict(tau.apply(base, -alpha))
-    return CutsResult(out.eval(), alpha, curve, tau)
+    return CutsResult(out, alpha, curve, tau)

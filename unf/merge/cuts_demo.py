@@ -3,6 +3,9 @@
 Splits, per seed, all carved from the training split of ``unf.data.load("digits-flat", seed=0)`` (the test split
 is only reported): ``holdout`` (30%) is divided into three equal parts: the proxy inputs, the unlabelled inputs for
 choosing alpha, and the clean held-out set (for the fine-tuning baseline); the rest is the training set, corrupted.
+With ``evaluate_on="validation"`` a seeded validation split (20% of the training split) takes the test split's
+place and the experiment runs on the remaining 80%: the test split is not read at all. Settings (the defaults below
+included) are chosen that way, by ``benchmarks/merge_cuts.py choose``.
 
 - ``noise``: symmetric label noise (each training label, with probability ``noise_rate``, replaced by a uniformly
   drawn *other* class); a wide MLP (64-512-512-10) memorises it. Proxy: the proxy inputs with uniformly random
@@ -27,10 +30,34 @@ from .cuts import _predict, cuts
 TARGET = 0
 WIDTH = 512
 TRAIN_LR = 1e-3
+VALIDATION_FRACTION = 0.2
+PRETRAIN_EPOCHS = 30  # the rotation-pretrained backbone (backbone="rotation")
+# the defaults of run_cuts_demo and the CLI: the best label-noise gap recovered on the validation split of seed 0
+# (no test data) among 60/150 epochs x 1/5/10 proxies x 20/40 proxy epochs, by `benchmarks/merge_cuts.py choose`
+# (benchmarks/results/merge_cuts_choice.jsonl)
+EPOCHS, PROXIES, PROXY_EPOCHS = 150, 10, 40
+NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
+# attack success on the proxy set stays above 1% up to alpha 4 (the rule's own signal, no labels): a longer grid
+BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
 
 
 def wide_mlp(width: int = WIDTH) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def rotation_pretrained(x: torch.Tensor, seed: int, epochs: int = PRETRAIN_EPOCHS) -> nn.Module:
+    """A wide MLP whose body is pretrained without labels on ``x`` ``[N, 64]`` (self-supervised: which of the four
+    90-degree rotations an 8x8 input shows), returned with a fresh, seeded 10-class head: a pretrained backbone
+    made from the inputs alone, so that no clean label enters the corrupted experiment."""
+    img = x.reshape(-1, 8, 8)
+    xs = torch.cat([torch.rot90(img, k, dims=(1, 2)).reshape(-1, 64) for k in range(4)])
+    ys = torch.arange(4).repeat_interleave(len(x))
+    torch.manual_seed(seed)
+    net = wide_mlp()
+    net[-1] = nn.Linear(WIDTH, 4)
+    train_classifier(net, xs, ys, epochs=epochs, lr=TRAIN_LR, seed=seed)
+    net[-1] = nn.Linear(WIDTH, 10)
+    return net
 
 
 def add_trigger(x: torch.Tensor) -> torch.Tensor:
@@ -55,17 +82,42 @@ def _asr(model, x_trig, y_true) -> float:
     return float((_predict(model, x_trig[keep]) == TARGET).double().mean())
 
 
-def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: int = 60,
-                  proxy_epochs: int = 20, proxies: int = 1, poison_rate: float = 0.05,
-                  alphas: Optional[list] = None, progress=None) -> dict:
-    """One run of the experiment (see the module docstring); the JSON record ``unf merge cuts-demo`` prints."""
+def experiment_data(evaluate_on: str, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(x, y, x_eval, y_eval, num_classes)``: the data the experiment is carved from and the data it reports on
+    (the test split, or with ``evaluate_on="validation"`` a seeded 20% of the training split, the rest being
+    ``x, y``; the test split is then never read)."""
+    if evaluate_on not in ("test", "validation"):
+        raise ValueError(f"evaluate_on={evaluate_on!r}: choose 'test' or 'validation'")
+    split = data.load("digits-flat", seed=0)
+    if evaluate_on == "test":
+        return split.x_train, split.y_train, split.x_test, split.y_test, split.num_classes
+    order = torch.as_tensor(np.random.default_rng([seed, 1]).permutation(len(split.y_train)))
+    n_val = int(VALIDATION_FRACTION * len(order))
+    val, rest = order[:n_val], order[n_val:]
+    return split.x_train[rest], split.y_train[rest], split.x_train[val], split.y_train[val], split.num_classes
+
+
+def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: int = EPOCHS,
+                  proxy_epochs: int = PROXY_EPOCHS, proxies: int = PROXIES, poison_rate: float = 0.05,
+                  alphas: Optional[list] = None, evaluate_on: str = "test", backbone: str = "scratch",
+                  progress=None) -> dict:
+    """One run of the experiment (see the module docstring); the JSON record ``unf merge cuts-demo`` prints.
+
+    The reported accuracies (``*_acc``, ``*_asr``, the alpha curve's ``acc`` and ``asr``) are on ``evaluate_on``
+    (``"test"``, or ``"validation"``: see :func:`experiment_data`). ``alphas``: default ``NOISE_ALPHAS`` or
+    ``BACKDOOR_ALPHAS``. ``backbone``: ``"scratch"`` (the corrupted and the clean model trained from a random
+    initialisation) or ``"rotation"`` (both trained from :func:`rotation_pretrained` on the experiment's training
+    inputs, without labels)."""
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
+    if backbone not in ("scratch", "rotation"):
+        raise ValueError(f"backbone={backbone!r}: choose 'scratch' or 'rotation'")
     if not 0 <= noise_rate < 1:
         raise ValueError(f"noise_rate={noise_rate}: must be in [0, 1)")
     tick = progress or (lambda _: None)
-    split = data.load("digits-flat", seed=0)
-    x, y, c = split.x_train, split.y_train, split.num_classes
+    x, y, xt, yt, c = experiment_data(evaluate_on, seed)
+    if alphas is None:
+        alphas = NOISE_ALPHAS if kind == "noise" else BACKDOOR_ALPHAS
     rng = np.random.default_rng(seed)
     order = torch.as_tensor(rng.permutation(len(y)))
     n_hold = int(0.3 * len(y)) // 3 * 3
@@ -79,11 +131,17 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         poison = torch.randperm(len(y_tr), generator=gen)[:int(round(poison_rate * len(y_tr)))]
         x_bad, y_bad = x_tr.clone(), y_tr.clone()
         x_bad[poison], y_bad[poison] = add_trigger(x_tr[poison]), TARGET
-    torch.manual_seed(seed)
-    corrupted = train_classifier(wide_mlp(), x_bad, y_bad, epochs=epochs, lr=TRAIN_LR, seed=seed)
+    pretrained = rotation_pretrained(x, seed) if backbone == "rotation" else None
+
+    def start() -> nn.Module:  # the same initial weights for the corrupted and the clean model
+        if pretrained is not None:
+            return copy.deepcopy(pretrained)
+        torch.manual_seed(seed)
+        return wide_mlp()
+
+    corrupted = train_classifier(start(), x_bad, y_bad, epochs=epochs, lr=TRAIN_LR, seed=seed)
     tick("corrupted model trained")
-    torch.manual_seed(seed)
-    clean = train_classifier(wide_mlp(), x_tr, y_tr, epochs=epochs, lr=TRAIN_LR, seed=seed)
+    clean = train_classifier(start(), x_tr, y_tr, epochs=epochs, lr=TRAIN_LR, seed=seed)
     tick("clean model trained")
     clean_ft = train_classifier(copy.deepcopy(corrupted), x[clean_idx], y[clean_idx], epochs=proxy_epochs,
                                 lr=TRAIN_LR / 10, seed=seed)
@@ -100,7 +158,6 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
     base = corrupted.state_dict()
     rand = copy.deepcopy(corrupted)
     rand.load_state_dict(res.task_vector.random_like(seed).apply(base, -res.alpha))
-    xt, yt = split.x_test, split.y_test
     xt_trig = add_trigger(xt)
     net = copy.deepcopy(corrupted)
     curve = []
@@ -113,7 +170,7 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         else:
             row["score"] = point["score"]
         curve.append(row)
-    out = {"kind": kind, "seed": seed, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
+    out = {"kind": kind, "seed": seed, "evaluated_on": evaluate_on, "backbone": backbone, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
            "random_acc": _acc(rand, xt, yt), "clean_ft_acc": _acc(clean_ft, xt, yt), "clean_acc": _acc(clean, xt, yt),
            "alpha": res.alpha, "alpha_curve": curve}
     if kind == "noise":
@@ -122,7 +179,7 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         gap = out["clean_acc"] - out["corrupted_acc"]
         out["gap_recovered"] = (out["cuts_acc"] - out["corrupted_acc"]) / gap if gap > 0 else None
         out["best_alpha_gap_recovered"] = (max(r["acc"] for r in curve) - out["corrupted_acc"]) / gap \
-            if gap > 0 else None  # hindsight, on test: for reference only, never used to choose
+            if gap > 0 else None  # hindsight, on the reported split: for reference only, never used to choose
     else:
         out.update(poison_rate=poison_rate, corrupted_asr=_asr(corrupted, xt_trig, yt),
                    cuts_asr=_asr(res.model, xt_trig, yt), random_asr=_asr(rand, xt_trig, yt),

@@ -148,7 +148,7 @@ def reduce_piece(x: torch.Tensor, red: Reduction) -> torch.Tensor:
             sub[p] = letters[j]
     out = "".join(letters[j] for j, k in enumerate(red.kept) if k)
     y = torch.einsum(f"ab{''.join(sub)}->ab{out}", x)
-    n = math.prod(x.shape[2 + blk[0]] for blk, k in zip(red.blocks, red.kept) if not k)
+    n = math.prod([x.shape[2 + blk[0]] for blk, k in zip(red.blocks, red.kept) if not k])
     return y / n if n > 1 else y
 
 

@@ -50,7 +50,7 @@ class Piece:
 
     @property
     def fold(self) -> int:
-        return math.prod(n for n, lab in zip(self.sub_sizes, self.labels) if lab is None)
+        return math.prod([n for n, lab in zip(self.sub_sizes, self.labels) if lab is None])  # a list: torch.compile
 
 
 class Layout:

@@ -155,6 +155,7 @@ class SharedUNFLinear(nn.Module):
         if basis not in BASES:
             raise ValueError(f"basis {basis!r}: choose from {BASES}")
         self.in_channels, self.out_channels, self.basis, self.exact = in_channels, out_channels, basis, table
+        self.cache_coefficients = False
         if table is not None:
             std = 0.0 if zero_init else 1.0 / math.sqrt(in_channels)
             self.table = nn.Parameter(torch.randn(table, out_channels * in_channels) * std)
@@ -183,20 +184,36 @@ class SharedUNFLinear(nn.Module):
         h = torch.tanh(feats @ self.w1 + self.b1)
         return (h @ self.w2 + self.b2).view(-1, self.out_channels, self.in_channels)
 
-    def forward(self, ws: WeightSpace, plan: SharedPlan) -> WeightSpace:
-        if ws.channels != self.in_channels:
-            raise ValueError(f"SharedUNFLinear expects {self.in_channels} channels, got {ws.channels}")
-        layout, b, cout = plan.layout, ws.batch_size, self.out_channels
+    def _wall(self, plan: SharedPlan, b: int) -> torch.Tensor:
+        """Every term's coefficients at once, ``[B, C_out, T * C_in]``: a group's matrix is a column slice. With
+        ``cache_coefficients`` (a frozen copy, as in ``UNFOptimizer``) kept per plan while no parameter needs a
+        gradient or changes in place."""
+        params = list(self.parameters())
+        frozen = self.cache_coefficients and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        versions = [p._version for p in params]
+        hit = self.__dict__.get("_wall_cache")  # (plan, params, versions, wall); not a buffer: never saved or moved
+        if frozen and hit is not None and hit[0] is plan and hit[2] == versions and hit[3].shape[0] in (1, b) and all(
+                a is c for a, c in zip(hit[1], params)):  # the cache holds the tensors, so no id is reused
+            return hit[3].expand(b, -1, -1)
         coef = self.coefficients(plan)
         batched = coef.dim() == 4
         if batched and coef.shape[0] != b:
             raise ValueError(f"batched coefficients for {coef.shape[0]} members, but the weight space has {b}")
         _, idx, scale = plan.tensors(coef.device, coef.dtype)
-        # every term's coefficients at once, laid out [B, C_out, T * C_in]: a group's matrix is a column slice
+        cout = self.out_channels
         if batched:
             wall = (coef[:, idx] * scale[:, None, None]).permute(0, 2, 1, 3).reshape(b, cout, -1)
         else:
-            wall = (coef[idx] * scale[:, None, None]).permute(1, 0, 2).reshape(1, cout, -1).expand(b, -1, -1)
+            wall = (coef[idx] * scale[:, None, None]).permute(1, 0, 2).reshape(1, cout, -1).contiguous()
+        if frozen:
+            self.__dict__["_wall_cache"] = (plan, params, versions, wall)
+        return wall.expand(b, -1, -1)
+
+    def forward(self, ws: WeightSpace, plan: SharedPlan) -> WeightSpace:
+        if ws.channels != self.in_channels:
+            raise ValueError(f"SharedUNFLinear expects {self.in_channels} channels, got {ws.channels}")
+        layout, b, cout = plan.layout, ws.batch_size, self.out_channels
+        wall = self._wall(plan, b)
         cin = self.in_channels
         xs = [layout.extract(p, ws[p.tensor]) for p in layout.pieces]
         reduced = _Reductions(xs, plan.reductions, xs[0].new_ones(b, self.in_channels))  # bias: [C_out, C_in] @ 1

@@ -34,8 +34,8 @@ import torch.nn as nn
 from torch.nn.utils import parameters_to_vector
 
 from ..distributed import dist_info, init_distributed  # noqa: F401  (init_distributed: re-exported)
-from ..weights import WeightSpace
-from .rule import LearnedRule, RuleConfig, init_state, step_direction
+from ..weights import segment_sizes
+from .rule import LearnedRule, RuleConfig, flat_step, segment_index
 
 DATASETS = ("digits-flat", "iris", "wine")
 ACTIVATIONS = ("relu", "tanh", "gelu")
@@ -150,13 +150,12 @@ class _Inner:
         self.pop = make_population(make, [Member(seed=task.seed, init_scale=task.init_scale)] * (2 * n_pairs + 1))
         self.spec = _model_spec(make(), self.x)
         self.plan = rule.plan(self.spec)
-        self.state = init_state(self._ws(self.pop.flat), len(rule.config.decays))
+        n, dim_w = self.pop.flat.shape
+        self.m, self.v = self.pop.flat.new_zeros(n, len(rule.config.decays), dim_w), torch.zeros_like(self.pop.flat)
+        self.index = segment_index(segment_sizes(self.spec))
         self.xi = torch.zeros(n_pairs, dim)  # PES: accumulated noise per pair
         self.gen = torch.Generator().manual_seed(task.seed)
         self.loss0: Optional[float] = None
-
-    def _ws(self, flat: torch.Tensor) -> WeightSpace:
-        return WeightSpace.from_flat(self.spec, flat)  # pop.flat's layout: parameters in spec order
 
     def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float, log_loss: bool = False
                ) -> torch.Tensor:
@@ -172,9 +171,10 @@ class _Inner:
                 self.loss0 = float(losses[-1])
             self.t += 1
             with torch.no_grad():
-                direction, self.state = step_direction(rule, self.plan, self._ws(self.pop.flat), self._ws(grad),
-                                                       self.state, self.t, params=stacked)
-                self.pop.flat.sub_(torch.cat([direction[n].flatten(1) for n in self.spec.float_names], 1))
+                # pop.flat's layout is the flat step's: parameters in spec order
+                direction, self.m, self.v = flat_step(rule, self.plan, self.pop.flat, grad, self.m, self.v, self.t,
+                                                      params=stacked, index=self.index)
+                self.pop.flat.sub_(direction)
                 bad = ~torch.isfinite(self.pop.flat).all(1)
                 if bad.any():  # a diverged member stays diverged: its losses count as the clip from here on
                     self.pop.flat[bad] = torch.nan
@@ -186,10 +186,8 @@ class _Inner:
         """ES: every member restarts from the unperturbed member's state."""
         with torch.no_grad():
             self.pop.flat.copy_(self.pop.flat[-1:].expand_as(self.pop.flat))
-            for key in ("m", "v"):
-                for n in self.spec.float_names:
-                    t = self.state[key][n]
-                    t.copy_(t[-1:].expand_as(t))
+            for t in (self.m, self.v):
+                t.copy_(t[-1:].expand_as(t))
 
 
 def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional[LearnedRule] = None,

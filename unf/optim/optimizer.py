@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from dataclasses import dataclass, field
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -10,9 +11,9 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..nn.shared import SharedUNFLinear
 from ..spec import TensorSpec, WeightSpaceSpec
-from ..weights import WeightSpace
-from .rule import LearnedRule, step_direction
+from .rule import LearnedRule, flat_core, flat_step, segment_index
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "default.safetensors"
 # SHA-256 of the shipped file: loading "default" checks it, so a damaged or swapped file is refused
@@ -50,6 +51,9 @@ class UNFOptimizer(torch.optim.Optimizer):
         weights: ``"default"`` (meta-weights shipped in the package; nothing is downloaded), a path to a weights file
             written by ``unf lopt meta-train`` / :meth:`LearnedRule.save`, or a :class:`LearnedRule`.
         lr: a multiplier of the learned step size (1.0: as meta-trained); LR schedulers drive it.
+        compile: run the rule through ``torch.compile`` (one graph per parameter set; the compile, tens of seconds on
+            a CPU, is paid at the first step and not again). If compiling fails, a warning says so and the optimizer
+            steps eagerly from then on.
 
     ``step(closure=None, loss=None)`` returns the closure's loss (``loss`` is accepted for wrappers that pass one on).
     Parameters without a gradient are skipped; a tensor whose gradient is not finite is skipped with a warning and its
@@ -57,7 +61,7 @@ class UNFOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, spec: Optional[WeightSpaceSpec] = None,
-                 weights: Union[str, Path, nn.Module, None] = "default", lr: float = 1.0):
+                 weights: Union[str, Path, nn.Module, None] = "default", lr: float = 1.0, compile: bool = False):
         if lr < 0:
             raise ValueError(f"lr {lr} must be >= 0")
         groups = list(params)
@@ -78,6 +82,8 @@ class UNFOptimizer(torch.optim.Optimizer):
         self.rule = load_rule(weights)
         self._rules: dict = {}  # (device, dtype) -> rule copy
         self._plans: dict = {}  # tuple of names -> (spec, plan)
+        self._flat: dict = {}  # device -> _FlatState
+        self._core = torch.compile(flat_core, dynamic=False) if compile else None
         if self.rule.spec is not None:  # weights for one architecture: check it now, not at the first step
             tensors = {self._names[id(p)]: p for g in self.param_groups for p in g["params"]}
             self._plan(tuple(tensors), tensors)
@@ -119,7 +125,11 @@ class UNFOptimizer(torch.optim.Optimizer):
     def _rule_for(self, device, dtype) -> LearnedRule:
         key = (str(device), dtype)
         if key not in self._rules:
-            self._rules[key] = copy.deepcopy(self.rule).to(device=device, dtype=dtype).requires_grad_(False)
+            rule = copy.deepcopy(self.rule).to(device=device, dtype=dtype).requires_grad_(False)
+            for m in rule.modules():  # a private frozen copy: its coefficients are computed once per plan
+                if isinstance(m, SharedUNFLinear):
+                    m.cache_coefficients = True
+            self._rules[key] = rule
         return self._rules[key]
 
     @torch.no_grad()
@@ -150,30 +160,72 @@ class UNFOptimizer(torch.optim.Optimizer):
     def _step_device(self, device, items: list) -> None:
         dtype = torch.float64 if all(p.dtype == torch.float64 for _, p, _ in items) else torch.float32
         rule = self._rule_for(device, dtype)
-        k = len(rule.config.decays)
         tensors = {n: p for n, p, _ in items}
         spec, plan = self._plan(tuple(tensors), tensors)
-        states = {}
-        for n, p, _ in items:
+        flat = self._flat_state(device, dtype, spec, [p for _, p, _ in items], len(rule.config.decays))
+        params = [p for _, p, _ in items]
+        cat = lambda ts: torch.cat([t.reshape(1, -1).to(dtype) for t in ts], 1)  # noqa: E731
+        args = (rule, plan, cat(params), cat([p.grad for p in params]), flat.m[None].to(dtype), flat.v[None].to(dtype),
+                [s + 1 for s in flat.steps])
+        try:
+            direction, m, v = flat_step(*args, index=flat.index, core=self._core)
+        except Exception as e:  # noqa: BLE001 -- a compiler failure must not stop training; eager errors re-raise
+            if self._core is None:
+                raise
+            warnings.warn(f"UNFOptimizer: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); stepping "
+                          "eagerly from now on", RuntimeWarning, stacklevel=3)
+            self._core = None
+            direction, m, v = flat_step(*args, index=flat.index)
+        flat.m.copy_(m[0])
+        flat.v.copy_(v[0])
+        flat.steps = [s + 1 for s in flat.steps]
+        for (_, p, _), s in zip(items, flat.steps):
+            self.state[p]["step"].fill_(s)
+        parts = [d.view(p.shape).to(p.dtype) for d, p in zip(direction[0].split(flat.sizes), params)]
+        lrs = [lr for _, _, lr in items]
+        if len(set(lrs)) == 1:
+            torch._foreach_add_(params, parts, alpha=-lrs[0])
+        else:
+            for p, d, lr in zip(params, parts, lrs):
+                p.add_(d, alpha=-lr)
+
+    def _flat_state(self, device, dtype, spec: WeightSpaceSpec, params: list, k: int) -> "_FlatState":
+        """The momenta of ``params`` in one flat buffer per device; ``self.state[p]["m"]``/``["v"]`` are views of it.
+        Rebuilt (copying the per-parameter state in) when the set of parameters stepped changes or a state was
+        replaced (``load_state_dict``). Stored in the parameters' dtype when they share one (as torch.optim does),
+        else in the compute dtype; computed in float32 (float64 when every parameter is)."""
+        flat = self._flat.get(device)
+        store = params[0].dtype if all(p.dtype == params[0].dtype for p in params) else dtype
+        if flat is not None and flat.m.dtype == store and len(flat.params) == len(params) and all(
+                a is b for a, b in zip(flat.params, params)) and all(
+                self.state[p].get("m") is mv for p, mv in zip(params, flat.m_views)):
+            return flat
+        sizes = [p.numel() for p in params]
+        flat = _FlatState(params, sizes, torch.zeros(k, sum(sizes), device=device, dtype=store),
+                          torch.zeros(sum(sizes), device=device, dtype=store), segment_index(sizes, device))
+        for p, m, v in zip(params, flat.m.split(sizes, 1), flat.v.split(sizes)):
             st = self.state[p]
-            if not st:
+            if st:  # carry the existing state over (a load_state_dict, or a parameter set that changed)
+                m.copy_(st["m"].reshape(k, -1))
+                v.copy_(st["v"].reshape(-1))
+            else:
                 st["step"] = torch.tensor(0.0)
-                st["m"] = p.new_zeros(k, *p.shape)
-                st["v"] = torch.zeros_like(p)
-            states[n] = st
-        cast = lambda t: t.to(dtype)[None]  # noqa: E731
-        pw = WeightSpace(spec, {n: cast(p)[:, None] for n, p in tensors.items()})
-        gw = WeightSpace(spec, {n: cast(p.grad)[:, None] for n, p in tensors.items()})
-        state = {"m": WeightSpace(spec, {n: cast(st["m"]) for n, st in states.items()}),
-                 "v": WeightSpace(spec, {n: cast(st["v"])[:, None] for n, st in states.items()})}
-        t = {n: int(st["step"].item()) + 1 for n, st in states.items()}
-        direction, new = step_direction(rule, plan, pw, gw, state, t)
-        for n, p, lr in items:
-            st = states[n]
-            st["step"].fill_(t[n])
-            st["m"].copy_(new["m"][n][0])
-            st["v"].copy_(new["v"][n][0, 0])
-            p.add_(direction[n][0, 0].to(p.dtype), alpha=-lr)
+            st["m"], st["v"] = m.view(k, *p.shape), v.view(p.shape)
+            flat.m_views.append(st["m"])
+            flat.steps.append(int(st["step"].item()))
+        self._flat[device] = flat
+        return flat
+
+
+@dataclass
+class _FlatState:
+    params: list
+    sizes: list
+    m: torch.Tensor  # [K, N]
+    v: torch.Tensor  # [N]
+    index: torch.Tensor  # [N]: the tensor of every entry
+    m_views: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
 
 
 __all__ = ["DEFAULT_WEIGHTS", "UNFOptimizer", "load_rule"]

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..spec import WeightSpaceSpec
-from ..weights import WeightSpace
+from ..weights import WeightSpace, segment_sizes
 from ..nn.shared import SharedPlan, SharedUNFLinear
 
 FORMAT = "unf.optim.LearnedRule"
@@ -144,52 +144,94 @@ class LearnedRule(nn.Module):
         return rule
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    """Root mean square over the entries of each batch member and channel of ``[B, C, ...]``, kept broadcastable."""
-    return x.reshape(*x.shape[:2], -1).pow(2).mean(2).sqrt().view(*x.shape[:2], *[1] * (x.dim() - 2))
-
-
 def init_state(p: WeightSpace, num_decays: int) -> dict:
     """Zero optimizer state for weight sets ``p`` ``[B, 1]``: momenta ``m`` ``[B, K]`` and ``v`` ``[B, 1]``."""
     return {"m": p.map(lambda t: t.new_zeros(t.shape[0], num_decays, *t.shape[2:])), "v": p.map(torch.zeros_like)}
 
 
+def _per_tensor_rms(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``[B, C, N]`` (tensors of ``sizes`` one after another) -> RMS of every tensor and channel, ``[B, C, T]``."""
+    return torch.stack([torch.linalg.vector_norm(part, dim=2) / math.sqrt(n)
+                        for part, n in zip(x.split(sizes, dim=2), sizes)], 2)
+
+
+def _expand(v: torch.Tensor, sizes: list[int], index: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor values ``[..., T]`` -> per-entry ``[..., N]`` (``index``: the tensor of each entry, cached)."""
+    return v.expand(*v.shape[:-1], sum(sizes)) if len(sizes) == 1 else v.index_select(-1, index)
+
+
+def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
+              v: torch.Tensor, t: Union[int, list[int]], params: Optional[Mapping[str, torch.Tensor]] = None,
+              index: Optional[torch.Tensor] = None, core=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One update of the rule on flat buffers (every tensor of ``plan``'s spec flattened, in spec order).
+
+    ``p``, ``g``, ``v``: ``[B, N]``; ``m``: ``[B, K, N]``; ``t``: the step number (1-based), or one per tensor.
+    Returns the direction ``alpha * (base + beta * f)`` ``[B, N]`` (to be scaled by ``-lr``) and the new ``m``, ``v``
+    (the inputs are not changed). ``index``: ``[N]`` long, the tensor of every entry (pass it to save building it
+    each step). ``params``: the rule's parameters stacked ``[B, ...]`` (one set per batch member). ``core``: a
+    compiled :func:`flat_core` (the step number enters it as tensors, so a compiled core is not rebuilt per step)."""
+    c = rule.config
+    sizes = segment_sizes(plan.layout.spec)
+    if len(sizes) > 1 and index is None:
+        index = segment_index(sizes, p.device)
+    steps = [t] * len(sizes) if isinstance(t, int) else list(t)
+    if len(set(steps)) == 1:  # one step count: the bias corrections are scalars
+        bc1 = p.new_tensor(1 / (1 - 0.9 ** steps[0]))
+        sbc2 = p.new_tensor(math.sqrt(1 / (1 - c.beta2 ** steps[0])))
+    else:
+        bc1 = _expand(p.new_tensor([1 / (1 - 0.9 ** s) for s in steps]), sizes, index)
+        sbc2 = _expand(p.new_tensor([math.sqrt(1 / (1 - c.beta2 ** s)) for s in steps]), sizes, index)
+    times = p.new_tensor([[math.tanh(s / ts) for s in steps] for ts in c.time_scales])  # [S, T]
+    return (core or flat_core)(rule, plan, p, g, m, v, bc1, sbc2, times, index, params)
+
+
+def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
+              v: torch.Tensor, bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor,
+              index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`flat_step` after the step count became tensors: Adam's bias corrections ``bc1`` and ``sqrt(bc2)``
+    (``[]`` or ``[N]``) and the time features ``times`` ``[S, T]``. Tensors in, tensors out: what ``torch.compile``
+    traces as one graph."""
+    c, spec = rule.config, plan.layout.spec
+    sizes = segment_sizes(spec)
+    d = torch.tensor(c.decays, dtype=p.dtype, device=p.device).view(1, -1, 1)
+    m = torch.lerp(g[:, None], m, d)  # d m + (1 - d) g
+    v = torch.lerp(g * g, v, c.beta2)
+    k = c.decays.index(0.9)
+    sv = v.sqrt()
+    base = m[:, k] * bc1 / (sv * sbc2 + c.eps)
+    raw = torch.cat([p[:, None], g[:, None], m, sv[:, None], base[:, None]], 1)  # [B, 4 + K, N]
+    rms = _per_tensor_rms(raw, sizes)  # [B, C, T]; the last channel is the base's
+    feats = (raw * _expand((rms + 1e-30).reciprocal(), sizes, index)).clamp_(-c.clip, c.clip)
+    times = _expand(times, sizes, index)[None].expand(p.shape[0], -1, -1)
+    args = (WeightSpace.from_channels(spec, torch.cat([feats, times], 1)), plan)
+    f, log_alpha = rule(*args) if params is None else torch.func.functional_call(rule, dict(params), args)
+    learned = c.beta * f.channels_flat()[:, 0]  # [B, N]
+    if c.trust > 0:  # the learned term never outgrows the base step (per tensor: invariant, so equivariant)
+        ratio = (c.trust * rms[:, -1] / (_per_tensor_rms(learned[:, None], sizes)[:, 0] + 1e-30)).clamp_(max=1.0)
+        learned = learned * _expand(ratio, sizes, index)
+    alpha = log_alpha.exp().reshape(-1, 1)  # [1, 1] or, with stacked meta-weights, [B, 1]
+    return alpha * (base + learned), m, v
+
+
+def segment_index(sizes: list[int], device=None) -> torch.Tensor:
+    """``[N]`` long: for every entry of a flat buffer with segments ``sizes``, the index of its segment."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+
 def step_direction(rule: LearnedRule, plan: SharedPlan, p: WeightSpace, g: WeightSpace, state: dict,
                    t: Union[int, Mapping[str, int]], params: Optional[Mapping[str, torch.Tensor]] = None
                    ) -> tuple[WeightSpace, dict]:
-    """One update of the rule: the direction ``alpha * (base + beta * f)`` (to be scaled by ``-lr``) and the new state.
-
-    ``p``, ``g``: ``[B, 1]``; ``state``: as :func:`init_state`; ``t``: the step number (1-based), or one per tensor.
-    The state is not changed in place. Computed in ``p``'s dtype; the rule must be in that dtype and on that device.
-    ``params``: the rule's parameters stacked ``[B, ...]`` (one set per batch member), instead of its own."""
-    c = rule.config
-    names = p.spec.float_names
-    steps = {n: t for n in names} if isinstance(t, int) else dict(t)
-    d = torch.tensor(c.decays, dtype=p.dtype, device=p.device)
-    k = c.decays.index(0.9)
-    m, v, base, feats = {}, {}, {}, {}
-    for n in names:
-        gn, tn = g[n], steps[n]
-        bshape = (1, -1) + (1,) * (gn.dim() - 2)
-        m[n] = state["m"][n] * d.view(bshape) + gn * (1 - d).view(bshape)
-        v[n] = state["v"][n] * c.beta2 + (1 - c.beta2) * gn * gn
-        base[n] = (m[n][:, k:k + 1] / (1 - 0.9 ** tn)) / ((v[n] / (1 - c.beta2 ** tn)).sqrt() + c.eps)
-        raw = torch.cat([p[n], gn, m[n], v[n].sqrt(), base[n]], 1)
-        rms = _rms(raw) + 1e-30
-        times = torch.tensor([math.tanh(tn / s) for s in c.time_scales], dtype=p.dtype, device=p.device)
-        feats[n] = torch.cat([(raw / rms).clamp(-c.clip, c.clip),
-                              times.view(bshape).expand(raw.shape[0], -1, *raw.shape[2:])], 1)
-    args = (WeightSpace(p.spec, feats), plan)
-    f, log_alpha = rule(*args) if params is None else torch.func.functional_call(rule, dict(params), args)
-    alpha = log_alpha.exp()  # [] or, with stacked meta-weights, [B]
-    direction = {}
-    for n in names:
-        learned = c.beta * f[n]
-        if c.trust > 0:  # the learned term never outgrows the base step (per tensor: invariant, so equivariant)
-            learned = learned * (c.trust * _rms(base[n]) / (_rms(learned) + 1e-30)).clamp(max=1.0)
-        direction[n] = alpha.reshape(-1, *[1] * (base[n].dim() - 1)) * (base[n] + learned)
-    direction = WeightSpace(p.spec, direction)
-    return direction, {"m": WeightSpace(p.spec, m), "v": WeightSpace(p.spec, v)}
+    """:func:`flat_step` on weight spaces: ``p``, ``g`` ``[B, 1]``; ``state`` as :func:`init_state`; ``t``: the step
+    number, or one per tensor name. Returns the direction ``[B, 1]`` and the new state (not changed in place)."""
+    spec = p.spec
+    steps = t if isinstance(t, int) else [t[n] for n in spec.float_names]
+    flat = lambda ws: ws.channels_flat()  # noqa: E731
+    d, m, v = flat_step(rule, plan, flat(p)[:, 0], flat(g)[:, 0], flat(state["m"]), flat(state["v"])[:, 0], steps,
+                        params)
+    ws = lambda x: WeightSpace.from_channels(spec, x)  # noqa: E731
+    return ws(d[:, None]), {"m": ws(m), "v": ws(v[:, None])}
 
 
-__all__ = ["FORMAT", "LearnedRule", "RuleConfig", "VARIANTS", "init_state", "step_direction"]
+__all__ = ["FORMAT", "LearnedRule", "RuleConfig", "VARIANTS", "flat_core", "flat_step", "init_state", "segment_index",
+           "step_direction"]

@@ -1,0 +1,200 @@
+"""CUTS on digits (unf.merge.cuts_demo): choose the settings on validation, then report on the test split.
+
+    # 1. choose epochs / proxies / proxy epochs on a validation split carved from the training split (seed 0; the
+    #    test split is not read): results/merge_cuts_choice.jsonl, a table and the chosen setting
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --seed 0
+    # 2. the test-split runs with the chosen setting (for the scratch backbone: the library defaults, which must
+    #    match it): results/merge_cuts.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --kinds noise backdoor --seeds 0 1 2 3 4
+    # the same with a backbone pretrained without labels (rotation prediction); choose its setting first
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --seed 0 --backbone rotation
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --seeds 0 1 2 3 4
+    # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
+    python benchmarks/merge_cuts.py table
+
+Every finished run is appended at once as one JSON line (atomic rewrite), and runs already in the file are skipped,
+so an interrupted command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's unf, not an installed one
+from unf.io import atomic_write  # noqa: E402
+from unf.merge import cuts_demo  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHOICE = RESULTS / "merge_cuts_choice.jsonl"
+RUNS = RESULTS / "merge_cuts.jsonl"
+# the settings compared on validation (label noise 0.4; criterion: gap recovered with the label-free alpha)
+GRID = {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40]}
+SETTING = ("kind", "seed", "evaluated_on", "backbone", "noise_rate", "epochs", "proxies", "proxy_epochs")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}: line {i} is not JSON ({e})") from None
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    text = path.read_text() if path.exists() else ""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + json.dumps(row) + "\n"))
+
+
+def key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in SETTING)
+
+
+def run_missing(path: Path, settings: list[dict]) -> list[dict]:
+    done = {key(r) for r in read_jsonl(path)}
+    for s in settings:
+        probe = {**s, "noise_rate": s.get("noise_rate", 0.4) if s["kind"] == "noise" else None}
+        if key(probe) in done:
+            print(f"skip (already in {path.name}): {s}", flush=True)
+            continue
+        t0 = time.time()
+        row = cuts_demo.run_cuts_demo(**{k: v for k, v in s.items() if k != "evaluated_on"},
+                                      evaluate_on=s["evaluated_on"])
+        row["seconds"] = round(time.time() - t0, 1)
+        if row["kind"] == "backdoor":
+            row["noise_rate"] = None
+        append_jsonl(path, row)
+        print(f"done in {row['seconds']} s: {s}", flush=True)
+    return read_jsonl(path)
+
+
+def ms(vals, scale=100.0) -> str:
+    vals = [scale * v for v in vals]
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}"  # sample std
+
+
+def chosen(rows: list[dict], seed: int, backbone: str) -> dict:
+    """The first setting (in grid order) with the largest validation gap recovered: the cheaper one on ties."""
+    rows = [r for r in rows if r["evaluated_on"] == "validation" and r["seed"] == seed and r["backbone"] == backbone]
+    if not rows:
+        raise SystemExit(f"{CHOICE} has no validation runs for seed {seed}, backbone {backbone}: run "
+                         f"'benchmarks/merge_cuts.py choose --seed {seed} --backbone {backbone}' first")
+    best = max(rows, key=lambda r: r["gap_recovered"])
+    return {k: best[k] for k in GRID}
+
+
+def choose(args) -> None:
+    settings = [{"kind": "noise", "seed": args.seed, "evaluated_on": "validation", "backbone": args.backbone,
+                 "epochs": e, "proxies": p, "proxy_epochs": pe} for e, p, pe in itertools.product(*GRID.values())]
+    rows = [r for r in run_missing(CHOICE, settings)
+            if r["seed"] == args.seed and r["backbone"] == args.backbone]
+    print(f"\nSettings on the validation split of seed {args.seed}, backbone {args.backbone} (label noise 0.4; "
+          "validation accuracy %):\n")
+    print("| epochs | proxies | proxy epochs | corrupted | CUTS | alpha | clean training | gap recovered |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} | "
+              f"{100 * r['cuts_acc']:.1f} | {r['alpha']} | {100 * r['clean_acc']:.1f} | "
+              f"{100 * r['gap_recovered']:.1f}% |")
+    print(f"\nchosen: {chosen(rows, args.seed, args.backbone)}; library defaults: epochs {cuts_demo.EPOCHS}, "
+          f"proxies {cuts_demo.PROXIES}, proxy epochs {cuts_demo.PROXY_EPOCHS}")
+
+
+def run(args) -> None:
+    setting = chosen(read_jsonl(CHOICE), args.choice_seed, args.backbone)
+    defaults = {"epochs": cuts_demo.EPOCHS, "proxies": cuts_demo.PROXIES, "proxy_epochs": cuts_demo.PROXY_EPOCHS}
+    if args.backbone == "scratch" and setting != defaults:
+        raise SystemExit(f"the library defaults {defaults} are not the setting chosen on validation {setting}: "
+                         "update EPOCHS, PROXIES, PROXY_EPOCHS in unf/merge/cuts_demo.py")
+    settings = [{"kind": k, "seed": s, "evaluated_on": "test", "backbone": args.backbone, **setting}
+                for k in args.kinds for s in args.seeds]
+    run_missing(RUNS, settings)
+    table(args)
+
+
+def table(args) -> None:
+    rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test" and r["backbone"] == args.backbone]
+    chosen_on = {r["seed"] for r in read_jsonl(CHOICE) if r["backbone"] == args.backbone}
+    for kind in ("noise", "backdoor"):
+        rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        held = [r for r in rs if r["seed"] not in chosen_on]
+        groups = [(f"seeds {[r['seed'] for r in held]} (not used for the choice)", held),
+                  (f"all seeds {[r['seed'] for r in rs]}", rs)] if held and len(held) < len(rs) else \
+            [(f"seeds {[r['seed'] for r in rs]}", rs)]
+        setting = {k: rs[0][k] for k in GRID}
+        print(f"\n{kind}, backbone {args.backbone}, {setting}: test %, mean +- sample std over seeds; setting chosen "
+              f"on the validation split of seed(s) {sorted(chosen_on)}; alphas chosen without labels: "
+              f"{[r['alpha'] for r in rs]}\n")
+
+        def line(name, get):
+            print(f"| {name} | " + " | ".join(ms([get(r) for r in g]) for _, g in groups) + " |")
+
+        print("| | " + " | ".join(name for name, _ in groups) + " |\n|---|" + "---|" * len(groups))
+        if kind == "noise":
+            for name, k in (("corrupted (noise 0.4 memorised)", "corrupted_acc"), ("CUTS", "cuts_acc"),
+                            ("random vector, same alpha", "random_acc"),
+                            ("fine-tuned on the clean held-out set", "clean_ft_acc"),
+                            ("trained on clean labels", "clean_acc")):
+                line(f"{name}: accuracy", lambda r, k=k: r[k])
+            line("gap recovered by CUTS (label-free alpha), %", lambda r: r["gap_recovered"])
+            line("gap recovered at the best alpha in hindsight (not a result), %",
+                 lambda r: r["best_alpha_gap_recovered"])
+        else:
+            for name, k in (("backdoored", "corrupted"), ("CUTS", "cuts"), ("random vector, same alpha", "random"),
+                            ("fine-tuned on the clean held-out set", "clean_ft"), ("trained on clean data", "clean")):
+                line(f"{name}: clean accuracy", lambda r, k=k: r[k + "_acc"])
+                line(f"{name}: attack success", lambda r, k=k: r[k + "_asr"])
+            line("points of clean accuracy lost by CUTS", lambda r: r["corrupted_acc"] - r["cuts_acc"])
+            met = [r["seed"] for r in rs if r["cuts_asr"] <= 0.05 and r["corrupted_acc"] - r["cuts_acc"] <= 0.10]
+            print(f"\nseeds meeting the target (attack success <= 5% with <= 10 points lost): {met}")
+            print("\nWhole alpha curve (test %, mean over all seeds; every 0.5):\n")
+            alphas = [p["alpha"] for p in rs[0]["alpha_curve"]]
+            print("| alpha | " + " | ".join(f"{a:g}" for a in alphas[::5]) + " |")
+            print("|---|" + "---|" * len(alphas[::5]))
+            for label, k in (("clean accuracy", "acc"), ("attack success", "asr"),
+                             ("attack success on the proxy set", "proxy_asr")):
+                vals = [statistics.mean(r["alpha_curve"][i][k] for r in rs) for i in range(0, len(alphas), 5)]
+                print(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
+        if args.plot:
+            path = RESULTS / f"merge_cuts_{kind}_{args.backbone}.png"
+            cuts_demo.plot_alpha_curves(rs, str(path))
+            print(f"\nfigure: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("choose", help="compare settings on validation (test split not read)")
+    c.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="test-split runs with the setting chosen on validation, then the tables")
+    r.add_argument("--kinds", nargs="+", choices=["noise", "backdoor"], default=["noise", "backdoor"])
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    r.add_argument("--choice-seed", type=int, default=0, help="the seed whose validation runs chose the setting")
+    t = sub.add_parser("table", help="tables (and figures) from results/merge_cuts.jsonl only")
+    for p in (c, r, t):
+        p.add_argument("--backbone", choices=["scratch", "rotation"], default="scratch")
+    for p in (r, t):
+        p.add_argument("--plot", action="store_true",
+                       help="also write results/merge_cuts_{noise,backdoor}_{backbone}.png")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    {"choose": choose, "run": run, "table": table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
