@@ -1,4 +1,4 @@
-"""PSG on the digits CNN: why scale 150 diverges, and the pruning variant with its scale and lr chosen on validation.
+"""PSG on the digits CNN: why scale 150 diverges, and PSG's scale (and lr) chosen on validation.
 
     python benchmarks/psg_cnn.py [--out benchmarks/results]
     python benchmarks/psg_cnn.py --table-only       # tables and figure from OUT/psg_cnn.jsonl alone
@@ -14,6 +14,9 @@ PSG, per seed).
    phase from ``LRS`` (a lower rate alone might help), each by mean validation accuracy at 90% sparsity on choice
    seeds 0-2; both chosen settings are then reported on the test split of seeds 3-7, which took no part in the
    choice. The test split is never read for a choice.
+3. ``quant``: PSG at 4 and 2 bits on the CNN (first/last layers at 8 bits below 4 bits, lr 0.02) with the scale
+   chosen from ``QUANT_GRID[bits]`` by mean validation accuracy after quantisation to those bits on seeds 0-2, then
+   reported with plain training (lr 0.02) on the test split of seeds 3-7.
 
 One JSON line per finished run in ``OUT/psg_cnn.jsonl`` (a rerun skips them); ``OUT/psg_cnn.md`` and
 ``OUT/psg_cnn.png`` (the traces), written atomically.
@@ -45,6 +48,7 @@ REPORT_SEEDS = range(3, 8)
 LRS = (0.02, 0.005)
 ZERO_GRID = [(s, lr) for s in (0.3, 1.0, 3.0, 10.0, 30.0, 100.0) for lr in LRS]
 PLAIN_GRID = [(None, lr) for lr in LRS]
+QUANT_GRID = {4: (150.0, 50.0, 15.0, 5.0), 2: (30.0, 10.0, 3.0, 1.0)}
 
 
 def checkpoint(net: str, seed: int, train_xy):
@@ -96,23 +100,30 @@ def trace(net: str, seed: int, sets, meta: dict) -> dict:
     return {"kind": "trace", "net": net, "seed": seed, "scale": 150.0, "bits": 4, "per_epoch": per_epoch, **meta}
 
 
-def prune_run(seed: int, variant, sets, meta: dict, base_cache: dict) -> dict:
-    """``variant``: (scale, lr) of the second phase; scale None: plain SGD."""
+def phase_run(kind: str, seed: int, variant, sets, meta: dict, base_cache: dict, bits: int | None = None) -> dict:
+    """The CNN's second phase from the seed's checkpoint. ``variant``: (scale, lr); scale None: plain SGD; else PSG
+    with target "zero" (``kind`` "prune") or the ``bits`` grid (``kind`` "quant")."""
     train_xy, val_xy, test_xy = sets
     if seed not in base_cache:
         base_cache[seed] = checkpoint("cnn", seed, train_xy)
     base, state = base_cache[seed]
     scale, lr = variant
     model, inner = resume(base, state, lr)
-    opt = inner if scale is None else PSG(inner, target="zero", scale=scale)
+    if scale is None:
+        opt = inner
+    elif kind == "prune":
+        opt = PSG(inner, target="zero", scale=scale)
+    else:
+        opt = PSG(inner, bits=layer_bits(model, bits), scale=scale)
     t0 = time.perf_counter()
     train(model, opt, train_xy, EPOCHS, torch.Generator().manual_seed(10_000 + seed))
-    return {"kind": "prune", "net": "cnn", "seed": seed, "scale": scale, "lr": lr, "train_s": time.perf_counter() - t0,
-            "val": evaluate(model, val_xy), "test": evaluate(model, test_xy), **meta}
+    return {"kind": kind, "net": "cnn", "seed": seed, "scale": scale, "lr": lr, "bits": bits,
+            "train_s": time.perf_counter() - t0, "val": evaluate(model, val_xy), "test": evaluate(model, test_xy),
+            **meta}
 
 
 def key(r: dict) -> tuple:
-    return r["kind"], r["net"], r["seed"], r["scale"], r.get("lr")
+    return r["kind"], r["net"], r["seed"], r["scale"], r.get("lr"), r.get("bits")
 
 
 def ms(values, digits: int = 1) -> str:
@@ -120,14 +131,14 @@ def ms(values, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
-def choose(prunes: list[dict], grid: list):
-    """The (scale, lr) of ``grid`` with the best mean validation accuracy at 90% over the choice seeds, and all the
+def choose(runs: list[dict], grid: list, metric: str = "prune90"):
+    """The (scale, lr) of ``grid`` with the best mean validation ``metric`` over the choice seeds, and all the
     means."""
     means = {}
     for s, lr in grid:
-        rs = [r for r in prunes if r["scale"] == s and r["lr"] == lr and r["seed"] in CHOICE_SEEDS]
+        rs = [r for r in runs if r["scale"] == s and r["lr"] == lr and r["seed"] in CHOICE_SEEDS]
         if len(rs) == len(CHOICE_SEEDS):
-            means[s, lr] = statistics.mean(r["val"]["prune90"] for r in rs)
+            means[s, lr] = statistics.mean(r["val"][metric] for r in rs)
     return (max(means, key=means.get) if means else None), means
 
 
@@ -170,6 +181,27 @@ def summarise(rows: list[dict], out: Path) -> str:
             lines += ["", "90% pruned, chosen pruning variant minus chosen plain (paired by seed): "
                       f"{ms([100 * (y['test']['prune90'] - x['test']['prune90']) for x, y in zip(a, b)])}; "
                       f"ahead on {ahead} of {len(a)} seeds"]
+    plain = {r["seed"]: r for r in prunes if r["scale"] is None and r["lr"] == 0.02}
+    for bits, scales in QUANT_GRID.items():
+        runs = [r for r in rows if r["kind"] == "quant" and r["bits"] == bits]
+        best, means = choose(runs, [(s, 0.02) for s in scales], f"q{bits}")
+        if not means:
+            continue
+        lines += ["", f"### PSG at {bits} bits on the CNN: scale chosen on validation (seeds {rng(CHOICE_SEEDS)}), "
+                  f"test on seeds {rng(REPORT_SEEDS)}", "", f"Mean validation accuracy % at {bits} bits on the choice "
+                  "seeds, by scale: " + ", ".join(f"{s:g}: {100 * v:.1f}" for (s, _), v in means.items()) +
+                  f"; plain: {100 * statistics.mean(plain[i]['val'][f'q{bits}'] for i in CHOICE_SEEDS):.1f}. "
+                  f"Chosen: scale {best[0]:g}.", ""]
+        chosen = sorted((r for r in runs if r["scale"] == best[0] and r["seed"] in REPORT_SEEDS),
+                        key=lambda r: r["seed"])
+        if len(chosen) == len(REPORT_SEEDS) and all(i in plain for i in REPORT_SEEDS):
+            lines += [f"| variant | FP | {bits} bit |", "|---|---|---|"]
+            for name, rs in (("plain", [plain[i] for i in REPORT_SEEDS]), (f"psg{bits}@{best[0]:g}", chosen)):
+                lines.append(f"| {name} | {ms([100 * r['test']['fp'] for r in rs])} | "
+                             f"{ms([100 * r['test'][f'q{bits}'] for r in rs])} |")
+            d = [100 * (r["test"][k] - plain[r["seed"]]["test"][k]) for k in ("fp", f"q{bits}") for r in chosen]
+            n = len(chosen)
+            lines += ["", f"PSG minus plain (paired by seed): FP {ms(d[:n])}, {bits} bit {ms(d[n:])}"]
     text = "\n".join(lines)
     atomic_write(out / "psg_cnn.md", lambda t: Path(t).write_text(text + "\n"))
     if traces:
@@ -226,22 +258,33 @@ def main(argv=None) -> int:
 
     for net in ("mlp", "cnn"):
         for seed in TRACE_SEEDS:
-            if ("trace", net, seed, 150.0, None) not in done:
+            if ("trace", net, seed, 150.0, None, 4) not in done:
                 record(trace(net, seed, sets, meta))
                 print(f"trace {net} seed {seed}", file=sys.stderr, flush=True)
     cache: dict = {}
     for seed in CHOICE_SEEDS:
         for variant in (*PLAIN_GRID, *ZERO_GRID):
-            if ("prune", "cnn", seed, *variant) not in done:
-                record(prune_run(seed, variant, sets, meta, cache))
+            if ("prune", "cnn", seed, *variant, None) not in done:
+                record(phase_run("prune", seed, variant, sets, meta, cache))
         print(f"choice seed {seed}", file=sys.stderr, flush=True)
     prunes = [r for r in rows if r["kind"] == "prune"]
     chosen = choose(prunes, PLAIN_GRID)[0], choose(prunes, ZERO_GRID)[0]
     for seed in REPORT_SEEDS:
-        for variant in chosen:
-            if ("prune", "cnn", seed, *variant) not in done:
-                record(prune_run(seed, variant, sets, meta, cache))
+        for variant in {*chosen, (None, 0.02)}:  # plain at lr 0.02: also the reference of the quant study
+            if ("prune", "cnn", seed, *variant, None) not in done:
+                record(phase_run("prune", seed, variant, sets, meta, cache))
         print(f"report seed {seed}", file=sys.stderr, flush=True)
+    for bits, scales in QUANT_GRID.items():
+        for seed in CHOICE_SEEDS:
+            for scale in scales:
+                if ("quant", "cnn", seed, scale, 0.02, bits) not in done:
+                    record(phase_run("quant", seed, (scale, 0.02), sets, meta, cache, bits))
+        best = choose([r for r in rows if r["kind"] == "quant" and r["bits"] == bits],
+                      [(s, 0.02) for s in scales], f"q{bits}")[0]
+        for seed in REPORT_SEEDS:
+            if ("quant", "cnn", seed, *best, bits) not in done:
+                record(phase_run("quant", seed, best, sets, meta, cache, bits))
+        print(f"quant {bits} bits done", file=sys.stderr, flush=True)
     print(summarise(rows, args.out))
     return 0
 
