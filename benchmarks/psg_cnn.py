@@ -201,7 +201,9 @@ def summarise(rows: list[dict], out: Path) -> str:
                              f"{ms([100 * r['test'][f'q{bits}'] for r in rs])} |")
             d = [100 * (r["test"][k] - plain[r["seed"]]["test"][k]) for k in ("fp", f"q{bits}") for r in chosen]
             n = len(chosen)
-            lines += ["", f"PSG minus plain (paired by seed): FP {ms(d[:n])}, {bits} bit {ms(d[n:])}"]
+            own = [100 * (r["test"][f"q{bits}"] - r["test"]["fp"]) for r in chosen]
+            lines += ["", f"PSG minus plain (paired by seed): FP {ms(d[:n])}, {bits} bit {ms(d[n:])}; PSG's {bits} bit "
+                      f"minus its FP: {ms(own)}"]
     text = "\n".join(lines)
     atomic_write(out / "psg_cnn.md", lambda t: Path(t).write_text(text + "\n"))
     if traces:
