@@ -1,16 +1,17 @@
 """CUTS on digits (unf.merge.cuts_demo): choose the settings on validation, then report on the test split.
 
-    # 1. choose epochs / proxies / proxy epochs on a validation split carved from the training split (seed 0; the
-    #    test split is not read): results/merge_cuts_choice.jsonl, a table and the chosen setting
-    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --seed 0
-    # 2. the test-split runs with the chosen setting (for the scratch backbone: the library defaults, which must
-    #    match it): results/merge_cuts.jsonl
+    # 1. choose epochs / proxies / proxy epochs per kind on a validation split carved from the training split
+    #    (seed 0; the test split is not read): results/merge_cuts_choice.jsonl, a table and the chosen setting
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind noise --seed 0
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind backdoor --seed 0
+    # 2. the test-split runs with the chosen settings (for the scratch backbone: the library defaults, which must
+    #    match them): results/merge_cuts.jsonl
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --kinds noise backdoor --seeds 0 1 2 3 4
-    # the same with a backbone pretrained without labels (rotation prediction); choose its setting first
-    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --seed 0 --backbone rotation
-    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --seeds 0 1 2 3 4
+    # the same with a backbone pretrained without labels (rotation prediction); choose its settings first
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind noise --seed 0 --backbone rotation
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --kinds noise --seeds 0 1 2 3 4
     # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
-    python benchmarks/merge_cuts.py table
+    python benchmarks/merge_cuts.py table [--backbone rotation] [--plot]
 
 Every finished run is appended at once as one JSON line (atomic rewrite), and runs already in the file are skipped,
 so an interrupted command resumes where it stopped.
@@ -34,8 +35,12 @@ from unf.merge import cuts_demo  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 CHOICE = RESULTS / "merge_cuts_choice.jsonl"
 RUNS = RESULTS / "merge_cuts.jsonl"
-# the settings compared on validation (label noise 0.4; criterion: gap recovered with the label-free alpha)
-GRID = {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40]}
+# the settings compared on validation. Label noise 0.4: the largest gap recovered with the label-free alpha. Backdoor
+# (the corrupted model's training fixed at the noise choice's 150 epochs): the fewest points of clean accuracy lost
+# among settings with attack success <= 5%, else the lowest attack success
+GRID = {"noise": {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40]},
+        "backdoor": {"epochs": [150], "proxies": [1, 5], "proxy_epochs": [5, 10, 20, 40]}}
+KNOBS = ("epochs", "proxies", "proxy_epochs")
 SETTING = ("kind", "seed", "evaluated_on", "backbone", "noise_rate", "epochs", "proxies", "proxy_epochs")
 
 
@@ -86,60 +91,79 @@ def ms(vals, scale=100.0) -> str:
     return f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}"  # sample std
 
 
-def chosen(rows: list[dict], seed: int, backbone: str) -> dict:
-    """The first setting (in grid order) with the largest validation gap recovered: the cheaper one on ties."""
-    rows = [r for r in rows if r["evaluated_on"] == "validation" and r["seed"] == seed and r["backbone"] == backbone]
+def merit(row: dict) -> tuple:
+    if row["kind"] == "noise":
+        return (row["gap_recovered"],)
+    lost = row["corrupted_acc"] - row["cuts_acc"]
+    return (1, -lost) if row["cuts_asr"] <= 0.05 else (0, -row["cuts_asr"])
+
+
+def chosen(rows: list[dict], kind: str, seed: int, backbone: str) -> dict:
+    """The first setting (in grid order) with the best validation merit: the cheaper one on ties."""
+    rows = [r for r in rows if r["evaluated_on"] == "validation" and r["seed"] == seed and r["backbone"] == backbone
+            and r["kind"] == kind]
     if not rows:
-        raise SystemExit(f"{CHOICE} has no validation runs for seed {seed}, backbone {backbone}: run "
-                         f"'benchmarks/merge_cuts.py choose --seed {seed} --backbone {backbone}' first")
-    best = max(rows, key=lambda r: r["gap_recovered"])
-    return {k: best[k] for k in GRID}
+        raise SystemExit(f"{CHOICE} has no validation runs for {kind}, seed {seed}, backbone {backbone}: run "
+                         f"'benchmarks/merge_cuts.py choose --kind {kind} --seed {seed} --backbone {backbone}' first")
+    best = max(rows, key=merit)
+    return {k: best[k] for k in KNOBS}
 
 
 def choose(args) -> None:
-    settings = [{"kind": "noise", "seed": args.seed, "evaluated_on": "validation", "backbone": args.backbone,
-                 "epochs": e, "proxies": p, "proxy_epochs": pe} for e, p, pe in itertools.product(*GRID.values())]
+    grid = GRID[args.kind]
+    settings = [{"kind": args.kind, "seed": args.seed, "evaluated_on": "validation", "backbone": args.backbone,
+                 **dict(zip(KNOBS, values))} for values in itertools.product(*(grid[k] for k in KNOBS))]
     rows = [r for r in run_missing(CHOICE, settings)
-            if r["seed"] == args.seed and r["backbone"] == args.backbone]
-    print(f"\nSettings on the validation split of seed {args.seed}, backbone {args.backbone} (label noise 0.4; "
-          "validation accuracy %):\n")
-    print("| epochs | proxies | proxy epochs | corrupted | CUTS | alpha | clean training | gap recovered |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} | "
-              f"{100 * r['cuts_acc']:.1f} | {r['alpha']} | {100 * r['clean_acc']:.1f} | "
-              f"{100 * r['gap_recovered']:.1f}% |")
-    print(f"\nchosen: {chosen(rows, args.seed, args.backbone)}; library defaults: epochs {cuts_demo.EPOCHS}, "
-          f"proxies {cuts_demo.PROXIES}, proxy epochs {cuts_demo.PROXY_EPOCHS}")
+            if r["seed"] == args.seed and r["backbone"] == args.backbone and r["kind"] == args.kind]
+    print(f"\n{args.kind}: settings on the validation split of seed {args.seed}, backbone {args.backbone} "
+          "(validation %):\n")
+    if args.kind == "noise":
+        print("| epochs | proxies | proxy epochs | corrupted | CUTS | alpha | clean training | gap recovered |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} | "
+                  f"{100 * r['cuts_acc']:.1f} | {r['alpha']} | {100 * r['clean_acc']:.1f} | "
+                  f"{100 * r['gap_recovered']:.1f}% |")
+    else:
+        print("| epochs | proxies | proxy epochs | backdoored acc / attack | alpha | CUTS acc / attack | points lost |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} / "
+                  f"{100 * r['corrupted_asr']:.1f} | {r['alpha']} | {100 * r['cuts_acc']:.1f} / "
+                  f"{100 * r['cuts_asr']:.1f} | {100 * (r['corrupted_acc'] - r['cuts_acc']):.1f} |")
+    print(f"\nchosen: {chosen(rows, args.kind, args.seed, args.backbone)}; library defaults for {args.kind}: "
+          f"{cuts_demo.DEFAULTS[args.kind]}")
 
 
 def run(args) -> None:
-    setting = chosen(read_jsonl(CHOICE), args.choice_seed, args.backbone)
-    defaults = {"epochs": cuts_demo.EPOCHS, "proxies": cuts_demo.PROXIES, "proxy_epochs": cuts_demo.PROXY_EPOCHS}
-    if args.backbone == "scratch" and setting != defaults:
-        raise SystemExit(f"the library defaults {defaults} are not the setting chosen on validation {setting}: "
-                         "update EPOCHS, PROXIES, PROXY_EPOCHS in unf/merge/cuts_demo.py")
-    settings = [{"kind": k, "seed": s, "evaluated_on": "test", "backbone": args.backbone, **setting}
-                for k in args.kinds for s in args.seeds]
+    settings = []
+    for kind in args.kinds:
+        setting = chosen(read_jsonl(CHOICE), kind, args.choice_seed, args.backbone)
+        if args.backbone == "scratch" and setting != cuts_demo.DEFAULTS[kind]:
+            raise SystemExit(f"the library defaults for {kind} {cuts_demo.DEFAULTS[kind]} are not the setting chosen "
+                             f"on validation {setting}: update DEFAULTS in unf/merge/cuts_demo.py")
+        settings += [{"kind": kind, "seed": s, "evaluated_on": "test", "backbone": args.backbone, **setting}
+                     for s in args.seeds]
     run_missing(RUNS, settings)
     table(args)
 
 
 def table(args) -> None:
     rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test" and r["backbone"] == args.backbone]
-    chosen_on = {r["seed"] for r in read_jsonl(CHOICE) if r["backbone"] == args.backbone}
-    for kind in ("noise", "backdoor"):
-        rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["seed"])
-        if not rs:
-            continue
+    choice = read_jsonl(CHOICE)
+    for kind, setting in dict.fromkeys((r["kind"], tuple(r[k] for k in KNOBS)) for r in rows):
+        rs = sorted((r for r in rows if r["kind"] == kind and tuple(r[k] for k in KNOBS) == setting),
+                    key=lambda r: r["seed"])
+        chosen_on = {r["seed"] for r in choice if r["backbone"] == args.backbone and r["kind"] == kind
+                     and tuple(r[k] for k in KNOBS) == setting}
+        origin = f"chosen on the validation split of seed(s) {sorted(chosen_on)}" if chosen_on else \
+            "not in this kind's validation choice (a setting chosen for the other kind)"
         held = [r for r in rs if r["seed"] not in chosen_on]
         groups = [(f"seeds {[r['seed'] for r in held]} (not used for the choice)", held),
                   (f"all seeds {[r['seed'] for r in rs]}", rs)] if held and len(held) < len(rs) else \
             [(f"seeds {[r['seed'] for r in rs]}", rs)]
-        setting = {k: rs[0][k] for k in GRID}
-        print(f"\n{kind}, backbone {args.backbone}, {setting}: test %, mean +- sample std over seeds; setting chosen "
-              f"on the validation split of seed(s) {sorted(chosen_on)}; alphas chosen without labels: "
-              f"{[r['alpha'] for r in rs]}\n")
+        print(f"\n{kind}, backbone {args.backbone}, {dict(zip(KNOBS, setting))} ({origin}): test %, mean +- sample "
+              f"std over seeds; alphas chosen without labels: {[r['alpha'] for r in rs]}\n")
 
         def line(name, get):
             print(f"| {name} | " + " | ".join(ms([get(r) for r in g]) for _, g in groups) + " |")
@@ -171,7 +195,7 @@ def table(args) -> None:
                 vals = [statistics.mean(r["alpha_curve"][i][k] for r in rs) for i in range(0, len(alphas), 5)]
                 print(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
         if args.plot:
-            path = RESULTS / f"merge_cuts_{kind}_{args.backbone}.png"
+            path = RESULTS / f"merge_cuts_{kind}_{args.backbone}_{'-'.join(map(str, setting))}.png"
             cuts_demo.plot_alpha_curves(rs, str(path))
             print(f"\nfigure: {path}")
 
@@ -180,6 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("choose", help="compare settings on validation (test split not read)")
+    c.add_argument("--kind", choices=["noise", "backdoor"], default="noise")
     c.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="test-split runs with the setting chosen on validation, then the tables")
     r.add_argument("--kinds", nargs="+", choices=["noise", "backdoor"], default=["noise", "backdoor"])
@@ -190,7 +215,7 @@ def main() -> None:
         p.add_argument("--backbone", choices=["scratch", "rotation"], default="scratch")
     for p in (r, t):
         p.add_argument("--plot", action="store_true",
-                       help="also write results/merge_cuts_{noise,backdoor}_{backbone}.png")
+                       help="also write results/merge_cuts_{kind}_{backbone}_{epochs-proxies-proxy_epochs}.png")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"choose": choose, "run": run, "table": table}[args.cmd](args)

@@ -17,7 +17,10 @@ def _rate(text: str) -> float:
 
 
 def register(sub) -> None:
-    from ..merge.cuts_demo import EPOCHS, PROXIES, PROXY_EPOCHS
+    from ..merge.cuts_demo import DEFAULTS
+
+    def default(name: str) -> str:
+        return f"default {DEFAULTS['noise'][name]} for noise, {DEFAULTS['backdoor'][name]} for a backdoor"
 
     group = add_group(sub, "merge", help="weight-space editing: task vectors, CUTS unlearning",
                       example="unf merge cuts-demo --kind noise --noise-rate 0.4 --seed 0 --json")
@@ -28,12 +31,12 @@ def register(sub) -> None:
     p.add_argument("--kind", choices=["noise", "backdoor"], default="noise",
                    help="symmetric label noise, or a BadNets 2x2 patch backdoor on 5%% of the training set")
     p.add_argument("--noise-rate", type=_rate, default=None, help="label-noise rate (default 0.4; --kind noise only)")
-    p.add_argument("--epochs", type=at_least(1), default=EPOCHS,
-                   help=f"training epochs of the corrupted and the clean model (default {EPOCHS})")
-    p.add_argument("--proxy-epochs", type=at_least(1), default=PROXY_EPOCHS,
-                   help=f"proxy fine-tuning epochs (default {PROXY_EPOCHS})")
-    p.add_argument("--proxies", type=at_least(1), default=PROXIES,
-                   help=f"proxy task vectors averaged into tau (default {PROXIES}; 1 is the paper's single proxy)")
+    p.add_argument("--epochs", type=at_least(1), default=None,
+                   help=f"training epochs of the corrupted and the clean model ({default('epochs')})")
+    p.add_argument("--proxy-epochs", type=at_least(1), default=None,
+                   help=f"proxy fine-tuning epochs ({default('proxy_epochs')})")
+    p.add_argument("--proxies", type=at_least(1), default=None,
+                   help=f"proxy task vectors averaged into tau ({default('proxies')}; 1 is the paper's single proxy)")
     p.add_argument("--evaluate-on", choices=["test", "validation"], default="test",
                    help="report on the test split, or on a seeded validation split carved from the training split "
                         "(the test split is then not read: use it to choose settings)")
