@@ -46,7 +46,6 @@ def main() -> None:
     from unf import data as datasets
     from unf.flow import WeightFlow
     from unf.flow.baselines import dominated, gaussian, interpolations, memorisers, noise_frontier, train_split_accuracy
-    from unf.flow.evaluate import evaluate_networks
     from unf.flow.novelty import novelty_report, probe_set, stacked_logits
     from unf.flow.zoo import build_network, model_factory, select_rows
     from unf.io import atomic_write

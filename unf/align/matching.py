@@ -2,8 +2,11 @@
 
 Find permutations ``P`` maximising ``sum_t <reference_t, P(other)_t>`` over every float tensor of the spec. Coordinate
 descent: for one group at a time, with every other permutation held, the objective is linear in that group's
-permutation, so it is a linear assignment problem (``scipy.optimize.linear_sum_assignment``). Groups are visited in a
-seeded random order; the descent stops after a sweep in which no permutation changes (or ``max_iter`` sweeps).
+permutation, so it is a linear assignment problem (``scipy.optimize.linear_sum_assignment``). By default the descent
+starts from an assignment of sorted unit slices, which no other permutation changes, so an exact permuted copy of
+generic weights is recovered at once. Groups are visited in a seeded random order, and the descent stops after a sweep
+in which no permutation changes (or after ``max_iter`` sweeps). :func:`match_batched` is the one implementation: every
+weight matching in unf calls it.
 
 A group may act on many places: whole axes, factors of product axes (conv channels before a flatten, heads and
 within-head units), segments of concatenated axes (Q, K and V), several axes of one tensor (a recurrent weight). Each
