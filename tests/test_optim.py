@@ -331,10 +331,16 @@ def test_rule_core_traces_as_one_graph():
 
 
 def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
     a, b = _mlp(), _mlp()
     spec = unf.spec_from_module(a, torch.randn(1, 6))
     la = _train(a, UNFOptimizer(a.named_parameters(), spec=spec, weights=_random_rule()), 4)
+    dynamo.reset()
+    counters.clear()
     lb = _train(b, UNFOptimizer(b.named_parameters(), spec=spec, weights=_random_rule(), compile=True), 4)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, not again per step
     assert lb == pytest.approx(la, rel=1e-5)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)

@@ -73,6 +73,9 @@ class Layout:
                               tuple(lab for _, lab in subs))
                 self.by_tensor.setdefault(name, []).append(len(self.pieces))
                 self.pieces.append(piece)
+        # pieces that are their whole tensor, unfolded: extract and insert pass the tensor through
+        self.whole = {p for p in self.pieces if None not in p.labels and p.sub_sizes == tuple(spec[p.tensor].shape)
+                      and len(self.by_tensor[p.tensor]) == 1}
 
     def _axis_blocks(self, name, axis, entry, n, fid) -> list:
         if entry is None:
@@ -103,6 +106,8 @@ class Layout:
     # -- moving data between tensors and pieces ----------------------------------------------------------------------
     def extract(self, piece: Piece, t: torch.Tensor) -> torch.Tensor:
         """``[B, C, *tensor shape]`` -> ``[B, C * fold, *kept sizes]`` (a view when nothing is folded)."""
+        if piece in self.whole:
+            return t
         b, c = t.shape[:2]
         idx = (slice(None), slice(None)) + tuple(slice(s, e) for s, e in piece.slices)
         x = t[idx].reshape(b, c, *piece.sub_sizes)
@@ -114,6 +119,8 @@ class Layout:
     def insert(self, name: str, blocks: list[torch.Tensor], channels: int) -> torch.Tensor:
         """Inverse of :meth:`extract` for all pieces of tensor ``name``: ``[B, C * fold, *kept]`` -> ``[B, C, *shape]``."""
         ids = self.by_tensor[name]
+        if len(ids) == 1 and self.pieces[ids[0]] in self.whole:
+            return blocks[0]
         shape = self.spec[name].shape
         parts = []
         for i, x in zip(ids, blocks):

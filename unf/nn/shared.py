@@ -189,7 +189,9 @@ class SharedUNFLinear(nn.Module):
         ``cache_coefficients`` (a frozen copy, as in ``UNFOptimizer``) kept per plan while no parameter needs a
         gradient or changes in place."""
         params = list(self.parameters())
-        frozen = self.cache_coefficients and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        # under torch.compile the coefficients are part of the graph: a cache would only add a second trace
+        frozen = self.cache_coefficients and not _compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params))
         versions = [p._version for p in params]
         hit = self.__dict__.get("_wall_cache")  # (plan, params, versions, wall); not a buffer: never saved or moved
         if frozen and hit is not None and hit[0] is plan and hit[2] == versions and hit[3].shape[0] in (1, b) and all(
@@ -246,6 +248,11 @@ class SharedUNFLinear(nn.Module):
             blocks.append(acc.expand(b, cout, *sizes))
         out = {n: layout.insert(n, [blocks[i] for i in layout.by_tensor[n]], cout) for n in layout.spec.float_names}
         return WeightSpace(layout.spec, out, ws.extras)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:

@@ -182,6 +182,7 @@ def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
         bc1 = _expand(p.new_tensor([1 / (1 - 0.9 ** s) for s in steps]), sizes, index)
         sbc2 = _expand(p.new_tensor([math.sqrt(1 / (1 - c.beta2 ** s)) for s in steps]), sizes, index)
     times = p.new_tensor([[math.tanh(s / ts) for s in steps] for ts in c.time_scales])  # [S, T]
+    plan.tensors(p.device, p.dtype)  # fill the plan's cache here, so that a compiled core traces one graph, not two
     return (core or flat_core)(rule, plan, p, g, m, v, bc1, sbc2, times, index, params)
 
 
