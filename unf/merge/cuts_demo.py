@@ -36,7 +36,7 @@ PRETRAIN_EPOCHS = 30  # the rotation-pretrained backbone (backbone="rotation")
 # `benchmarks/merge_cuts.py choose` (benchmarks/results/merge_cuts_choice.jsonl): for noise the largest gap
 # recovered; for a backdoor the fewest points of accuracy lost with attack success <= 5%
 DEFAULTS = {"noise": {"epochs": 150, "proxies": 10, "proxy_epochs": 40},
-            "backdoor": {"epochs": 150, "proxies": 10, "proxy_epochs": 40}}
+            "backdoor": {"epochs": 150, "proxies": 5, "proxy_epochs": 40}}
 NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
 # attack success on the proxy set stays above 1% up to alpha 4 (the rule's own signal, no labels): a longer grid
 BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
