@@ -9,7 +9,8 @@
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --kinds noise backdoor --seeds 0 1 2 3 4
     # the same with a backbone pretrained without labels (rotation prediction); choose its settings first
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind noise --seed 0 --backbone rotation
-    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --kinds noise --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind backdoor --seed 0 --backbone rotation
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --seeds 0 1 2 3 4
     # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
     python benchmarks/merge_cuts.py table [--backbone rotation] [--plot]
 
