@@ -9,7 +9,8 @@
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --kinds noise backdoor --seeds 0 1 2 3 4
     # the same with a backbone pretrained without labels (rotation prediction); choose its settings first
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind noise --seed 0 --backbone rotation
-    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --kinds noise --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind backdoor --seed 0 --backbone rotation
+    OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --backbone rotation --seeds 0 1 2 3 4
     # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
     python benchmarks/merge_cuts.py table [--backbone rotation] [--plot]
 
@@ -36,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CHOICE = RESULTS / "merge_cuts_choice.jsonl"
 RUNS = RESULTS / "merge_cuts.jsonl"
 # the settings compared on validation. Label noise 0.4: the largest gap recovered with the label-free alpha. Backdoor
-# (the corrupted model's training fixed at the noise choice's 150 epochs): the fewest points of clean accuracy lost
+# (the corrupted model trained for 150 epochs, as for noise): the fewest points of clean accuracy lost
 # among settings with attack success <= 5%, else the lowest attack success
 GRID = {"noise": {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40]},
         "backdoor": {"epochs": [150], "proxies": [1, 5], "proxy_epochs": [5, 10, 20, 40]}}

@@ -36,7 +36,7 @@ PRETRAIN_EPOCHS = 30  # the rotation-pretrained backbone (backbone="rotation")
 # `benchmarks/merge_cuts.py choose` (benchmarks/results/merge_cuts_choice.jsonl): for noise the largest gap
 # recovered; for a backdoor the fewest points of accuracy lost with attack success <= 5%
 DEFAULTS = {"noise": {"epochs": 150, "proxies": 10, "proxy_epochs": 40},
-            "backdoor": {"epochs": 150, "proxies": 10, "proxy_epochs": 40}}
+            "backdoor": {"epochs": 150, "proxies": 5, "proxy_epochs": 40}}
 NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
 # attack success on the proxy set stays above 1% up to alpha 4 (the rule's own signal, no labels): a longer grid
 BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
@@ -106,9 +106,9 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
 
     The reported accuracies (``*_acc``, ``*_asr``, the alpha curve's ``acc`` and ``asr``) are on ``evaluate_on``
     (``"test"``, or ``"validation"``: see :func:`experiment_data`). ``alphas``: default ``NOISE_ALPHAS`` or
-    ``BACKDOOR_ALPHAS``. ``epochs``, ``proxies``, ``proxy_epochs``: default ``DEFAULTS[kind]``. ``backbone``: ``"scratch"`` (the corrupted and the clean model trained from a random
-    initialisation) or ``"rotation"`` (both trained from :func:`rotation_pretrained` on the experiment's training
-    inputs, without labels)."""
+    ``BACKDOOR_ALPHAS``. ``epochs``, ``proxies``, ``proxy_epochs``: default ``DEFAULTS[kind]``. ``backbone``:
+    ``"scratch"`` (the corrupted and the clean model trained from a random initialisation) or ``"rotation"`` (both
+    trained from :func:`rotation_pretrained` on the experiment's training inputs, without labels)."""
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
     if backbone not in ("scratch", "rotation"):
@@ -174,7 +174,8 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         else:
             row["score"] = point["score"]
         curve.append(row)
-    out = {"kind": kind, "seed": seed, "evaluated_on": evaluate_on, "backbone": backbone, "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
+    out = {"kind": kind, "seed": seed, "evaluated_on": evaluate_on, "backbone": backbone,
+           "corrupted_acc": _acc(corrupted, xt, yt), "cuts_acc": _acc(res.model, xt, yt),
            "random_acc": _acc(rand, xt, yt), "clean_ft_acc": _acc(clean_ft, xt, yt), "clean_acc": _acc(clean, xt, yt),
            "alpha": res.alpha, "alpha_curve": curve}
     if kind == "noise":
