@@ -99,18 +99,18 @@ def plot_edit(merged: dict, cuts: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
     names = ["base", "expert_0_4", "expert_5_9", "merged"]
     xs = range(len(names))
-    for off, key in ((-0.2, "classes_0_4"), (0.2, "classes_5_9")):
-        ax1.bar([x + off for x in xs], [merged[n][key] for n in names], width=0.4, label=key.replace("_", " "))
+    for off, key, label in ((-0.2, "classes_0_4", "classes 0-4"), (0.2, "classes_5_9", "classes 5-9")):
+        ax1.bar([x + off for x in xs], [merged[n][key] for n in names], width=0.4, label=label)
     ax1.set_xticks(list(xs), ["base", "expert 0-4", "expert 5-9", f"merged\n(lambda {merged['lambda']})"])
-    ax1.set(ylabel="test accuracy", ylim=(0, 1), title="task-vector merge")
-    ax1.legend(fontsize=8)
+    ax1.set(ylabel="test accuracy", ylim=(0, 1.18), title="task-vector merge")
+    ax1.legend(fontsize=8, loc="upper center", ncol=2)
     kinds = ["corrupted", "cuts", "random", "clean_ft"]
     xs = range(len(kinds))
     ax2.bar([x - 0.2 for x in xs], [cuts[f"{k}_acc"] for k in kinds], width=0.4, label="test accuracy")
     ax2.bar([x + 0.2 for x in xs], [cuts[f"{k}_asr"] for k in kinds], width=0.4, label="attack success")
     ax2.set_xticks(list(xs), ["backdoored", f"CUTS\n(alpha {cuts['alpha']})", "random\nvector", "clean\nfine-tune"])
-    ax2.set(ylim=(0, 1), title="CUTS removing a backdoor")
-    ax2.legend(fontsize=8)
+    ax2.set(ylim=(0, 1.18), title="CUTS removing a backdoor")
+    ax2.legend(fontsize=8, loc="upper center", ncol=2)
     _save(fig, path)
 
 
