@@ -50,7 +50,8 @@ def test_quick_demo_writes_every_file_and_number(quick):
     g = results["generate"]
     assert g["sampled"] == 30 and 0 <= g["generated"]["accuracy"]["mean"] <= 1 and g["frontier"]
     o = results["optimize"]
-    assert o["best_adam_lr"] in o["adam_lrs"] and o["time_ratio"] > 0 and o["learned"]["train"][-1] is not None
+    assert o["best_adam_lr"] in o["adam_lrs"] and o["step_time_ratio"] > 0
+    assert o["learned"]["train"][-1] is not None and not o["learned"]["diverged"]
     e = results["edit"]
     assert e["cuts"]["cuts_asr"] < e["cuts"]["corrupted_asr"]
     assert e["merge"]["merged"]["all"] > max(e["merge"]["expert_0_4"]["all"], e["merge"]["expert_5_9"]["all"])
