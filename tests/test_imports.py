@@ -46,3 +46,13 @@ def test_the_align_package_has_no_import_cycle():
 
     cycles = [m for m in graph if m in reach(m, set())]
     assert not cycles, {m: graph[m] for m in cycles}
+
+
+def test_import_unf_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, unf, unf.nn, unf.zoo, unf.align; "
+            "print(sorted(m for m in ('torch_geometric', 'matplotlib', 'unf.nn.graph') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"

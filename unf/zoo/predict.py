@@ -16,7 +16,7 @@ from .store import Zoo
 
 
 def _gmn(spec: WeightSpaceSpec, hidden: int) -> nn.Module:
-    from .graph import GraphMetanetwork  # needs torch_geometric
+    from ..nn.graph import GraphMetanetwork  # needs torch_geometric (imported only when asked for)
 
     return GraphMetanetwork(spec, hidden=hidden, out_features=1)
 
