@@ -32,7 +32,7 @@ class WeightClassifier(nn.Module):
 
 def main(quick: bool = False) -> None:
     split = unf.data.load("digits-flat")
-    n, epochs = (6, 1) if quick else (40, 3)
+    n, epochs = (6, 1) if quick else (30, 3)
     make = lambda: nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))  # noqa: E731
     nets, labels = [], []
     for i in range(n):
@@ -47,7 +47,7 @@ def main(quick: bool = False) -> None:
     y = torch.tensor(labels)
     model = WeightClassifier(spec)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(10 if quick else 200):
+    for _ in range(10 if quick else 100):
         opt.zero_grad()
         F.cross_entropy(model(ws), y).backward()
         opt.step()

@@ -16,15 +16,15 @@ from unf.zoo import build_builtin
 
 def main(quick: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        zoo = build_builtin("digits-mlp", tmp, num_models=20 if quick else 200, seed=0, progress=False)
+        zoo = build_builtin("digits-mlp", tmp, num_models=20 if quick else 120, seed=0, progress=False)
         rows = select_rows(zoo, {"activation": "relu"})  # the last saved epoch
         meta = [zoo.metadata[i] for i in rows]
         factory = model_factory(zoo.manifest["info"])
-        cfg = FlowConfig(velocity="mlp", steps=5 if quick else 300, lr=5e-4, canonicalize="reference", seed=0,
+        cfg = FlowConfig(velocity="mlp", steps=5 if quick else 150, lr=5e-4, canonicalize="reference", seed=0,
                          select_every=0 if quick else 50)
         select = train_split_scorer(factory, meta[0], "digits-flat", 0, num=50, seed=0)
         flow, history = train_flow(zoo.weight_space(rows), meta, cfg, reference=reference_index(meta), select=select)
-        num = 10 if quick else 200
+        num = 10 if quick else 100
         ws, nfe = flow.sample(num, nfe=16, solver="euler", seed=0)
         _, metrics = evaluate_networks(factory, ws, [{"activation": "relu"}] * num, "digits-flat", 0)
         zoo_acc = sum(float(r["test_acc"]) for r in meta) / len(meta)

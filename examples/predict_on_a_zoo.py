@@ -10,10 +10,10 @@ from unf.zoo import build_builtin, fit_predictor
 
 def main(quick: bool = False, out: str = "") -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        zoo = build_builtin("digits-mlp", out or tmp, num_models=16 if quick else 200, seed=0, progress=False)
+        zoo = build_builtin("digits-mlp", out or tmp, num_models=16 if quick else 120, seed=0, progress=False)
         print(f"{len(zoo)} stored networks (networks x saved epochs) in {zoo.root}")
         for model in ("unf", "statnn"):
-            r = fit_predictor(zoo, model, target="test_acc", seed=0, epochs=1 if quick else 5,
+            r = fit_predictor(zoo, model, target="test_acc", seed=0, epochs=1 if quick else 4,
                               hidden=4 if quick else 8)
             print(f"{model:>6}: Kendall tau {r['kendall_tau']:.3f}, R^2 {r['r2']:.3f} on {r['n_test']} held-out rows")
 
