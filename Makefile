@@ -1,6 +1,6 @@
 # Two commands do all the setup on a fresh machine:
-#   make demo   install, then the main job on embedded data: two MLPs trained on digits, their symmetry spec,
-#               re-basin alignment, the loss barrier before/after and a PNG (unf_demo/)
+#   make demo   install, then the whole library on embedded digits data, stage by stage (spec, zoo, predict,
+#               align, generate, optimize, edit), with a report in unf_demo/ (report.html, report.md, results.json)
 #   make test   install, then run the test suite
 PYTHON ?= python
 

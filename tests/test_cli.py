@@ -309,13 +309,13 @@ def test_json_lines_parse_and_carry_the_seed(checkpoints, tiny_zoo, capsys):
 
 def test_demo_records_its_seed(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--width", "16", "--epochs", "1", "--seed", "5", "--json"]) == 0
-    objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [o.get("stage") for o in objs] == ["train", "train", "align"]
-    assert all(o["seed"] == 5 for o in objs) and [o["model_seed"] for o in objs[:2]] == [5, 6]
-    run = json.loads((out / "run.json").read_text())
+    assert main(["demo", "--out", str(out), "--quick", "--only", "align", "--seed", "5", "--json"]) == 0
+    (obj,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert obj["stage"] == "align" and obj["seed"] == 5 and obj["model_seeds"] == [5, 6]
+    run = json.loads((out / "results.json").read_text())["run"]
     assert run["seed"] == 5 and run["unf_version"] == unf.__version__ and run["command"].startswith("unf demo ")
-    assert (out / "lmc.png").exists() and (out / "mlp_seed6_aligned.safetensors").exists()
+    assert run["seeds"] == {"seed": 5, "align_models": [5, 6]}
+    assert (out / "align.png").exists() and (out / "mlp_seed6_aligned.safetensors").exists()
 
 
 def test_json_lines_are_strict_json(monkeypatch, capsys):

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 
 from ..spec import WeightSpaceSpec
-from .matching import places, solve_assignment
+from .assignment import places, solve_assignment
 
 
 def head_groups(spec: WeightSpaceSpec) -> list[str]:

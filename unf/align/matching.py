@@ -15,49 +15,17 @@ at once with batched matmuls; a group appearing twice in one tensor is linearise
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..spec import Permutation, WeightSpaceSpec
 from ..spec.axes import _factors, _segments
+from .heads import head_groups, match_heads
+from .assignment import Place, places, solve_assignment
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a group acts: tensor ``name``, ``axis``, segment ``[start, start+length)``, factor ``j`` of ``factors``."""
-    name: str
-    axis: int
-    start: int
-    length: int
-    factors: tuple  # sizes of the segment's factors
-    j: int
-    segment: int
-
-
-def places(spec: WeightSpaceSpec, names: Optional[Sequence[str]] = None) -> dict[str, list[Place]]:
-    """Every place each group acts on, in the tensors ``names`` (default: all float tensors)."""
-    out: dict[str, list[Place]] = {g: [] for g in spec.groups}
-    for name in (spec.float_names if names is None else names):
-        for axis, entry in enumerate(spec[name].axes):
-            if entry is None:
-                continue
-            start = 0
-            for k, seg in enumerate(_segments(entry)):
-                facs = _factors(seg)
-                sizes = tuple(spec.groups[f] if isinstance(f, str) else f for f in facs)
-                length = math.prod(sizes)
-                for j, f in enumerate(facs):
-                    if isinstance(f, str):
-                        out[f].append(Place(name, axis, start, length, sizes, j, k))
-                start += length
-    return out
 
 
 def _axis_index(spec: WeightSpaceSpec, name: str, axis: int, perms: Mapping[str, torch.Tensor], n_models: int,
@@ -122,16 +90,6 @@ def signature_init(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor],
         ref, oth = unit_signatures(spec, g, reference, where[g]), unit_signatures(spec, g, other, where[g])
         out[g] = solve_assignment(-torch.cdist(ref.expand(oth.shape[0], *ref.shape[1:]), oth).square())
     return out
-
-
-def solve_assignment(sim: torch.Tensor) -> torch.Tensor:
-    """``[N, n, n]`` similarities -> ``[N, n]`` permutations maximising the total (one LAP per model)."""
-    cost = sim.detach().to("cpu", torch.float64).numpy()
-    out = np.empty(cost.shape[:2], dtype=np.int64)
-    for m in range(cost.shape[0]):
-        _, cols = linear_sum_assignment(cost[m], maximize=True)
-        out[m] = cols
-    return torch.from_numpy(out).to(sim.device)
 
 
 def _stack(spec: WeightSpaceSpec, models: Union[StateDict, Sequence[StateDict]], dtype,
@@ -204,8 +162,6 @@ def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], 
     see :mod:`unf.align.heads`) are assigned by head signatures and held. Every other group starts from ``start``:
     ``"signature"``, an assignment of sorted unit slices (:func:`signature_init`; it finds an exact permuted copy
     before any descent), or ``"identity"``, as in Ainsworth et al."""
-    from .heads import head_groups, match_heads
-
     if start not in ("signature", "identity"):
         raise ValueError(f"init={start!r}: choose 'signature' or 'identity'")
     init = dict(init or {})

@@ -26,8 +26,9 @@ def run(args) -> int:
     return 0
 
 
-def align_and_report(args) -> dict:
-    """Align ``args.b`` to ``args.a``, print the barriers (and write ``--out`` / ``--plot``); the JSON result."""
+def align_and_report(args, say=info) -> dict:
+    """Align ``args.b`` to ``args.a``, print the barriers with ``say`` (and write ``--out`` / ``--plot``); the JSON
+    result."""
     import torch
 
     import unf
@@ -71,20 +72,20 @@ def align_and_report(args) -> dict:
         res = loss_barrier(model, a, end, test_loss, ts, bn_batches)
         curves[name] = (res["values"], accs, res["barrier"])
     naive, al = curves["naive"][2], curves["aligned"][2]
-    info(f"test-loss barrier: naive {naive:.4f}, aligned {al:.4f} "
+    say(f"test-loss barrier: naive {naive:.4f}, aligned {al:.4f} "
          f"({100 * (1 - al / naive) if naive > 0 else 0:.1f}% lower)")
     step = max(1, len(ts) // 5)
     for name, (losses, accs, _) in curves.items():
-        info(f"{name:>8}: " + "  ".join(f"t={t:.2f} loss={v:.3f} acc={acc:.3f}"
+        say(f"{name:>8}: " + "  ".join(f"t={t:.2f} loss={v:.3f} acc={acc:.3f}"
                                         for t, v, acc in zip(ts[::step], losses[::step], accs[::step])))
     if args.out:
         with user_error("--out", (OSError,)):
             save_state_dict(aligned, args.out)
-        info(f"aligned state_dict written to {args.out}")
+        say(f"aligned state_dict written to {args.out}")
     if args.plot:
         with user_error("--plot", (OSError,)):
             _plot_lmc(ts, curves, args.plot, f"{args.model} on {args.data}")
-        info(f"plot written to {args.plot}")
+        say(f"plot written to {args.plot}")
     return {"model": args.model, "a": args.a, "b": args.b, "data": args.data, "split_seed": args.split_seed,
             "method": args.method, "seed": args.seed, "t": ts,
             **{name: {"barrier": barrier, "test_loss": losses, "test_acc": accs}

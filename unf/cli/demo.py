@@ -1,55 +1,123 @@
-"""``unf demo``: the main job on embedded data: spec -> two trained MLPs -> alignment -> loss barrier and a PNG."""
+"""``unf demo``: the whole library on embedded digits data, stage by stage (spec -> zoo -> predict -> align ->
+generate -> optimize -> edit), with one progress bar and one result line per stage, ``results.json`` and an offline
+report (``report.md``, ``report.html``, a PNG per stage) in ``--out``.
+
+A stage that fails, or whose feature is missing, is recorded as ``{"skipped": "<reason>"}`` and the demo goes on.
+"""
 from __future__ import annotations
 
-import argparse
-import json
+from .common import UserError, _strict, add_command, ctx, emit, info, progress, user_error, warn
 
-from .common import add_command, at_least, emit, info, progress, run_record, user_error
+
+def _stage_list(text: str) -> list:
+    from .demo_stages import STAGES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise UserError(f"--only {text!r}: unknown stage {', '.join(map(repr, unknown)) or '(none given)'}; "
+                        f"stages: {','.join(STAGES)}")
+    return names
 
 
 def register(sub) -> None:
-    p = add_command(sub, "demo", run=run, seed=True,
-                    help="the main job on embedded data: train two MLPs on digits, infer their spec, align them, "
-                         "report the loss barrier, write a PNG",
-                    example="unf demo --out unf_demo --seed 0")
-    p.add_argument("--out", default="unf_demo", help="folder for checkpoints, the plot and run.json")
-    p.add_argument("--width", type=at_least(1), default=128, help="hidden width of the two MLPs")
-    p.add_argument("--epochs", type=at_least(1), default=10)
+    p = add_command(sub, "demo", run=run, seed=True, device=True,
+                    help="the whole library on embedded digits data: spec, zoo, predict, align, generate, optimize, "
+                         "edit; writes results.json and an offline report (report.html, report.md, PNGs)",
+                    example="unf demo --out unf_demo\nunf demo --out demo_quick --quick --only predict,align")
+    p.add_argument("--out", default="unf_demo", help="folder for the report, results.json and what the stages write")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (about a minute; what CI runs)")
+    p.add_argument("--only", metavar="STAGE,...", default=None,
+                   help="run these stages (and the ones they need: predict and generate need zoo); "
+                        "stages: spec,zoo,predict,align,generate,optimize,edit")
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def run(args) -> int:
+    import json
+    import os
+    import time
+    import traceback
     from pathlib import Path
 
     import torch
 
     import unf
-    from unf import _demo_model
-    from unf.io import atomic_write, save_state_dict
-    from unf.training import evaluate, train_classifier
+    from unf.io import atomic_write
 
-    from .align import align_and_report
+    from .common import run_record
+    from .demo_report import write_report
+    from .demo_stages import NEEDS, SIZES, STAGES, DemoRun
 
+    wanted = _stage_list(args.only) if args.only is not None else list(STAGES)
+    chosen = {n for w in wanted for n in (w, *NEEDS.get(w, ()))}
+    stages = [n for n in STAGES if n in chosen]
     out = Path(args.out)
-    record = run_record(width=args.width, epochs=args.epochs, model_seeds=[args.seed, args.seed + 1])
-    with user_error("--out", (OSError,)):  # a file there, or not writable: fail before training
+    with user_error("--out", (OSError,)):  # a file there: fail before any work
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
-    split = unf.data.load("digits-flat")
-    info(f"data: {split}")
-    paths = []
-    for seed in progress(record["model_seeds"], desc="training", unit="net", leave=False):
-        torch.manual_seed(seed)
-        net = _demo_model.mlp(args.width)
-        train_classifier(net, split.x_train, split.y_train, epochs=args.epochs, seed=seed)
-        loss, acc = evaluate(net, split.x_test, split.y_test)
-        info(f"MLP 64-{args.width}-{args.width}-10, seed {seed}: test loss {loss:.3f}, accuracy {acc:.3f}")
-        paths.append(out / f"mlp_seed{seed}.safetensors")
-        save_state_dict(net.state_dict(), paths[-1])
-        emit({"stage": "train", "model_seed": seed, "test_loss": loss, "test_acc": acc, "checkpoint": str(paths[-1])})
-    info(str(unf.spec_from_module(net, split.x_train[:1])))
-    result = align_and_report(argparse.Namespace(
-        model="unf._demo_model:mlp", a=str(paths[0]), b=str(paths[1]), data="digits-flat", split_seed=0,
-        method="weight", points=11, seed=args.seed, arg=[f"width={args.width}"],
-        out=str(out / f"mlp_seed{args.seed + 1}_aligned.safetensors"), plot=str(out / "lmc.png")))
-    emit({"stage": "align", **result})
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {args.out}: not writable")
+    size = SIZES["quick" if args.quick else "default"]
+    demo = DemoRun(out=out, seed=args.seed, device=args.device, size=size)
+    record = {**run_record(), "torch_version": torch.__version__, "device": str(args.device), "quick": args.quick,
+              "machine": _machine(), "threads": torch.get_num_threads(), "stages": stages, "sizes": size,
+              "timings": {}}
+    results = {"run": record}
+    start = time.perf_counter()
+    for name in stages:
+        missing = [n for n in NEEDS.get(name, ()) if "skipped" in results.get(n, {})]
+        bar = progress(total=len(size["adam_lrs"]) + 1 if name == "optimize" else _TICKS[name], desc=name,
+                       unit="step", leave=False)
+
+        def tick(text, bar=bar):
+            bar.set_postfix_str(text)
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        try:
+            if missing:
+                raise _Skip(f"needs the {missing[0]} stage, which was skipped")
+            result = STAGES[name](demo, tick)
+        except _Skip as e:
+            result = {"skipped": str(e)}
+        except Exception as e:  # a stage that fails is reported and skipped; the demo goes on
+            if ctx.debug:
+                traceback.print_exc()
+            result = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+        finally:
+            bar.close()
+        record["timings"][name] = time.perf_counter() - t0
+        results[name] = result
+        if "skipped" in result:
+            warn(f"demo stage {name} skipped: {result['skipped']}")
+        else:
+            info(f"{name:>8}: {result['line']} [{record['timings'][name]:.1f} s]")
+        emit({"stage": name, "seconds": record["timings"][name], **result})
+    record["seeds"] = {"seed": args.seed, **demo.seeds}
+    record["seconds"] = time.perf_counter() - start
+    with user_error("--out", (OSError,)):
+        atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
+            json.dumps(_strict(results), indent=1, default=str) + "\n"))
+        write_report(results, out)
+    info(f"{len(stages)} stages in {record['seconds']:.0f} s; report: {out / 'report.html'} (and report.md), "
+         f"numbers: {out / 'results.json'} (unf {unf.__version__})")
     return 0
+
+
+class _Skip(Exception):
+    """A stage that cannot run (a prerequisite was skipped)."""
+
+
+_TICKS = {"spec": 2, "zoo": 1, "predict": 2, "align": 3, "generate": 3, "edit": 3}

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..align import weight_matching
 from ..align.heads import head_groups
-from ..align.matching import Place, places
+from ..align.assignment import Place, places
 from ..spec import WeightSpaceSpec, spec_from_module
 from ..spec.axes import _factors, _segments
 from ..spec.homogeneous import homogeneous_groups

@@ -4,6 +4,8 @@
 ``WSDropout``, ``WSNorm``, ``PositionalEncoding`` for pseudo-groups; ``UNFNet`` and ``UNFEncoder`` put them together;
 ``DeepSets``, ``DeepSetsEncoder`` and ``StatNN`` are baselines with the same interface. ``SharedUNFLinear`` is
 an equivariant layer whose parameters fit every spec (coefficients shared by the kind of basis term).
+``unf.nn.graph`` (imported on its own, as it needs ``torch_geometric``) has the graph metanetwork over a network's
+neural graph.
 """
 from .baselines import DeepSets, DeepSetsEncoder, StatNN
 from .basis import bell, set_partitions

@@ -64,7 +64,7 @@ def homogeneous_groups(model: nn.Module, example_inputs, spec: WeightSpaceSpec) 
     A group qualifies when it is the whole output axis of one Linear/Conv layer (called once), that layer's output
     goes only into ReLU/LeakyReLU and from there, through pooling/flatten/dropout, only into Linear/Conv layers,
     and the group acts on nothing else (no normalisation, residual or bias of another layer)."""
-    from ..align.matching import places
+    from ..align.assignment import places
     from .infer import trace
 
     gm = trace(model, example_inputs)

@@ -1,6 +1,6 @@
 """Model zoos: train populations of networks (``population``), store them safely (``store``), load public zoos
 (``loaders``), serve them as datasets (``dataset``), build the embedded ones (``builtin``) and predict their properties
-from weights (``predict``, ``graph``)."""
+from weights (``predict``; the graph metanetwork it offers is ``unf.nn.graph``)."""
 from .population import (ACTIVATIONS, Member, MemberDropout, MixedActivation, Population, build_member,
                          evaluate_population, make_population, train_population)
 from .dataset import WeightDataset, collate, regression_metrics, split_by_run

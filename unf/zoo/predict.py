@@ -16,7 +16,7 @@ from .store import Zoo
 
 
 def _gmn(spec: WeightSpaceSpec, hidden: int) -> nn.Module:
-    from .graph import GraphMetanetwork  # needs torch_geometric
+    from ..nn.graph import GraphMetanetwork  # needs torch_geometric (imported only when asked for)
 
     return GraphMetanetwork(spec, hidden=hidden, out_features=1)
 
@@ -36,7 +36,7 @@ PREDICTORS: dict[str, Callable[[WeightSpaceSpec, int], nn.Module]] = {
 def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: int = 0, epochs: int = 20,
                   batch_size: int = 64, lr: float = 1e-3, hidden: int = 16, fractions=(0.8, 0.1, 0.1),
                   augment: bool = False, clip: Optional[float] = 10.0, progress: bool = False,
-                  device: torch.device | str = "cpu") -> dict:
+                  device: torch.device | str = "cpu", predictions: bool = False) -> dict:
     """Train a predictor on the train split (runs never straddle splits), pick its epoch on the validation split,
     and report Kendall tau, R^2 and MAE on the test split.
 
@@ -45,7 +45,7 @@ def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: 
     and with mean/std scaling those few set the scale for everyone (BENCHMARKS.md shows the effect on StatNN).
     Targets are standardised with training-split mean and std. Training runs on ``device`` (the split, the
     normalisation statistics and the permutations sampled for ``augment`` stay on the CPU, so a seed gives the same
-    split and order on every device)."""
+    split and order on every device). ``predictions``: add the test split's ``"predictions"`` and ``"targets"``."""
     if model not in PREDICTORS:
         raise ValueError(f"unknown predictor {model!r}; choose from {sorted(PREDICTORS)}")
     torch.manual_seed(seed)
@@ -87,9 +87,12 @@ def fit_predictor(zoo: Zoo, model: str = "unf", target: str = "test_acc", seed: 
             best, best_state = val_loss, copy.deepcopy(net.state_dict())
     net.load_state_dict(best_state)
     pred = _predict(net, ws, test, batch_size).cpu() * sd + mu
-    return {"model": model, "target": target, "seed": seed, "epochs": epochs, "clip": clip,
-            **regression_metrics(pred, y[test]),
-            "n_train": len(train), "n_val": len(val), "n_test": len(test), "val_mse": best}
+    out = {"model": model, "target": target, "seed": seed, "epochs": epochs, "clip": clip,
+           **regression_metrics(pred, y[test]),
+           "n_train": len(train), "n_val": len(val), "n_test": len(test), "val_mse": best}
+    if predictions:
+        out.update(predictions=pred.tolist(), targets=y[test].tolist())
+    return out
 
 
 def _subset(ws, idx):

@@ -1,4 +1,4 @@
-"""Neural graphs and the graph metanetwork (``unf.zoo.graph``)."""
+"""Neural graphs and the graph metanetwork (``unf.nn.graph``)."""
 import os
 import sys
 
@@ -10,7 +10,7 @@ pytest.importorskip("torch_geometric")
 
 import unf  # noqa: E402
 from unf import WeightSpace, WeightSpaceSpec  # noqa: E402
-from unf.zoo.graph import GraphMetanetwork, graph_batch, neural_graph  # noqa: E402
+from unf.nn.graph import GraphMetanetwork, graph_batch, neural_graph  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from examples import models  # noqa: E402

@@ -58,7 +58,7 @@ try:
     from torch_geometric.data import Batch, Data
     from torch_geometric.nn import MessagePassing, global_add_pool, global_max_pool, global_mean_pool
 except ImportError as e:  # pragma: no cover - exercised only without PyG
-    raise ImportError("unf.zoo.graph needs PyTorch Geometric: `pip install torch_geometric` (its pure-PyTorch code "
+    raise ImportError("unf.nn.graph needs PyTorch Geometric: `pip install torch_geometric` (its pure-PyTorch code "
                       "paths are enough; torch_scatter/torch_sparse are not needed)") from e
 
 from ..spec import WeightSpaceSpec
@@ -132,7 +132,7 @@ class NeuralGraph:
             return NotImplementedError(
                 f"neural graph: tensor {name!r} (shape {tuple(spec[name].shape)}, axes [{axes}]) {why}. Only MLPs "
                 "and plain CNNs are supported (Linear/Conv weights, biases, BatchNorm/LayerNorm vectors); see "
-                "unf.zoo.graph for the supported layouts")
+                "unf.nn.graph for the supported layouts")
 
         def fixed_key(name: str, axis: int, default: str) -> str:
             ids = spec[name].fixed_ids
