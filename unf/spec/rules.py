@@ -311,6 +311,9 @@ def _index(ctx, x, idx):
             all(i == slice(None) for i in idx[1:]) and x.ndim >= 2:  # one part of a stack, e.g. h_n[-1]
         return ctx.output([T.fixed(n) for n in x.shape[1:-1]] + [x.stack[idx[0]]])
     ctx.use(x)
+    picked = _integer_index(ctx, x, idx)
+    if picked is not None:
+        return picked
     if any(_is_sym(i) or isinstance(i, (list, bool)) for i in idx):
         ctx.give_up("advanced (tensor/bool/list) indexing", x)
         return ctx.fixed_output()
@@ -355,6 +358,24 @@ def _index(ctx, x, idx):
             return ctx.fixed_output()
         a += 1
     return ctx.output(axes)
+
+
+def _integer_index(ctx, x, idx):
+    """``x[..., index, ...]`` with one integer index tensor and full slices elsewhere (a position-bias table read
+    through a buffer of indices): the indexed axis is fixed, the index tensor's axes take its place."""
+    arg = ctx.node.args[1]
+    args = arg if isinstance(arg, tuple) else (arg,)
+    tensors = [k for k, i in enumerate(idx) if _is_sym(i)]
+    if len(tensors) != 1 or len(args) != len(idx) or \
+            any(i != slice(None) for k, i in enumerate(idx) if k != tensors[0]):
+        return None
+    k = tensors[0]
+    meta = getattr(args[k], "meta", {}).get("tensor_meta")
+    if meta is None or meta.dtype.is_floating_point or meta.dtype.is_complex or meta.dtype == torch.bool:
+        return None
+    ctx.use(idx[k])
+    ctx.fix(x.axes[k], reason="entries addressed by an index tensor")
+    return ctx.output(list(x.axes[:k]) + list(idx[k].axes) + list(x.axes[k + 1:]))
 
 
 # -- joining and splitting -------------------------------------------------------------------------------------------
