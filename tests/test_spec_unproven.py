@@ -94,15 +94,22 @@ def test_channel_shuffle_keeps_the_surviving_groups():
     assert _max_error(model, spec, x) <= 1e-10
 
 
-def test_shufflenet_v2_is_sound_maximal_and_warns_about_nothing():
+# hand counts: conv1 and conv5 (2); per block the branch's hidden width (4 + 8 + 4); each stage's first block ties its
+# two branches into one group (width m), and each later block's chunk splits what is left of it: the second half
+# becomes a group, the first half goes on. x0.5 (m = 24, 48, 96): 12 6 3 3 | 24 12 6 3, the last 3 lost in a block
+# that the cut splits | 48 24 12 12. x1.0 (m = 58, 116, 232): blocks of 4, 8, 16 ... channels no longer align with
+# the cut, and the block a cut falls in stays fixed: 29 14 6 7 | 58 29 14 6 3 | 116 58 29 29.
+SHUFFLENETS = [("shufflenet_v2_x0_5", 2 + 16 + 4 + 4 + 4, [3, 3, 3, 6, 6, 12, 12, 12, 12]),
+               ("shufflenet_v2_x1_0", 2 + 16 + 4 + 5 + 4, [3, 6, 6, 7, 14, 14, 24, 29, 29, 29, 29])]
+
+
+@pytest.mark.parametrize("name, groups, small", SHUFFLENETS, ids=[s[0] for s in SHUFFLENETS])
+def test_shufflenet_v2_is_sound_maximal_and_warns_about_nothing(name, groups, small):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = tv.models.shufflenet_v2_x0_5().double().eval()
+    model = getattr(tv.models, name)(num_classes=10).double().eval()
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     spec = _infer_without_warnings(model, x)
-    # by hand: conv1 (1); per block the branch's hidden width (4 + 8 + 4); the shuffled pair of each stage's first
-    # block, halved by each later block's chunk (stage 2: 12 6 3 3, stage 3: 24 12 6 3 with the last 3 lost inside a
-    # split block, stage 4: 48 24 12 12); conv5 (1)
-    assert len(spec.groups) == 1 + 16 + 4 + 4 + 4 + 1
-    assert sorted(n for n in spec.groups.values() if n < 24) == [3, 3, 3, 6, 6, 12, 12, 12, 12]
+    assert len(spec.groups) == groups
+    assert sorted(n for n in spec.groups.values() if n < small[-1] + 1) == small
     assert _max_error(model, spec, x) <= 1e-10

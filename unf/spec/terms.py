@@ -308,15 +308,14 @@ def split_product(t: Term, sizes: list[int]) -> list[Term]:
     output axis stays fixed).
     """
     t = resolve(t)
-    if len(t) > 1 and len(sizes) > 1:
+    if len(sizes) == 1:
+        return [t]
+    if len(t) > 1:
         # k equal blocks of a concatenation side by side (a channel shuffle's view): one shared permutation
         pieces = split_concat(t, [term_size(t) // sizes[0]] * sizes[0])
         for p in pieces[1:]:
             unify(pieces[0], p)
         return [fixed(sizes[0])] + split_product(pieces[0], sizes[1:])
-    if len(t) > 1:
-        _lose(t, f"a concatenated axis {[segment_size(x) for x in t]} reshaped into {sizes}")
-        t = fixed(term_size(t))
     facs = [f for f in t[0]]
     out: list[Term] = []
     k = 0
