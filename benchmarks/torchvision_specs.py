@@ -19,8 +19,8 @@ import torchvision
 import unf
 from unf.spec.registry import load_plugins
 
-MODELS = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny", "maxvit_t",
-          "swin_t", "swin_v2_t"]
+MODELS = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
+          "maxvit_t", "swin_t", "swin_v2_t"]
 
 
 def soundness(model, spec, x, n=3) -> float:

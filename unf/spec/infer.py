@@ -438,9 +438,10 @@ def _describe_op(node: fx.Node) -> str:
 def spec_from_module(model: nn.Module, example_inputs, strict: bool = False) -> WeightSpaceSpec:
     """Infer the largest permutation symmetry of ``model``'s state_dict that the rules can prove.
 
-    ``example_inputs``: a tensor or a tuple of positional inputs, used to propagate shapes. Ops without a rule keep the
-    axes they touch fixed and emit an :class:`UnprovenSymmetryWarning` naming the node; ``strict=True`` raises
-    :class:`SpecInferenceError` instead. Network inputs and outputs are never permuted.
+    ``example_inputs``: a tensor or a tuple of positional inputs, used to propagate shapes. Ops without a rule, and
+    ops whose axis structure the rules cannot follow (a reshape that regroups factors), keep the axes they touch fixed
+    and emit an :class:`UnprovenSymmetryWarning` naming the node; ``strict=True`` raises :class:`SpecInferenceError`
+    instead. Network inputs and outputs are never permuted.
     """
     gm = trace(model, example_inputs)
     engine = _Inference(model, gm, strict)
