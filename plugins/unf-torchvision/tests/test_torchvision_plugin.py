@@ -3,6 +3,8 @@
 Random weights from each constructor, float64, eval mode; three sampled permutations must leave the output unchanged.
 """
 import copy
+import subprocess
+import sys
 import warnings
 from importlib.metadata import entry_points
 
@@ -37,6 +39,16 @@ def test_plugin_is_registered_by_entry_point():
     names = [ep.name for ep in entry_points(group=registry.ENTRY_POINT_GROUP)]
     assert "torchvision" in names, "install the plugin: pip install -e plugins/unf-torchvision"
     assert registry.function_rule(tv.ops.stochastic_depth) is not None
+
+
+def test_plugins_load_before_tracing_so_wrapped_functions_are_the_originals():
+    """torch.fx swaps ``torch.fx.wrap`` functions for patched ones while it traces; a plugin loaded then would key its
+    rules on those."""
+    script = ("import torch, torchvision, unf; from unf.spec import registry; "
+              "unf.spec_from_module(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.randn(1, 2)); "
+              "import torchvision.models.swin_transformer as s; "
+              "assert registry.function_rule(s.shifted_window_attention) is not None")
+    subprocess.run([sys.executable, "-c", script], check=True)
 
 
 class Residual(nn.Module):
