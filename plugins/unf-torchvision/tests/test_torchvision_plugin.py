@@ -82,6 +82,9 @@ MODELS = [
     # stem; per MBConv the expanded width (not when expand=1) and the squeeze-excitation width; one stream per stage
     # that changes width (7) + head conv: 1 + (16 blocks: 15 expanded + 16 SE) + 7 + 1
     ("efficientnet_b0", tv.models.efficientnet_b0, 32, 1 + 15 + 16 + 7 + 1),
+    # stem; stage 1 (fused, expand 1, residual) none; fused stages 2-3: per block the expanded width, plus a new
+    # stream (5 each); MBConv stages 4-6: per block expanded and SE widths, plus a new stream (13, 19, 31); head conv
+    ("efficientnet_v2_s", tv.models.efficientnet_v2_s, 32, 1 + 5 + 5 + 13 + 19 + 31 + 1),
     # per block the MLP width (3 + 3 + 9 + 3), one stream per stage
     ("convnext_tiny", tv.models.convnext_tiny, 32, 18 + 4),
     # per block heads, Q/K, V and MLP width (2 + 2 + 6 + 2 blocks), one stream per stage
