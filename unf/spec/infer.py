@@ -23,9 +23,12 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from . import terms as T
-from .registry import function_rule, method_rule, module_rule
+from .registry import function_rule, load_plugins, method_rule, module_rule
 from .symbolic import Sym, _consume, _fixed_sym
 from .spec import TensorSpec, WeightSpaceSpec
+
+
+_log = logging.getLogger("unf.spec")
 
 
 class SpecInferenceError(RuntimeError):
@@ -33,7 +36,8 @@ class SpecInferenceError(RuntimeError):
 
 
 class UnprovenSymmetryWarning(UserWarning):
-    """An op had no rule, so the axes it touches were kept fixed (conservative)."""
+    """Axes were kept fixed because no rule proves their symmetry: an op without a rule, or an op whose axis
+    structure (a reshape, a split) the rules cannot follow. Conservative: the spec stays sound."""
 
 
 def _meta_to_shapes(meta) -> Any:
@@ -90,8 +94,16 @@ class RuleContext:
     def unify(self, a, b) -> None:
         T.unify(a, b)
 
-    def fix(self, *items) -> bool:
-        """Fix every var in the given Syms/terms; returns whether symmetry was given up."""
+    def fix(self, *items, reason: str) -> bool:
+        """Fix every var in the given Syms/terms on purpose (``reason``: why no permutation is a symmetry, e.g.
+        "spatial positions"); no warning, the reason is logged (logger ``unf.spec``). Returns whether symmetry was
+        given up."""
+        lost = self._fix(items)
+        if lost:
+            _log.debug("node %r fixes axes on purpose: %s", self.node.name, reason)
+        return lost
+
+    def _fix(self, items) -> bool:
         lost = False
         for it in items:
             for term in (it.axes if isinstance(it, Sym) else [it]):
@@ -100,7 +112,7 @@ class RuleContext:
 
     def give_up(self, reason: str, *items) -> None:
         """Fix the given Syms/terms because this rule cannot prove a symmetry; warns (or raises if strict)."""
-        if self.fix(*items):
+        if self._fix(items):
             self.engine.report(self.node, reason)
 
     def output(self, axes: Sequence, shape=None) -> Sym:
@@ -161,6 +173,7 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
     """Trace ``model`` with torch.fx and annotate every node with its output shape (``node.meta['tensor_meta']``)."""
+    load_plugins()  # before tracing: torch.fx swaps functions marked with torch.fx.wrap for patched ones while tracing
     tracer = _Tracer()
     name = type(model).__name__
     try:
@@ -223,6 +236,7 @@ class _Inference:
         self.model, self.gm, self.strict = model, gm, strict
         self.shapes = {n: _meta_to_shapes(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
         self.env: dict[fx.Node, Any] = {}
+        self.reported: set[str] = set()
         # state_dict entries; tied tensors (same object under several keys) share one Sym
         sd = model.state_dict(keep_vars=True)
         self.keys = list(sd)
@@ -250,6 +264,9 @@ class _Inference:
 
     def report_node(self, where: str, reason: str) -> None:
         msg = f"{where}: {reason}"
+        if msg in self.reported:
+            return
+        self.reported.add(msg)
         if self.strict:
             raise SpecInferenceError(msg + " (strict=True). Register a rule for it (unf.register_module_rule / "
                                            "register_function_rule / register_method_rule) or pass strict=False.")
@@ -277,8 +294,12 @@ class _Inference:
             if m._forward_hooks or m._forward_pre_hooks:
                 self.report_node(f"module {path or type(m).__name__!r}", "has forward hooks, which torch.fx does not "
                                  "trace; what they do is not part of the inferred spec")
-        for node in nx.topological_sort(architecture_graph(self.gm)):
-            self.env[node] = self._step(node)
+        try:
+            for node in nx.topological_sort(architecture_graph(self.gm)):
+                T.loss_hook = lambda reason, node=node: self.report(node, f"no rule proves this symmetry: {reason}")
+                self.env[node] = self._step(node)
+        finally:
+            T.loss_hook = None
 
     def _step(self, node: fx.Node):
         shape = self.shapes.get(node)
@@ -350,6 +371,8 @@ class _Inference:
                 break
             except T.NotExpressible as e:
                 T.fix(((e.var,),))
+                self.report_node(f"group {e.var.hint or e.var!r}", "a concatenation inside a permuted product "
+                                 "cannot be expressed in a spec")
         names = _group_names(self.keys, resolved)
         groups = {name: v.size for v, name in names.items()}
         fixed_ids = self._fixed_ids(resolved)
@@ -399,6 +422,12 @@ def _entry(term, names):
 
 
 def _describe(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    where = f" in module {next(reversed(stack.values()))[0]!r}" if stack and node.op != "call_module" else ""
+    return _describe_op(node) + where
+
+
+def _describe_op(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module {node.target!r}"
     if node.op == "call_method":
@@ -410,9 +439,10 @@ def _describe(node: fx.Node) -> str:
 def spec_from_module(model: nn.Module, example_inputs, strict: bool = False) -> WeightSpaceSpec:
     """Infer the largest permutation symmetry of ``model``'s state_dict that the rules can prove.
 
-    ``example_inputs``: a tensor or a tuple of positional inputs, used to propagate shapes. Ops without a rule keep the
-    axes they touch fixed and emit an :class:`UnprovenSymmetryWarning` naming the node; ``strict=True`` raises
-    :class:`SpecInferenceError` instead. Network inputs and outputs are never permuted.
+    ``example_inputs``: a tensor or a tuple of positional inputs, used to propagate shapes. Ops without a rule, and
+    ops whose axis structure the rules cannot follow (a reshape that regroups factors), keep the axes they touch fixed
+    and emit an :class:`UnprovenSymmetryWarning` naming the node; ``strict=True`` raises :class:`SpecInferenceError`
+    instead. Network inputs and outputs are never permuted.
     """
     gm = trace(model, example_inputs)
     engine = _Inference(model, gm, strict)

@@ -8,6 +8,9 @@ A rule says how one op moves axis terms from its inputs to its output (see :mod:
         ctx.unify(x.axes[-1], w.axes[1])
         return ctx.output([*x.axes[:-1], w.axes[0]])
 
+A rule that fixes axes on purpose says why: ``ctx.fix(x.axes[2], reason="spatial positions")`` (logged, no warning);
+one that cannot prove a symmetry calls ``ctx.give_up(reason, *syms)`` (an ``UnprovenSymmetryWarning``).
+
 Third-party packages register rules through the entry-point group ``unf.spec_rules``: each entry point names a
 callable taking no arguments that registers its rules; it is loaded once, on the first inference.
 """

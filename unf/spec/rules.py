@@ -169,8 +169,8 @@ def reshape(ctx, x, *args, **kwargs):
         in_terms = [t for _, t in ins[i0:i1]]
         sizes = [out_shape[outs[j]] for j in range(j0, j1)]
         term = T.resolve(in_terms[0]) if len(in_terms) == 1 else None
-        if (slot_block is None and len(sizes) >= 2 and sizes[0] <= MAX_SLOTS and len(term) == 1
-                and len(term[0]) == 1 and isinstance(term[0][0], T.Var)):
+        if (slot_block is None and term is not None and len(sizes) >= 2 and sizes[0] <= MAX_SLOTS
+                and len(term) == 1 and len(term[0]) == 1 and isinstance(term[0][0], T.Var)):
             slot_block = (term[0][0], sizes, outs[j0:j1])
             continue
         pieces = in_terms if (len(in_terms) == 1 and len(sizes) == 1) else \
@@ -311,6 +311,9 @@ def _index(ctx, x, idx):
             all(i == slice(None) for i in idx[1:]) and x.ndim >= 2:  # one part of a stack, e.g. h_n[-1]
         return ctx.output([T.fixed(n) for n in x.shape[1:-1]] + [x.stack[idx[0]]])
     ctx.use(x)
+    picked = _integer_index(ctx, x, idx)
+    if picked is not None:
+        return picked
     if any(_is_sym(i) or isinstance(i, (list, bool)) for i in idx):
         ctx.give_up("advanced (tensor/bool/list) indexing", x)
         return ctx.fixed_output()
@@ -355,6 +358,24 @@ def _index(ctx, x, idx):
             return ctx.fixed_output()
         a += 1
     return ctx.output(axes)
+
+
+def _integer_index(ctx, x, idx):
+    """``x[..., index, ...]`` with one integer index tensor and full slices elsewhere (a position-bias table read
+    through a buffer of indices): the indexed axis is fixed, the index tensor's axes take its place."""
+    arg = ctx.node.args[1]
+    args = arg if isinstance(arg, tuple) else (arg,)
+    tensors = [k for k, i in enumerate(idx) if _is_sym(i)]
+    if len(tensors) != 1 or len(args) != len(idx) or \
+            any(i != slice(None) for k, i in enumerate(idx) if k != tensors[0]):
+        return None
+    k = tensors[0]
+    meta = getattr(args[k], "meta", {}).get("tensor_meta")
+    if meta is None or meta.dtype.is_floating_point or meta.dtype.is_complex or meta.dtype == torch.bool:
+        return None
+    ctx.use(idx[k])
+    ctx.fix(x.axes[k], reason="entries addressed by an index tensor")
+    return ctx.output(list(x.axes[:k]) + list(idx[k].axes) + list(x.axes[k + 1:]))
 
 
 # -- joining and splitting -------------------------------------------------------------------------------------------
@@ -544,7 +565,7 @@ def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     T.unify(query.axes[-1], key.axes[-1])
     T.unify(key.axes[-2], value.axes[-2])
     if is_causal:  # a causal mask depends on positions
-        ctx.fix(query.axes[-2], key.axes[-2])
+        ctx.fix(query.axes[-2], key.axes[-2], reason="a causal mask orders positions")
     parts = [(s.shape[:-2], s.axes[:-2]) for s in (query, key, value)]
     out_shape = _shape_of(ctx)
     batch = broadcast_axes(parts, out_shape[:-2])
@@ -573,7 +594,7 @@ def _linear_module(ctx, x):
 def conv(ctx, x, weight, bias=None, *, groups: int = 1, spatial: int, transposed: bool = False):
     """ConvNd: weight ``[out, in/groups, *k]`` (transposed: ``[in, out/groups, *k]``); groups permute as a block."""
     c = x.ndim - spatial - 1
-    ctx.fix(*x.axes[c + 1:], *weight.axes[2:])  # spatial positions and kernel taps are never permuted
+    ctx.fix(*x.axes[c + 1:], *weight.axes[2:], reason="spatial positions and kernel taps")
     w_in, w_out = (0, 1) if transposed else (1, 0)
     cin = x.shape[c]
     if groups == 1:
@@ -685,7 +706,7 @@ def _group_norm_fn(ctx, x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def embedding(ctx, ids, weight):
-    ctx.fix(weight.axes[0])  # rows are addressed by (fixed) input ids
+    ctx.fix(weight.axes[0], reason="embedding rows are addressed by input ids")
     return ctx.output(list(ids.axes) + [weight.axes[1]])
 
 
@@ -706,7 +727,7 @@ def _pool(spatial: int):
             ctx.give_up("pooling that returns indices", x)
             return ctx.fixed_output()
         c = x.ndim - spatial - 1
-        ctx.fix(*x.axes[c + 1:])
+        ctx.fix(*x.axes[c + 1:], reason="spatial positions")
         return ctx.output(list(x.axes[:c + 1]) + [T.fixed(n) for n in out_shape[c + 1:]])
     return rule
 
@@ -779,7 +800,7 @@ def multihead_attention(ctx, query, key, value, key_padding_mask=None, need_weig
         if attn_mask.ndim == 3:  # [N * heads, L, S]
             ctx.unify(attn_mask.axes[0], T.product([q_bat, heads]))
     if is_causal:  # a causal mask depends on positions
-        ctx.fix(q_seq, k_seq)
+        ctx.fix(q_seq, k_seq, reason="a causal mask orders positions")
     out_shape, weights_shape = ctx.out_shape
     out = ctx.output(list(query.axes[:-1]) + [w_o.axes[0]], out_shape)
     if weights_shape is None or len(weights_shape) < 2:  # need_weights=False (None, or an empty tensor)
@@ -827,7 +848,7 @@ def recurrent(ctx, x, hx=None):
             if single:
                 ctx.unify(s.axes[-1], term)
             else:
-                ctx.fix(s, *states, *cells)
+                ctx.fix(s, *states, *cells, reason="an initial state from outside pins the stacked hidden units")
     shapes = ctx.out_shape
     out = ctx.output(list(x.axes[:-1]) + [prev], shapes[0])
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 Factor = Union[int, "Var"]
 Segment = tuple
@@ -50,6 +50,10 @@ def find(v: Var) -> Var:
         v.parent = v.parent.parent
         v = v.parent
     return v
+
+
+def _sizes(seg: Segment) -> list[int]:
+    return [factor_size(f) for f in seg]
 
 
 def factor_size(f: Factor) -> int:
@@ -162,13 +166,23 @@ def fix(t: Term) -> bool:
     return bool(vs)
 
 
+#: Called with a reason whenever a structural mismatch fixes vars (set by the inference engine around each op).
+loss_hook: Optional[Callable[[str], None]] = None
+
+
+def _lose(t: Term, reason: str) -> None:
+    """Fix ``t`` because its structure cannot be matched (no rule proves more); reports through :data:`loss_hook`."""
+    if fix(t) and loss_hook is not None:
+        loss_hook(reason)
+
+
 def _bind(v: Var, t: Term) -> None:
     r = find(v)
     if r.binding is not None:
         unify(r.binding, t)
         return
     if r in term_vars(t):  # occurs check: v = (..v..) has no finite solution
-        fix(t)
+        _lose(t, "an axis would have to be permuted as a part of itself")
         r.binding = fixed(r.size)
         return
     r.binding = t
@@ -219,7 +233,7 @@ def _unify_segments(sa: Segment, sb: Segment) -> None:
     fa, fb = list(sa), list(sb)
     blocks = product_blocks(fa, fb)
     if blocks is None:
-        fix((sa, sb))
+        _lose((sa, sb), f"axes factored as {_sizes(sa)} and {_sizes(sb)} cannot be matched")
         return
     for i0, i1, j0, j1 in blocks:
         la, lb = fa[i0:i1], fb[j0:j1]
@@ -236,7 +250,7 @@ def _unify_segments(sa: Segment, sb: Segment) -> None:
         elif len(lb) == 1 and isinstance(lb[0], Var):
             _bind(lb[0], (tuple(la),))
         else:
-            fix((tuple(la), tuple(lb)))
+            _lose((tuple(la), tuple(lb)), f"axes factored as {_sizes(la)} and {_sizes(lb)} cannot be matched")
 
 
 def unify(a: Term, b: Term) -> None:
@@ -246,7 +260,7 @@ def unify(a: Term, b: Term) -> None:
             ra, rb = resolve(a), resolve(b)
             break
         except NotExpressible as e:
-            fix(((e.var,),))
+            _lose(((e.var,),), "a concatenation inside a permuted product cannot be expressed")
     if ra == rb:
         return
     if term_size(ra) != term_size(rb):
@@ -261,7 +275,8 @@ def unify(a: Term, b: Term) -> None:
         elif len(lb) == 1 and len(lb[0]) == 1 and isinstance(lb[0][0], Var):
             _bind(lb[0][0], la)
         else:
-            fix(la + lb)
+            _lose(la + lb, f"axes cut as {[segment_size(x) for x in la]} and {[segment_size(x) for x in lb]} "
+                           "cannot be matched")
 
 
 def concat(terms: list[Term]) -> Term:
@@ -280,18 +295,27 @@ def product(terms: list[Term]) -> Term:
             reps = term_size(out) if out != ((),) else 1
             out = tuple(s for _ in range(reps) for s in t)
         else:  # a concatenation inside a permuted outer axis cannot be expressed: give up the outer symmetry
-            fix(out)
+            _lose(out, "a concatenation inside a permuted product cannot be expressed")
             reps = term_size(out)
             out = tuple(s for _ in range(reps) for s in t)
     return _norm_term(_norm_segment(s) for s in out)
 
 
 def split_product(t: Term, sizes: list[int]) -> list[Term]:
-    """Terms of the axes obtained by reshaping one axis ``t`` into ``sizes`` (row-major)."""
+    """Terms of the axes obtained by reshaping one axis ``t`` into ``sizes`` (row-major).
+
+    A concatenation reshaped into ``(k, ...)`` is cut into ``k`` equal blocks that share one permutation (the first
+    output axis stays fixed).
+    """
     t = resolve(t)
+    if len(sizes) == 1:
+        return [t]
     if len(t) > 1:
-        fix(t)
-        t = fixed(term_size(t))
+        # k equal blocks of a concatenation side by side (a channel shuffle's view): one shared permutation
+        pieces = split_concat(t, [term_size(t) // sizes[0]] * sizes[0])
+        for p in pieces[1:]:
+            unify(pieces[0], p)
+        return [fixed(sizes[0])] + split_product(pieces[0], sizes[1:])
     facs = [f for f in t[0]]
     out: list[Term] = []
     k = 0
@@ -300,7 +324,7 @@ def split_product(t: Term, sizes: list[int]) -> list[Term]:
         need = n
         while need > 1:
             if k >= len(facs):
-                fix(t)
+                _lose(t, f"an axis factored as {_sizes(t[0])} reshaped into {sizes}")
                 return [fixed(m) for m in sizes]
             f = facs[k]
             s = factor_size(f)
@@ -319,40 +343,53 @@ def split_product(t: Term, sizes: list[int]) -> list[Term]:
                     facs[k] = s // need
                 need = 1
             else:
-                fix(t)
+                _lose(t, f"an axis factored as {_sizes(t[0])} reshaped into {sizes}")
                 return [fixed(m) for m in sizes]
         out.append(_norm_term([_norm_segment(seg)]))
     return out
 
 
-def split_concat(t: Term, sizes: list[int]) -> list[Term]:
-    """Terms of the pieces obtained by cutting axis ``t`` into consecutive blocks of ``sizes``.
+def _cut(seg: Segment, cuts: list[int]) -> list[Segment]:
+    """The segments that make up ``seg`` with a boundary at each local position in ``cuts``.
 
-    A free var that is cut becomes a concatenation of new vars (independent permutations per piece); a product with a
-    fixed outer factor is cut along it; anything else that is cut is fixed.
+    A cut var becomes a concatenation of new vars; a product's outer factor is cut into runs of whole blocks (a
+    permuted one into a concatenation of smaller groups), and a block that a cut falls inside stands alone and is cut
+    within.
     """
+    if not cuts:
+        return [seg]
+    n = segment_size(seg)
+    if len(seg) == 1:
+        edges = [0] + cuts + [n]
+        widths = [e1 - e0 for e0, e1 in zip(edges, edges[1:])]
+        if isinstance(seg[0], Var):
+            parts = tuple((Var(w),) if w > 1 else (w,) for w in widths)
+            _bind(seg[0], parts)
+            return list(parts)
+        return [(w,) for w in widths]
+    outer, rest = factor_size(seg[0]), seg[1:]
+    inner = n // outer
+    marks = sorted({c // inner for c in cuts} | {c // inner + 1 for c in cuts if c % inner} | {0, outer})
+    runs = list(zip(marks, marks[1:]))
+    heads = tuple((Var(b - a),) if b - a > 1 else (b - a,) for a, b in runs) if isinstance(seg[0], Var) else \
+        tuple((b - a,) for a, b in runs)
+    if isinstance(seg[0], Var):
+        _bind(seg[0], heads)
+    out: list = []
+    for (a, b), head in zip(runs, heads):
+        inside = [c - a * inner for c in cuts if a * inner < c < b * inner]
+        out += _cut(_norm_segment(rest), inside) if inside else [_norm_segment(head + rest)]
+    return out
+
+
+def split_concat(t: Term, sizes: list[int]) -> list[Term]:
+    """Terms of the pieces obtained by cutting axis ``t`` into consecutive blocks of ``sizes`` (see :func:`_cut`)."""
     bounds = set(itertools.accumulate(sizes))
     segs: list = []
     offset = 0
     for seg in resolve(t):
         n = segment_size(seg)
-        cuts = sorted(b - offset for b in bounds if offset < b < offset + n)
-        if cuts:
-            edges = [0] + cuts + [n]
-            widths = [e1 - e0 for e0, e1 in zip(edges, edges[1:])]
-            if len(seg) == 1 and isinstance(seg[0], Var):
-                parts = tuple((Var(w),) if w > 1 else (w,) for w in widths)
-                _bind(seg[0], parts)
-                segs.extend(parts)
-            elif len(seg) > 1 and all(c % (n // factor_size(seg[0])) == 0 for c in cuts):
-                # cutting along the outer factor: the outer group (if any) is lost, the inner factors survive
-                fix(((seg[0],),))
-                segs.extend([seg[1:]] * factor_size(seg[0]))
-            else:
-                fix((seg,))
-                segs.extend((w,) for w in widths)
-        else:
-            segs.append(seg)
+        segs += _cut(seg, sorted(b - offset for b in bounds if offset < b < offset + n))
         offset += n
     # group the segments into pieces
     out, i = [], 0

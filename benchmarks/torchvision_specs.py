@@ -1,0 +1,64 @@
+"""Specs of torchvision models: groups, fully fixed tensors, warnings, soundness and time, one row per model.
+
+    python benchmarks/torchvision_specs.py [--image-size 64] [--models efficientnet_b0,convnext_tiny]
+
+Random weights from each constructor, float64, eval mode. ``sound`` is the worst relative output change over three
+sampled permutations. Install ``plugins/unf-torchvision`` (``make install``) for its rules; without it the numbers
+are the core's alone.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+
+import torch
+import torchvision
+
+import unf
+from unf.spec.registry import load_plugins
+
+MODELS = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
+          "maxvit_t", "swin_t", "swin_v2_t"]
+
+
+def soundness(model, spec, x, n=3) -> float:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        y = model(x)
+        worst = 0.0
+        for _ in range(n):
+            other = copy.deepcopy(model)
+            other.load_state_dict(spec.permute(model.state_dict(), spec.sample_permutation(gen)))
+            worst = max(worst, ((other(x) - y).abs().max() / y.abs().max()).item())
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args()
+    plugins = load_plugins()
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, plugins {plugins or 'none'}, "
+          f"input 1x3x{args.image_size}x{args.image_size}, float64, eval")
+    print(f"{'model':<20} {'groups':>6} {'fixed tensors':>13} {'warnings':>8} {'sound':>9} {'time s':>6}")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        size = 224 if name == "maxvit_t" else args.image_size  # MaxViT's partitions need 224 (its default)
+        model = getattr(torchvision.models, name)().double().eval()
+        x = torch.randn(1, 3, size, size, dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", unf.UnprovenSymmetryWarning)
+            t = time.perf_counter()
+            spec = unf.spec_from_module(model, x)
+            elapsed = time.perf_counter() - t
+        n_warn = sum(issubclass(w.category, unf.UnprovenSymmetryWarning) for w in caught)
+        fixed = sum(not ts.permuted for ts in spec.values())
+        print(f"{name:<20} {len(spec.groups):>6} {f'{fixed}/{len(spec)}':>13} {n_warn:>8} "
+              f"{soundness(model, spec, x):>9.1e} {elapsed:>6.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
