@@ -17,10 +17,6 @@ def stochastic_depth(ctx, x, *args, **kwargs):
     return ctx.output(list(x.axes))
 
 
-def _stochastic_depth_module(ctx, x):
-    return stochastic_depth(ctx, x)
-
-
 def relative_position_bias(ctx, table, index, window_size):
     """``table[index].view(N, N, heads).permute(2, 0, 1)[None]``: table rows are addressed by the (fixed) index
     buffer, so they stay fixed; the heads axis carries through."""
@@ -65,7 +61,7 @@ def shifted_window_attention(ctx, x, qkv_weight, proj_weight, relative_position_
 def register() -> None:
     """Entry point (group ``unf.spec_rules``): register the rules."""
     unf.register_function_rule(torchvision.ops.stochastic_depth)(stochastic_depth)
-    unf.register_module_rule(torchvision.ops.StochasticDepth)(_stochastic_depth_module)
+    unf.register_module_rule(torchvision.ops.StochasticDepth)(stochastic_depth)
     unf.register_function_rule(_swin._get_relative_position_bias)(relative_position_bias)
     unf.register_function_rule(_swin._patch_merging_pad)(patch_merging_pad)
     unf.register_function_rule(_swin.shifted_window_attention)(shifted_window_attention)
