@@ -65,7 +65,9 @@ def run(args) -> int:
     chosen = {n for w in wanted for n in (w, *NEEDS.get(w, ()))}
     stages = [n for n in STAGES if n in chosen]
     out = Path(args.out)
-    with user_error("--out", (OSError,)):  # a file there: fail before any work
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+    with user_error("--out", (OSError,)):  # fail before any work
         out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {args.out}: not writable")
