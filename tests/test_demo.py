@@ -107,3 +107,9 @@ def test_an_unknown_stage_is_a_user_error(tmp_path):
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("unf: error: --only 'spec,bogus': unknown stage 'bogus'")
     assert not (tmp_path / "results.json").exists()
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "file"), "--only", "spec"]) == 2
+    assert capsys.readouterr().err == f"unf: error: --out {tmp_path / 'file'}: exists and is not a directory\n"

@@ -59,13 +59,15 @@ def run(args) -> int:
 
     from .common import run_record
     from .demo_report import write_report
-    from .demo_stages import NEEDS, SIZES, STAGES, DemoRun
+    from .demo_stages import NEEDS, SIZES, STAGES, DemoRun, ticks
 
     wanted = _stage_list(args.only) if args.only is not None else list(STAGES)
     chosen = {n for w in wanted for n in (w, *NEEDS.get(w, ()))}
     stages = [n for n in STAGES if n in chosen]
     out = Path(args.out)
-    with user_error("--out", (OSError,)):  # a file there: fail before any work
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+    with user_error("--out", (OSError,)):  # fail before any work
         out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {args.out}: not writable")
@@ -78,26 +80,23 @@ def run(args) -> int:
     start = time.perf_counter()
     for name in stages:
         missing = [n for n in NEEDS.get(name, ()) if "skipped" in results.get(n, {})]
-        bar = progress(total=len(size["adam_lrs"]) + 1 if name == "optimize" else _TICKS[name], desc=name,
-                       unit="step", leave=False)
+        bar = progress(total=ticks(name, size), desc=name, unit="step", leave=False)
 
         def tick(text, bar=bar):
             bar.set_postfix_str(text)
             bar.update(1)
 
         t0 = time.perf_counter()
-        try:
-            if missing:
-                raise _Skip(f"needs the {missing[0]} stage, which was skipped")
-            result = STAGES[name](demo, tick)
-        except _Skip as e:
-            result = {"skipped": str(e)}
-        except Exception as e:  # a stage that fails is reported and skipped; the demo goes on
-            if ctx.debug:
-                traceback.print_exc()
-            result = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())}"}
-        finally:
-            bar.close()
+        if missing:
+            result = {"skipped": f"needs the {missing[0]} stage, which was skipped"}
+        else:
+            try:
+                result = STAGES[name](demo, tick)
+            except Exception as e:  # a stage that fails is reported and skipped; the demo goes on
+                if ctx.debug:
+                    traceback.print_exc()
+                result = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+        bar.close()
         record["timings"][name] = time.perf_counter() - t0
         results[name] = result
         if "skipped" in result:
@@ -114,10 +113,3 @@ def run(args) -> int:
     info(f"{len(stages)} stages in {record['seconds']:.0f} s; report: {out / 'report.html'} (and report.md), "
          f"numbers: {out / 'results.json'} (unf {unf.__version__})")
     return 0
-
-
-class _Skip(Exception):
-    """A stage that cannot run (a prerequisite was skipped)."""
-
-
-_TICKS = {"spec": 2, "zoo": 1, "predict": 2, "align": 3, "generate": 3, "edit": 3}

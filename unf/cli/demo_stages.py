@@ -340,3 +340,9 @@ def edit(run: DemoRun, tick) -> dict:
 STAGES: dict[str, Callable] = {"spec": spec, "zoo": zoo, "predict": predict, "align": align, "generate": generate,
                                "optimize": optimize, "edit": edit}
 NEEDS = {"predict": ("zoo",), "generate": ("zoo",)}  # a stage's prerequisites, run with it under --only
+
+
+def ticks(name: str, size: dict) -> int:
+    """How many times stage ``name`` advances its progress bar."""
+    return len(size["adam_lrs"]) + 1 if name == "optimize" else {"spec": 2, "zoo": 1, "predict": 2, "align": 3,
+                                                                  "generate": 3, "edit": 3}[name]
