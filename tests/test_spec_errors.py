@@ -10,14 +10,7 @@ import unf
 
 
 def _max_error(model, spec, x, n=20):
-    gen = torch.Generator().manual_seed(1)
-    y = model(x)
-    worst = 0.0
-    for _ in range(n):
-        other = copy.deepcopy(model)
-        other.load_state_dict(spec.permute(model.state_dict(), spec.sample_permutation(gen)))
-        worst = max(worst, ((other(x) - y).abs().max() / y.abs().max()).item())
-    return worst
+    return unf.spec.symmetry_error(model, spec, x, num_permutations=n, seed=1)
 
 
 class Branchy(nn.Module):
@@ -147,3 +140,26 @@ def test_lstm_last_layer_state_keeps_groups():
 
     spec = unf.spec_from_module(AllStates().double(), x)
     assert spec.groups == {}
+
+
+def test_symmetry_error_separates_a_sound_spec_from_a_wrong_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    spec = unf.spec_from_module(model, x)
+    assert unf.spec.symmetry_error(model, spec, x) <= 1e-12
+    axes = {k: list(spec[k].axes) for k in spec}
+    axes["2.weight"][0] = axes["2.bias"][0] = "out"  # claims the outputs can be permuted: they cannot
+    wrong = unf.WeightSpaceSpec.from_axes(axes, model.state_dict())
+    assert unf.spec.symmetry_error(model, wrong, x) > 1e-2
+
+    class AsDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    with pytest.raises(TypeError, match="output is a tensor"):
+        unf.spec.symmetry_error(AsDict(), spec, x)

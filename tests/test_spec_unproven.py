@@ -3,7 +3,6 @@
 Channel shuffle (ShuffleNet): a view of a concatenation into ``(groups, per_group)``, a transpose, a view back and a
 chunk keep the symmetry that survives: one permutation shared by both halves, halved again by each chunk.
 """
-import copy
 import logging
 import warnings
 
@@ -16,16 +15,7 @@ import unf
 
 def _max_error(model, spec, x, n=3):
     """Worst relative output change over ``n`` sampled permutations (eval mode, the model's own output)."""
-    gen = torch.Generator().manual_seed(0)
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-        worst = 0.0
-        for _ in range(n):
-            other = copy.deepcopy(model)
-            other.load_state_dict(spec.permute(model.state_dict(), spec.sample_permutation(gen)))
-            worst = max(worst, ((other(x) - y).abs().max() / y.abs().max()).item())
-    return worst
+    return unf.spec.symmetry_error(model.eval(), spec, x, num_permutations=n)
 
 
 def _infer_without_warnings(model, x):

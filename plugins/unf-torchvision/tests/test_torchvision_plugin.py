@@ -18,15 +18,7 @@ from unf.spec import registry  # noqa: E402
 
 
 def _max_error(model, spec, x, n=3):
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        y = model(x)
-        worst = 0.0
-        for _ in range(n):
-            other = copy.deepcopy(model)
-            other.load_state_dict(spec.permute(model.state_dict(), spec.sample_permutation(gen)))
-            worst = max(worst, ((other(x) - y).abs().max() / y.abs().max()).item())
-    return worst
+    return unf.spec.symmetry_error(model, spec, x, num_permutations=n)
 
 
 def _spec(model, x):
