@@ -152,16 +152,17 @@ def test_cli_cuts_demo_json_keys(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:cuts. no alpha:RuntimeWarning")  # a 2-point alpha grid, 1 epoch
-def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch):
+@pytest.mark.parametrize("kind", ["backdoor", "noise"])
+def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch, kind):
     real = data.load("digits-flat", seed=0)
     blind = dataclasses.replace(real, x_test=torch.full_like(real.x_test, math.nan),
                                 y_test=(real.y_test + 1) % real.num_classes)
     kw = dict(epochs=1, proxy_epochs=1, proxies=1, alphas=[0.0, 0.5])
-    honest = run_cuts_demo("backdoor", seed=1, evaluate_on="validation", **kw)
-    honest_test = run_cuts_demo("backdoor", seed=1, evaluate_on="test", **kw)
+    honest = run_cuts_demo(kind, seed=1, evaluate_on="validation", **kw)
+    honest_test = run_cuts_demo(kind, seed=1, evaluate_on="test", **kw)
     monkeypatch.setattr(cuts_demo.data, "load", lambda *a, **k: blind)
-    assert run_cuts_demo("backdoor", seed=1, evaluate_on="validation", **kw) == honest  # test data unused
-    assert run_cuts_demo("backdoor", seed=1, evaluate_on="test", **kw) != honest_test  # the probe can see use
+    assert run_cuts_demo(kind, seed=1, evaluate_on="validation", **kw) == honest  # test data unused
+    assert run_cuts_demo(kind, seed=1, evaluate_on="test", **kw) != honest_test  # the probe can see use
     assert honest["evaluated_on"] == "validation" and honest["train_size"] < honest_test["train_size"]
     with pytest.raises(ValueError, match="evaluate_on"):
         run_cuts_demo("noise", evaluate_on="train")
