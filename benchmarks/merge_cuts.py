@@ -14,8 +14,8 @@
     # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
     python benchmarks/merge_cuts.py table [--backbone rotation] [--plot]
 
-Every finished run is appended at once as one JSON line (atomic rewrite), and runs already in the file are skipped,
-so an interrupted command resumes where it stopped.
+Every finished run is appended at once as one JSON line (atomic rewrite; with the date, machine and torch version),
+and runs already in the file are skipped, so an interrupted command resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's unf, not an installed one
 from unf.io import atomic_write  # noqa: E402
 from unf.merge import cuts_demo  # noqa: E402
+from timing import provenance  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHOICE = RESULTS / "merge_cuts_choice.jsonl"
@@ -78,6 +79,7 @@ def run_missing(path: Path, settings: list[dict]) -> list[dict]:
         row = cuts_demo.run_cuts_demo(**{k: v for k, v in s.items() if k != "evaluated_on"},
                                       evaluate_on=s["evaluated_on"])
         row["seconds"] = round(time.time() - t0, 1)
+        row.update(provenance())
         if row["kind"] == "backdoor":
             row["noise_rate"] = None
         append_jsonl(path, row)
