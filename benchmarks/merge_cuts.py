@@ -4,7 +4,7 @@
     #    (seed 0; the test split is not read): results/merge_cuts_choice.jsonl, a table and the chosen setting
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind noise --seed 0
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py choose --kind backdoor --seed 0
-    # 2. the test-split runs with the chosen settings (for the scratch backbone: the library defaults, which must
+    # 2. the test-split runs with the chosen settings (the library defaults per kind and backbone, which must
     #    match them): results/merge_cuts.jsonl
     OMP_NUM_THREADS=1 python benchmarks/merge_cuts.py run --kinds noise backdoor --seeds 0 1 2 3 4
     # the same with a backbone pretrained without labels (rotation prediction); choose its settings first
@@ -14,8 +14,8 @@
     # 3. the markdown tables (mean +- sample std over seeds) and the alpha-curve figures, from the results only
     python benchmarks/merge_cuts.py table [--backbone rotation] [--plot]
 
-Every finished run is appended at once as one JSON line (atomic rewrite), and runs already in the file are skipped,
-so an interrupted command resumes where it stopped.
+Every finished run is appended at once as one JSON line (atomic rewrite; with the date, machine and torch version),
+and runs already in the file are skipped, so an interrupted command resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's unf, not an installed one
 from unf.io import atomic_write  # noqa: E402
 from unf.merge import cuts_demo  # noqa: E402
+from timing import provenance  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHOICE = RESULTS / "merge_cuts_choice.jsonl"
@@ -78,6 +79,7 @@ def run_missing(path: Path, settings: list[dict]) -> list[dict]:
         row = cuts_demo.run_cuts_demo(**{k: v for k, v in s.items() if k != "evaluated_on"},
                                       evaluate_on=s["evaluated_on"])
         row["seconds"] = round(time.time() - t0, 1)
+        row.update(provenance())
         if row["kind"] == "backdoor":
             row["noise_rate"] = None
         append_jsonl(path, row)
@@ -132,17 +134,23 @@ def choose(args) -> None:
             print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} / "
                   f"{100 * r['corrupted_asr']:.1f} | {r['alpha']} | {100 * r['cuts_acc']:.1f} / "
                   f"{100 * r['cuts_asr']:.1f} | {100 * (r['corrupted_acc'] - r['cuts_acc']):.1f} |")
-    print(f"\nchosen: {chosen(rows, args.kind, args.seed, args.backbone)}; library defaults for {args.kind}: "
-          f"{cuts_demo.DEFAULTS[args.kind]}")
+    print(f"\nchosen: {chosen(rows, args.kind, args.seed, args.backbone)}; library defaults for {args.kind} on "
+          f"{args.backbone}: {cuts_demo.DEFAULTS[args.kind, args.backbone]}")
+
+
+def check_defaults(setting: dict, kind: str, backbone: str) -> None:
+    """Refuse to run when the library defaults for (kind, backbone) are not ``setting``, the validation choice."""
+    default = cuts_demo.DEFAULTS[kind, backbone]
+    if setting != default:
+        raise SystemExit(f"the library defaults for {kind} on the {backbone} backbone {default} are not the setting "
+                         f"chosen on validation {setting}: update DEFAULTS in unf/merge/cuts_demo.py")
 
 
 def run(args) -> None:
     settings = []
     for kind in args.kinds:
         setting = chosen(read_jsonl(CHOICE), kind, args.choice_seed, args.backbone)
-        if args.backbone == "scratch" and setting != cuts_demo.DEFAULTS[kind]:
-            raise SystemExit(f"the library defaults for {kind} {cuts_demo.DEFAULTS[kind]} are not the setting chosen "
-                             f"on validation {setting}: update DEFAULTS in unf/merge/cuts_demo.py")
+        check_defaults(setting, kind, args.backbone)
         settings += [{"kind": kind, "seed": s, "evaluated_on": "test", "backbone": args.backbone, **setting}
                      for s in args.seeds]
     run_missing(RUNS, settings)

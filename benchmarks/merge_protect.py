@@ -6,8 +6,9 @@
 Splits (per seed, carved from the training split of unf.data.load("digits-flat", seed=0)): 50% pretraining pool
 (all classes, a short pretraining), 15% validation (chooses lambda for the unprotected merge; that lambda is used for every variant), 35%
 fine-tuning pool, divided by class into task A (0-4) and task B (5-9). The test split is only reported.
-Writes benchmarks/results/merge_protect.jsonl (one object per seed) and merge_protect.png; with --from-results, only
-reads the JSON lines and prints the summary and the table (mean +- sample std) and redraws the figure.
+Writes benchmarks/results/merge_protect.jsonl (one object per seed, with the date, machine and torch version) and
+merge_protect.png; with --from-results, only reads the JSON lines and prints the summary and the table (mean +-
+sample std) and redraws the figure.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import unf  # noqa: E402
 from unf.merge import TaskVector, align_then_merge, merge, protect, unprotect  # noqa: E402
 from unf.spec import homogeneous_groups  # noqa: E402
 from unf.training import train_classifier  # noqa: E402
+from timing import provenance  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRETRAIN_EPOCHS = 3
@@ -186,7 +188,7 @@ def main() -> None:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
         torch.set_num_threads(1)
-        rows = [run(s) for s in args.seeds]
+        rows = [{**run(s), **provenance()} for s in args.seeds]  # date, machine, torch on each new row
         text = "".join(json.dumps(r) + "\n" for r in rows)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     summarise(rows)

@@ -55,6 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 import models  # noqa: E402
 import unf  # noqa: E402
 from unf.align import loss_barrier, weight_matching  # noqa: E402
+from unf.io import atomic_write  # noqa: E402
 
 ALIGN_SEED = 0  # seed of weight_matching's coordinate descent
 
@@ -256,7 +257,7 @@ class Figures:
     def save(self, fig, name: str) -> None:
         path = self.out / name
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=120))
         self.plt.close(fig)
         print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 

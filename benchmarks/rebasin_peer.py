@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
               f"train={u['max_abs_diff_train']:.2e}  ||a-b|| {u['dist_before']:.3f} -> {u['dist_after']:.3f}  "
               f"ratio unf/rebasin {u['total_s'] / r['total_s']:.2f}" if "total_s" in r else "", flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
+        from unf.io import atomic_write
+
+        text = json.dumps(results, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0
 
 

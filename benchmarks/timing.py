@@ -36,3 +36,15 @@ def cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def provenance() -> dict:
+    """``date`` (UTC, to the second), ``machine`` (CPU model and core count) and ``torch`` version: stamped on each
+    results row a benchmark script writes."""
+    import os
+    from datetime import datetime, timezone
+
+    import torch
+
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores", "torch": torch.__version__}

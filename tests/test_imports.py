@@ -56,3 +56,23 @@ def test_import_unf_stays_light():
             "print(sorted(m for m in ('torch_geometric', 'matplotlib', 'unf.nn.graph') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_library_code_never_imports_the_cli():
+    files = sorted(ROOT.rglob("*.py"))
+    modules = {_module(f) for f in files}
+    assert {"unf.cli", "unf.cli.common", "unf.flow.zoo"} <= modules
+    cli = ROOT / "cli"
+    offenders = {}
+    for f in files:
+        if cli in f.parents:
+            continue
+        found = {m for m in _imports(f, modules) if m == "unf.cli" or m.startswith("unf.cli.")}
+        for node in ast.walk(ast.parse(f.read_text())):  # importlib.import_module("unf.cli..."), __import__(...)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in \
+                    ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and str(node.args[0].value).startswith("unf.cli"):
+                found.add(f"{node.args[0].value} (dynamic, line {node.lineno})")
+        if found:
+            offenders[str(f.relative_to(ROOT.parent))] = sorted(found)
+    assert not offenders, offenders

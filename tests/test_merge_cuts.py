@@ -1,7 +1,9 @@
 """CUTS: the label-free alpha selection on synthetic cases with a known answer, the score's anchors, the CLI."""
 import dataclasses
+import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,16 +154,17 @@ def test_cli_cuts_demo_json_keys(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:cuts. no alpha:RuntimeWarning")  # a 2-point alpha grid, 1 epoch
-def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch):
+@pytest.mark.parametrize("kind", ["backdoor", "noise"])
+def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch, kind):
     real = data.load("digits-flat", seed=0)
     blind = dataclasses.replace(real, x_test=torch.full_like(real.x_test, math.nan),
                                 y_test=(real.y_test + 1) % real.num_classes)
     kw = dict(epochs=1, proxy_epochs=1, proxies=1, alphas=[0.0, 0.5])
-    honest = run_cuts_demo("backdoor", seed=1, evaluate_on="validation", **kw)
-    honest_test = run_cuts_demo("backdoor", seed=1, evaluate_on="test", **kw)
+    honest = run_cuts_demo(kind, seed=1, evaluate_on="validation", **kw)
+    honest_test = run_cuts_demo(kind, seed=1, evaluate_on="test", **kw)
     monkeypatch.setattr(cuts_demo.data, "load", lambda *a, **k: blind)
-    assert run_cuts_demo("backdoor", seed=1, evaluate_on="validation", **kw) == honest  # test data unused
-    assert run_cuts_demo("backdoor", seed=1, evaluate_on="test", **kw) != honest_test  # the probe can see use
+    assert run_cuts_demo(kind, seed=1, evaluate_on="validation", **kw) == honest  # test data unused
+    assert run_cuts_demo(kind, seed=1, evaluate_on="test", **kw) != honest_test  # the probe can see use
     assert honest["evaluated_on"] == "validation" and honest["train_size"] < honest_test["train_size"]
     with pytest.raises(ValueError, match="evaluate_on"):
         run_cuts_demo("noise", evaluate_on="train")
@@ -187,3 +190,29 @@ def test_cli_cuts_demo_user_errors(capsys):
     assert main(["merge", "cuts-demo", "--noise-rate", "1.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("unf: error:") and "noise-rate" in err
+
+
+def test_cuts_demo_defaults_are_the_validation_choice_per_kind_and_backbone(monkeypatch, capsys):
+    # the committed validation runs (seed 0, no test data) choose a setting per kind and backbone; the library's
+    # defaults are that setting, and what run_cuts_demo (so the CLI) fills in for each pair
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import merge_cuts
+
+    rows = merge_cuts.read_jsonl(merge_cuts.CHOICE)
+    pairs = sorted({(r["kind"], r["backbone"]) for r in rows if r["evaluated_on"] == "validation"})
+    assert pairs == sorted(cuts_demo.DEFAULTS) == sorted(itertools.product(["backdoor", "noise"],
+                                                                            ["rotation", "scratch"]))
+    for kind, backbone in pairs:
+        setting = merge_cuts.chosen(rows, kind, 0, backbone)
+        assert cuts_demo.DEFAULTS[kind, backbone] == setting, (kind, backbone)
+        assert cuts_demo.settings(kind, backbone) == setting, (kind, backbone)
+        merge_cuts.check_defaults(setting, kind, backbone)  # `merge_cuts.py run` goes ahead
+        with pytest.raises(SystemExit, match=f"{kind} on the {backbone} backbone"):
+            merge_cuts.check_defaults({**setting, "proxies": setting["proxies"] + 1}, kind, backbone)
+    assert cuts_demo.DEFAULTS["backdoor", "rotation"] != cuts_demo.DEFAULTS["backdoor", "scratch"]
+    assert cuts_demo.settings("backdoor", "rotation", proxies=7)["proxies"] == 7  # a given value wins
+    # the CLI's help states each pair's default
+    assert main(["merge", "cuts-demo", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for (kind, backbone), d in cuts_demo.DEFAULTS.items():
+        assert f"{d['proxies']} for {kind} on {backbone}" in help_text

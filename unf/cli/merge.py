@@ -20,7 +20,8 @@ def register(sub) -> None:
     from ..merge.cuts_demo import DEFAULTS
 
     def default(name: str) -> str:
-        return f"default {DEFAULTS['noise'][name]} for noise, {DEFAULTS['backdoor'][name]} for a backdoor"
+        return "default " + ", ".join(f"{DEFAULTS[kind, backbone][name]} for {kind} on {backbone}"
+                                      for kind, backbone in DEFAULTS) + "; chosen on validation"
 
     group = add_group(sub, "merge", help="weight-space editing: task vectors, CUTS unlearning",
                       example="unf merge cuts-demo --kind noise --noise-rate 0.4 --seed 0 --json")

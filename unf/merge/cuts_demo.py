@@ -32,11 +32,13 @@ WIDTH = 512
 TRAIN_LR = 1e-3
 VALIDATION_FRACTION = 0.2
 PRETRAIN_EPOCHS = 30  # the rotation-pretrained backbone (backbone="rotation")
-# the defaults of run_cuts_demo and the CLI, per kind, chosen on the validation split of seed 0 (no test data) by
-# `benchmarks/merge_cuts.py choose` (benchmarks/results/merge_cuts_choice.jsonl): for noise the largest gap
-# recovered; for a backdoor the fewest points of accuracy lost with attack success <= 5%
-DEFAULTS = {"noise": {"epochs": 150, "proxies": 10, "proxy_epochs": 40},
-            "backdoor": {"epochs": 150, "proxies": 5, "proxy_epochs": 40}}
+# the defaults of run_cuts_demo and the CLI, per (kind, backbone), chosen on the validation split of seed 0 (no test
+# data) by `benchmarks/merge_cuts.py choose --kind K --backbone B` (benchmarks/results/merge_cuts_choice.jsonl): for
+# noise the largest gap recovered; for a backdoor the fewest points of accuracy lost with attack success <= 5%
+DEFAULTS = {("noise", "scratch"): {"epochs": 150, "proxies": 10, "proxy_epochs": 40},
+            ("backdoor", "scratch"): {"epochs": 150, "proxies": 5, "proxy_epochs": 40},
+            ("noise", "rotation"): {"epochs": 60, "proxies": 10, "proxy_epochs": 40},
+            ("backdoor", "rotation"): {"epochs": 150, "proxies": 1, "proxy_epochs": 20}}
 NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
 # attack success on the proxy set stays above 1% up to alpha 4 (the rule's own signal, no labels): a longer grid
 BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
@@ -98,6 +100,15 @@ def experiment_data(evaluate_on: str, seed: int) -> tuple[torch.Tensor, ...]:
     return split.x_train[rest], split.y_train[rest], split.x_train[val], split.y_train[val], split.num_classes
 
 
+def settings(kind: str, backbone: str, epochs: Optional[int] = None, proxies: Optional[int] = None,
+             proxy_epochs: Optional[int] = None) -> dict:
+    """``{"epochs", "proxies", "proxy_epochs"}``: the given values, each ``None`` replaced by ``DEFAULTS[kind,
+    backbone]`` (the setting chosen on validation for that kind and backbone)."""
+    default = DEFAULTS[kind, backbone]
+    given = {"epochs": epochs, "proxies": proxies, "proxy_epochs": proxy_epochs}
+    return {k: default[k] if v is None else v for k, v in given.items()}
+
+
 def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: Optional[int] = None,
                   proxy_epochs: Optional[int] = None, proxies: Optional[int] = None, poison_rate: float = 0.05,
                   alphas: Optional[list] = None, evaluate_on: str = "test", backbone: str = "scratch",
@@ -106,9 +117,10 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
 
     The reported accuracies (``*_acc``, ``*_asr``, the alpha curve's ``acc`` and ``asr``) are on ``evaluate_on``
     (``"test"``, or ``"validation"``: see :func:`experiment_data`). ``alphas``: default ``NOISE_ALPHAS`` or
-    ``BACKDOOR_ALPHAS``. ``epochs``, ``proxies``, ``proxy_epochs``: default ``DEFAULTS[kind]``. ``backbone``:
-    ``"scratch"`` (the corrupted and the clean model trained from a random initialisation) or ``"rotation"`` (both
-    trained from :func:`rotation_pretrained` on the experiment's training inputs, without labels)."""
+    ``BACKDOOR_ALPHAS``. ``epochs``, ``proxies``, ``proxy_epochs``: default ``DEFAULTS[kind, backbone]`` (see
+    :func:`settings`). ``backbone``: ``"scratch"`` (the corrupted and the clean model trained from a random
+    initialisation) or ``"rotation"`` (both trained from :func:`rotation_pretrained` on the experiment's training
+    inputs, without labels)."""
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
     if backbone not in ("scratch", "rotation"):
@@ -116,9 +128,8 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
     if not 0 <= noise_rate < 1:
         raise ValueError(f"noise_rate={noise_rate}: must be in [0, 1)")
     tick = progress or (lambda _: None)
-    epochs = DEFAULTS[kind]["epochs"] if epochs is None else epochs
-    proxies = DEFAULTS[kind]["proxies"] if proxies is None else proxies
-    proxy_epochs = DEFAULTS[kind]["proxy_epochs"] if proxy_epochs is None else proxy_epochs
+    chosen = settings(kind, backbone, epochs, proxies, proxy_epochs)
+    epochs, proxies, proxy_epochs = chosen["epochs"], chosen["proxies"], chosen["proxy_epochs"]
     x, y, xt, yt, c = experiment_data(evaluate_on, seed)
     if alphas is None:
         alphas = NOISE_ALPHAS if kind == "noise" else BACKDOOR_ALPHAS
