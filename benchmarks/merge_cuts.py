@@ -225,6 +225,42 @@ def table(args) -> None:
             path = RESULTS / f"merge_cuts_{kind}_{args.backbone}_{figure_tag(setting)}.png"
             cuts_demo.plot_alpha_curves(rs, str(path))
             print(f"\nfigure: {path}")
+    if args.plot and any(r["kind"] == "backdoor" for r in rows):
+        plot_tradeoff(args.backbone)
+
+
+def plot_tradeoff(backbone: str) -> None:
+    """Attack success against clean accuracy lost along the alpha curve (test, mean over the seeds of each backdoor
+    setting in the results), one line per setting, the chosen alphas marked, the target region shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test" and r["backbone"] == backbone
+            and r["kind"] == "backdoor"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.fill_between([0, 10], 0, 5, color="0.6", alpha=0.35, label="target: <= 5% with <= 10 points lost")
+    for setting in dict.fromkeys(tuple(knob(r, k) for k in KNOBS) for r in rows):
+        rs = [r for r in rows if tuple(knob(r, k) for k in KNOBS) == setting]
+        n = len(rs[0]["alpha_curve"])
+        lost = [100 * statistics.mean(r["corrupted_acc"] - r["alpha_curve"][i]["acc"] for r in rs) for i in range(n)]
+        asr = [100 * statistics.mean(r["alpha_curve"][i]["asr"] for r in rs) for i in range(n)]
+        values = dict(zip(KNOBS, setting))
+        line, = ax.plot(lost, asr, lw=1.5, label=f"{values['proxy_recipe']}: {values['proxies']} proxies of "
+                        f"{values['proxy_epochs']} epochs (mean of {len(rs)} seeds)")
+        ax.scatter([100 * (r["corrupted_acc"] - r["cuts_acc"]) for r in rs], [100 * r["cuts_asr"] for r in rs],
+                   color=line.get_color(), s=14, zorder=3)
+    ax.set(xlabel="points of clean test accuracy lost", ylabel="attack success on triggered test inputs, %",
+           xlim=(-1, 40), ylim=(-2, 100))
+    ax.set_title(f"CUTS, backdoor, {backbone} backbone: mean curve over alpha; dots: label-free alpha per seed",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = RESULTS / f"merge_cuts_backdoor_{backbone}_tradeoff.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    print(f"\nfigure: {path}")
 
 
 def main() -> None:
