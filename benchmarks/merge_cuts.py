@@ -247,8 +247,8 @@ def plot_tradeoff(backbone: str) -> None:
         lost = [100 * statistics.mean(r["corrupted_acc"] - r["alpha_curve"][i]["acc"] for r in rs) for i in range(n)]
         asr = [100 * statistics.mean(r["alpha_curve"][i]["asr"] for r in rs) for i in range(n)]
         values = dict(zip(KNOBS, setting))
-        line, = ax.plot(lost, asr, lw=1.5, label=f"{values['proxy_recipe']}: {values['proxies']} proxies of "
-                        f"{values['proxy_epochs']} epochs (mean of {len(rs)} seeds)")
+        line, = ax.plot(lost, asr, lw=1.5, label=f"{values['proxy_recipe']}: trained {values['epochs']} epochs, "
+                        f"{values['proxies']} proxies of {values['proxy_epochs']} epochs ({len(rs)} seeds)")
         ax.scatter([100 * (r["corrupted_acc"] - r["cuts_acc"]) for r in rs], [100 * r["cuts_asr"] for r in rs],
                    color=line.get_color(), s=14, zorder=3)
     ax.set(xlabel="points of clean test accuracy lost", ylabel="attack success on triggered test inputs, %",
