@@ -40,9 +40,10 @@ RUNS = RESULTS / "merge_cuts.jsonl"
 # the settings compared on validation. Label noise 0.4: the largest gap recovered with the label-free alpha. Backdoor
 # (the corrupted model trained for 150 epochs, as for noise): the fewest points of clean accuracy lost
 # among settings with attack success <= 5%, else the lowest attack success
-# (2026-12-07, later: the "paired" proxy recipe joined the backdoor grid; rows without proxy_recipe are "plain")
+# (2026-12-07, later: the "paired" proxy recipe joined the backdoor grid; rows without proxy_recipe are "plain"; then
+# 80 proxy epochs, since the paired winner sat at the edge, 40: added after its test runs, chosen on validation still)
 GRID = {"noise": {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40], "proxy_recipe": ["plain"]},
-        "backdoor": {"epochs": [150], "proxies": [1, 5], "proxy_epochs": [5, 10, 20, 40],
+        "backdoor": {"epochs": [150], "proxies": [1, 5], "proxy_epochs": [5, 10, 20, 40, 80],
                      "proxy_recipe": ["plain", "paired"]}}
 KNOBS = ("epochs", "proxies", "proxy_epochs", "proxy_recipe")
 SETTING = ("kind", "seed", "evaluated_on", "backbone", "noise_rate", "epochs", "proxies", "proxy_epochs",
