@@ -242,6 +242,37 @@ def test_norm_is_equivariant():
     assert ws_err(norm(ws.permute(p)), norm(ws).permute(p)) <= TOL
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_norm_matches_its_formula_with_and_without_film(grad):
+    """The fused one-pass affine (in place without gradients) equals mean/var normalisation, affine, then FiLM."""
+    spec = arch_spec("resnet_basic")
+    torch.manual_seed(0)
+    ws = random_ws(spec) * 3.0 + 5.0  # a large mean: a one-pass E[x^2] - E[x]^2 would lose digits here
+    norm = WSNorm(spec, 2).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    b, t = ws.batch_size, len(spec.float_names)
+    scale, shift = torch.randn(b, t, 2, dtype=torch.float64), torch.randn(b, t, 2, dtype=torch.float64)
+    before = {n: ws[n].clone() for n in ws.names}
+    with torch.set_grad_enabled(grad):
+        plain, film = norm(ws), norm(ws, scale, shift)
+    for i, n in enumerate(spec.float_names):
+        x = ws[n]
+        dims = tuple(range(2, x.dim()))
+        y = (x - x.mean(dims, keepdim=True)) / (x.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt() \
+            if dims else x
+        shape = (1, -1) + (1,) * len(dims)
+        y = y * norm.weight[i].view(shape) + norm.bias[i].view(shape)
+        assert (plain[n] - y).abs().max().item() <= 1e-12, n
+        y = y * (1 + scale[:, i].view((b, -1) + (1,) * len(dims))) + shift[:, i].view((b, -1) + (1,) * len(dims))
+        assert (film[n] - y).abs().max().item() <= 1e-12, n
+        assert torch.equal(ws[n], before[n]), f"{n}: the input was modified"
+    assert plain[spec.float_names[0]].requires_grad == grad
+    with pytest.raises(ValueError, match="both FiLM scale and shift"):
+        norm(ws, scale)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
     spec = arch_spec("transformer_hand_attention")

@@ -111,15 +111,8 @@ class _FiLMBlock(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: WeightSpace, e: torch.Tensor) -> WeightSpace:
-        h = self.norm(x)
         scale, shift = self.film(e).view(len(e), 2, len(self.names), -1).unbind(1)  # [B, T, C] each
-        out = {}
-        for i, n in enumerate(self.names):
-            t = h[n]
-            shape = (len(e), -1) + (1,) * (t.dim() - 2)
-            out[n] = t * (1 + scale[:, i].view(shape)) + shift[:, i].view(shape)
-        h = self.linear(self.act(WeightSpace(x.spec, out, x.extras)))
-        return x + h
+        return x + self.linear(self.act(self.norm(x, scale, shift)))
 
 
 class UNFVelocity(VelocityField):

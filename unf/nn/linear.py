@@ -77,20 +77,8 @@ class UNFLinear(nn.Module):
                 # bmm on [B, C, M] keeps x in place (matmul would transpose and copy it)
                 y = torch.bmm(w, x.reshape(b, x.shape[1], -1))
                 terms.append(embed(y.view(b, w.shape[1], *x.shape[2:]), g.embedding, sizes))
-            terms.sort(key=lambda t: t.numel())  # add the small broadcast terms first
-            acc = terms[0] if terms else None
-            for t in terms[1:]:
-                acc = acc + t
             cout = self.out_channels * layout.pieces[q].fold
-            if main is not None:
-                w, x = main
-                x = x.reshape(b, x.shape[1], -1)
-                if acc is None:
-                    acc = torch.bmm(w, x)
-                else:
-                    acc = torch.baddbmm(acc.expand(b, cout, *sizes).reshape(b, cout, -1), w, x)
-                acc = acc.view(b, cout, *sizes)
-            blocks.append(acc.expand(b, cout, *sizes))
+            blocks.append(accumulate(terms, main, b, cout, sizes))
         out = {}
         for name in layout.spec.float_names:
             out[name] = layout.insert(name, [blocks[i] for i in layout.by_tensor[name]], self.out_channels)
@@ -100,6 +88,29 @@ class UNFLinear(nn.Module):
     @staticmethod
     def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:
         return y if reorder == tuple(range(len(reorder))) else y.permute(0, 1, *[i + 2 for i in reorder])
+
+
+def accumulate(terms: list, main, b: int, cout: int, sizes: tuple) -> torch.Tensor:
+    """Sum the broadcast ``terms`` (tensors broadcastable to ``[B, C_out, *sizes]``) and the full-size term ``main``
+    (``(w [B, C_out, K], x [B, K, M])``, its product, or None) with as few full-size passes as possible: small terms
+    are added among themselves first; if they still span a full-size tensor it is the base of one ``baddbmm``, else
+    they are added in place to the product (a broadcast base would be copied to full size)."""
+    terms = sorted(terms, key=lambda t: t.numel())  # add the small broadcast terms first
+    acc = terms[0] if terms else None
+    for t in terms[1:]:
+        acc = acc + t
+    full = math.prod(sizes)
+    if main is not None:
+        w, x = main
+        x = x.reshape(b, x.shape[1], -1)
+        if acc is None:
+            acc = torch.bmm(w, x)
+        elif acc.numel() == b * cout * full:
+            acc = torch.baddbmm(acc.reshape(b, cout, -1), w, x)
+        else:
+            acc = torch.bmm(w, x).view(b, cout, *sizes).add_(acc)  # bmm's backward does not need its output
+        acc = acc.view(b, cout, *sizes)
+    return acc.expand(b, cout, *sizes)
 
 
 class _Reductions:
