@@ -115,6 +115,9 @@ class _FiLMBlock(nn.Module):
         return x + self.linear(self.act(self.norm(x, scale, shift)))
 
 
+CHUNK_ENTRIES = 1 << 23  # hidden-state floats per chunk when sampling (32 MiB in float32)
+
+
 class UNFVelocity(VelocityField):
     """Equivariant velocity: positional encoding of pseudo-groups, input projection, ``depth`` FiLM-modulated
     residual UNF blocks, output projection (zero-initialised: the field starts at 0).
@@ -145,6 +148,16 @@ class UNFVelocity(VelocityField):
                 w.zero_()
 
     def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+        # without gradients (sampling) evaluate in chunks whose hidden state stays in the last-level cache: every
+        # layer streams the whole hidden state several times, and every member is computed on its own anyway
+        numel = sum(math.prod(self.layout.spec[n].shape) for n in self.layout.spec.float_names)
+        size = max(1, CHUNK_ENTRIES // (numel * max(self.config["hidden"], x.channels)))
+        if torch.is_grad_enabled() or x.batch_size <= size:
+            return self._predict(x, t, cond)
+        return WeightSpace.cat([self._predict(xc, t[a:a + size], None if cond is None else cond[a:a + size])
+                                for a, xc in zip(range(0, x.batch_size, size), x.split(size))])
+
+    def _predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         e = self.embed(t, cond)
         h = self.inp(self.pos(x) if self.pos is not None else x)
         for block in self.blocks:
