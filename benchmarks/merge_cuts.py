@@ -40,10 +40,18 @@ RUNS = RESULTS / "merge_cuts.jsonl"
 # the settings compared on validation. Label noise 0.4: the largest gap recovered with the label-free alpha. Backdoor
 # (the corrupted model trained for 150 epochs, as for noise): the fewest points of clean accuracy lost
 # among settings with attack success <= 5%, else the lowest attack success
-GRID = {"noise": {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40]},
-        "backdoor": {"epochs": [150], "proxies": [1, 5], "proxy_epochs": [5, 10, 20, 40]}}
-KNOBS = ("epochs", "proxies", "proxy_epochs")
-SETTING = ("kind", "seed", "evaluated_on", "backbone", "noise_rate", "epochs", "proxies", "proxy_epochs")
+# (2026-12-07, later: the "paired" proxy recipe joined the backdoor grid; rows without proxy_recipe are "plain")
+GRID = {"noise": {"epochs": [60, 150], "proxies": [1, 5, 10], "proxy_epochs": [20, 40], "proxy_recipe": ["plain"]},
+        "backdoor": {"epochs": [150], "proxies": [1, 5], "proxy_epochs": [5, 10, 20, 40],
+                     "proxy_recipe": ["plain", "paired"]}}
+KNOBS = ("epochs", "proxies", "proxy_epochs", "proxy_recipe")
+SETTING = ("kind", "seed", "evaluated_on", "backbone", "noise_rate", "epochs", "proxies", "proxy_epochs",
+           "proxy_recipe")
+
+
+def knob(row: dict, k: str):
+    """``row[k]``; rows written before the proxy recipe existed are ``"plain"``."""
+    return row.get(k, "plain") if k == "proxy_recipe" else row[k]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -65,7 +73,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in SETTING)
+    return tuple(knob(row, k) if k == "proxy_recipe" else row.get(k) for k in SETTING)
 
 
 def run_missing(path: Path, settings: list[dict]) -> list[dict]:
@@ -85,6 +93,13 @@ def run_missing(path: Path, settings: list[dict]) -> list[dict]:
         append_jsonl(path, row)
         print(f"done in {row['seconds']} s: {s}", flush=True)
     return read_jsonl(path)
+
+
+def figure_tag(setting: tuple) -> str:
+    """``epochs-proxies-proxy_epochs``, then ``-paired`` for the paired recipe (plain figures keep their old names)."""
+    values = dict(zip(KNOBS, setting))
+    tag = "-".join(str(values[k]) for k in ("epochs", "proxies", "proxy_epochs"))
+    return tag if values["proxy_recipe"] == "plain" else f"{tag}-{values['proxy_recipe']}"
 
 
 def ms(vals, scale=100.0) -> str:
@@ -109,7 +124,7 @@ def chosen(rows: list[dict], kind: str, seed: int, backbone: str) -> dict:
         raise SystemExit(f"{CHOICE} has no validation runs for {kind}, seed {seed}, backbone {backbone}: run "
                          f"'benchmarks/merge_cuts.py choose --kind {kind} --seed {seed} --backbone {backbone}' first")
     best = max(rows, key=merit)
-    return {k: best[k] for k in KNOBS}
+    return {k: knob(best, k) for k in KNOBS}
 
 
 def choose(args) -> None:
@@ -128,10 +143,12 @@ def choose(args) -> None:
                   f"{100 * r['cuts_acc']:.1f} | {r['alpha']} | {100 * r['clean_acc']:.1f} | "
                   f"{100 * r['gap_recovered']:.1f}% |")
     else:
-        print("| epochs | proxies | proxy epochs | backdoored acc / attack | alpha | CUTS acc / attack | points lost |")
-        print("|---|---|---|---|---|---|---|")
+        print("| recipe | epochs | proxies | proxy epochs | backdoored acc / attack | alpha | CUTS acc / attack | "
+              "points lost |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | {100 * r['corrupted_acc']:.1f} / "
+            print(f"| {knob(r, 'proxy_recipe')} | {r['epochs']} | {r['proxies']} | {r['proxy_epochs']} | "
+                  f"{100 * r['corrupted_acc']:.1f} / "
                   f"{100 * r['corrupted_asr']:.1f} | {r['alpha']} | {100 * r['cuts_acc']:.1f} / "
                   f"{100 * r['cuts_asr']:.1f} | {100 * (r['corrupted_acc'] - r['cuts_acc']):.1f} |")
     print(f"\nchosen: {chosen(rows, args.kind, args.seed, args.backbone)}; library defaults for {args.kind} on "
@@ -160,11 +177,11 @@ def run(args) -> None:
 def table(args) -> None:
     rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test" and r["backbone"] == args.backbone]
     choice = read_jsonl(CHOICE)
-    for kind, setting in dict.fromkeys((r["kind"], tuple(r[k] for k in KNOBS)) for r in rows):
-        rs = sorted((r for r in rows if r["kind"] == kind and tuple(r[k] for k in KNOBS) == setting),
+    for kind, setting in dict.fromkeys((r["kind"], tuple(knob(r, k) for k in KNOBS)) for r in rows):
+        rs = sorted((r for r in rows if r["kind"] == kind and tuple(knob(r, k) for k in KNOBS) == setting),
                     key=lambda r: r["seed"])
         chosen_on = {r["seed"] for r in choice if r["backbone"] == args.backbone and r["kind"] == kind
-                     and tuple(r[k] for k in KNOBS) == setting}
+                     and tuple(knob(r, k) for k in KNOBS) == setting}
         origin = f"chosen on the validation split of seed(s) {sorted(chosen_on)}" if chosen_on else \
             "not in this kind's validation choice (a setting chosen for the other kind)"
         held = [r for r in rs if r["seed"] not in chosen_on]
@@ -195,18 +212,55 @@ def table(args) -> None:
             line("points of clean accuracy lost by CUTS", lambda r: r["corrupted_acc"] - r["cuts_acc"])
             met = [r["seed"] for r in rs if r["cuts_asr"] <= 0.05 and r["corrupted_acc"] - r["cuts_acc"] <= 0.10]
             print(f"\nseeds meeting the target (attack success <= 5% with <= 10 points lost): {met}")
-            print("\nWhole alpha curve (test %, mean over all seeds; every 0.5):\n")
             alphas = [p["alpha"] for p in rs[0]["alpha_curve"]]
-            print("| alpha | " + " | ".join(f"{a:g}" for a in alphas[::5]) + " |")
-            print("|---|" + "---|" * len(alphas[::5]))
+            step = 5 if len(alphas) <= 81 else 15
+            print(f"\nWhole alpha curve (test %, mean over all seeds; every {0.1 * step:g}):\n")
+            print("| alpha | " + " | ".join(f"{a:g}" for a in alphas[::step]) + " |")
+            print("|---|" + "---|" * len(alphas[::step]))
             for label, k in (("clean accuracy", "acc"), ("attack success", "asr"),
                              ("attack success on the proxy set", "proxy_asr")):
-                vals = [statistics.mean(r["alpha_curve"][i][k] for r in rs) for i in range(0, len(alphas), 5)]
+                vals = [statistics.mean(r["alpha_curve"][i][k] for r in rs) for i in range(0, len(alphas), step)]
                 print(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
         if args.plot:
-            path = RESULTS / f"merge_cuts_{kind}_{args.backbone}_{'-'.join(map(str, setting))}.png"
+            path = RESULTS / f"merge_cuts_{kind}_{args.backbone}_{figure_tag(setting)}.png"
             cuts_demo.plot_alpha_curves(rs, str(path))
             print(f"\nfigure: {path}")
+    if args.plot and any(r["kind"] == "backdoor" for r in rows):
+        plot_tradeoff(args.backbone)
+
+
+def plot_tradeoff(backbone: str) -> None:
+    """Attack success against clean accuracy lost along the alpha curve (test, mean over the seeds of each backdoor
+    setting in the results), one line per setting, the chosen alphas marked, the target region shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_jsonl(RUNS) if r["evaluated_on"] == "test" and r["backbone"] == backbone
+            and r["kind"] == "backdoor"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.fill_between([0, 10], 0, 5, color="0.6", alpha=0.35, label="target: <= 5% with <= 10 points lost")
+    for setting in dict.fromkeys(tuple(knob(r, k) for k in KNOBS) for r in rows):
+        rs = [r for r in rows if tuple(knob(r, k) for k in KNOBS) == setting]
+        n = len(rs[0]["alpha_curve"])
+        lost = [100 * statistics.mean(r["corrupted_acc"] - r["alpha_curve"][i]["acc"] for r in rs) for i in range(n)]
+        asr = [100 * statistics.mean(r["alpha_curve"][i]["asr"] for r in rs) for i in range(n)]
+        values = dict(zip(KNOBS, setting))
+        line, = ax.plot(lost, asr, lw=1.5, label=f"{values['proxy_recipe']}: {values['proxies']} proxies of "
+                        f"{values['proxy_epochs']} epochs (mean of {len(rs)} seeds)")
+        ax.scatter([100 * (r["corrupted_acc"] - r["cuts_acc"]) for r in rs], [100 * r["cuts_asr"] for r in rs],
+                   color=line.get_color(), s=14, zorder=3)
+    ax.set(xlabel="points of clean test accuracy lost", ylabel="attack success on triggered test inputs, %",
+           xlim=(-1, 40), ylim=(-2, 100))
+    ax.set_title(f"CUTS, backdoor, {backbone} backbone: mean curve over alpha; dots: label-free alpha per seed",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = RESULTS / f"merge_cuts_backdoor_{backbone}_tradeoff.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    print(f"\nfigure: {path}")
 
 
 def main() -> None:
@@ -224,7 +278,8 @@ def main() -> None:
         p.add_argument("--backbone", choices=["scratch", "rotation"], default="scratch")
     for p in (r, t):
         p.add_argument("--plot", action="store_true",
-                       help="also write results/merge_cuts_{kind}_{backbone}_{epochs-proxies-proxy_epochs}.png")
+                       help="also write results/merge_cuts_{kind}_{backbone}_{epochs-proxies-proxy_epochs}"
+                            "[-paired].png")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"choose": choose, "run": run, "table": table}[args.cmd](args)

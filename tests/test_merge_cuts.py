@@ -1,4 +1,5 @@
 """CUTS: the label-free alpha selection on synthetic cases with a known answer, the score's anchors, the CLI."""
+import copy
 import dataclasses
 import itertools
 import json
@@ -154,12 +155,12 @@ def test_cli_cuts_demo_json_keys(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:cuts. no alpha:RuntimeWarning")  # a 2-point alpha grid, 1 epoch
-@pytest.mark.parametrize("kind", ["backdoor", "noise"])
-def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch, kind):
+@pytest.mark.parametrize("kind,recipe", [("backdoor", "plain"), ("backdoor", "paired"), ("noise", "plain")])
+def test_cuts_demo_on_validation_never_reads_the_test_split(monkeypatch, kind, recipe):
     real = data.load("digits-flat", seed=0)
     blind = dataclasses.replace(real, x_test=torch.full_like(real.x_test, math.nan),
                                 y_test=(real.y_test + 1) % real.num_classes)
-    kw = dict(epochs=1, proxy_epochs=1, proxies=1, alphas=[0.0, 0.5])
+    kw = dict(epochs=1, proxy_epochs=1, proxies=1, alphas=[0.0, 0.5], proxy_recipe=recipe)
     honest = run_cuts_demo(kind, seed=1, evaluate_on="validation", **kw)
     honest_test = run_cuts_demo(kind, seed=1, evaluate_on="test", **kw)
     monkeypatch.setattr(cuts_demo.data, "load", lambda *a, **k: blind)
@@ -209,10 +210,105 @@ def test_cuts_demo_defaults_are_the_validation_choice_per_kind_and_backbone(monk
         merge_cuts.check_defaults(setting, kind, backbone)  # `merge_cuts.py run` goes ahead
         with pytest.raises(SystemExit, match=f"{kind} on the {backbone} backbone"):
             merge_cuts.check_defaults({**setting, "proxies": setting["proxies"] + 1}, kind, backbone)
-    assert cuts_demo.DEFAULTS["backdoor", "rotation"] != cuts_demo.DEFAULTS["backdoor", "scratch"]
+    assert cuts_demo.DEFAULTS["noise", "rotation"] != cuts_demo.DEFAULTS["noise", "scratch"]
     assert cuts_demo.settings("backdoor", "rotation", proxies=7)["proxies"] == 7  # a given value wins
     # the CLI's help states each pair's default
     assert main(["merge", "cuts-demo", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     for (kind, backbone), d in cuts_demo.DEFAULTS.items():
         assert f"{d['proxies']} for {kind} on {backbone}" in help_text
+
+
+def _backdoor_case(seed=0):
+    """Three 2-D clusters plus a third input feature, the trigger (0 on clean inputs, 3 on triggered ones); a
+    3-64-3 MLP trained on clean inputs and on triggered inputs of classes 1-2 relabelled to 0."""
+    x, y = _clusters(n=30, c=3, spread=0.8, seed=seed)
+    x = torch.cat([x, torch.zeros(len(x), 1)], 1)
+    trig = x[y != 0].clone()
+    trig[:, 2] = 3.0
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 3))
+    train_classifier(model, torch.cat([x, trig]), torch.cat([y, torch.zeros(len(trig), dtype=torch.long)]),
+                     epochs=60, lr=3e-3, seed=seed)
+    return model, x, y
+
+
+@pytest.mark.filterwarnings("ignore:cuts. no alpha:RuntimeWarning")  # 3 epochs, a 3-point alpha grid
+def test_paired_recipe_is_the_difference_of_two_fine_tunes_on_pseudo_labels(monkeypatch):
+    # tau = tau(triggered proxy + clean twins) - tau(clean twins), the twins labelled by the model's own
+    # predictions: the labels given to the fine-tunes are the predictions, never the true classes
+    import sys
+
+    cuts_module = sys.modules["unf.merge.cuts"]  # the module (unf.merge.cuts the attribute is the function)
+
+    model, x, y = _backdoor_case()
+    clean_x = x[::3]
+    proxy_x = clean_x[y[::3] != 0].clone()
+    proxy_x[:, 2] = 3.0
+    proxy_y = torch.zeros(len(proxy_x), dtype=torch.long)
+    with torch.no_grad():  # swap the model's classes 1 and 2, so its pseudo-labels and the true labels differ
+        model[2].weight.copy_(model[2].weight[[0, 2, 1]])
+        model[2].bias.copy_(model[2].bias[[0, 2, 1]])
+    pseudo = cuts_module.pseudo_labels(model, clean_x)
+    assert pseudo.equal(model.eval()(clean_x).argmax(1)) and (pseudo != y[::3]).float().mean() > 0.5
+    seen = []
+    real_train = cuts_module.train_classifier
+
+    def spy(net, xs, ys, **kw):
+        seen.append((xs.clone(), ys.clone()))
+        return real_train(net, xs, ys, **kw)
+
+    monkeypatch.setattr(cuts_module, "train_classifier", spy)
+    kw = dict(kind="backdoor", alphas=[0.0, 1.0, 2.0], epochs=3, lr=1e-3, proxies=2, seed=5)
+    res = cuts(model, proxy_x, proxy_y, proxy_recipe="paired", clean_x=clean_x, **kw)
+    assert len(seen) == 4  # per proxy: the paired fine-tune and the twins' fine-tune
+    for i in (0, 2):
+        assert seen[i][0].equal(torch.cat([proxy_x, clean_x])) and seen[i][1].equal(torch.cat([proxy_y, pseudo]))
+        assert seen[i + 1][0].equal(clean_x) and seen[i + 1][1].equal(pseudo)
+    monkeypatch.setattr(cuts_module, "train_classifier", real_train)
+    base = model.state_dict()
+    taus = []
+    for s in (5, 6):
+        both = real_train(copy.deepcopy(model), torch.cat([proxy_x, clean_x]), torch.cat([proxy_y, pseudo]),
+                          epochs=3, lr=1e-3, seed=s)
+        twins = real_train(copy.deepcopy(model), clean_x, pseudo, epochs=3, lr=1e-3, seed=s)
+        taus.append(TaskVector(base, both.state_dict()) - TaskVector(base, twins.state_dict()))
+    expect = (taus[0] + taus[1]) / 2
+    for k in expect.names:
+        torch.testing.assert_close(res.task_vector[k], expect[k], rtol=0, atol=1e-6)
+
+
+def test_paired_recipe_errors():
+    model, x, y = _backdoor_case()
+    with pytest.raises(ValueError, match="clean_x"):
+        cuts(model, x, y, kind="backdoor", proxy_recipe="paired")
+    with pytest.raises(ValueError, match="backdoor"):
+        cuts(model, x, y, x, kind="noise", proxy_recipe="paired", clean_x=x)
+    with pytest.raises(ValueError, match="paired"):
+        cuts(model, x, y, kind="backdoor", clean_x=x)
+    with pytest.raises(ValueError, match="proxy_recipe"):
+        cuts(model, x, y, kind="backdoor", proxy_recipe="twins")
+    with pytest.raises(ValueError, match="proxy_recipe"):
+        run_cuts_demo("noise", proxy_recipe="paired")
+
+
+def test_paired_recipe_unlearns_the_synthetic_backdoor():
+    model, x, y = _backdoor_case()
+    trig = x[y != 0].clone()
+    trig[:, 2] = 3.0
+    assert (model.eval()(trig).argmax(1) == 0).float().mean() > 0.9  # the backdoor works
+    proxy_x, clean_x = trig[::2], x[::2]
+    res = cuts(model, proxy_x, torch.zeros(len(proxy_x), dtype=torch.long), kind="backdoor", proxy_recipe="paired",
+               clean_x=clean_x, alphas=[0.5 * i for i in range(41)], epochs=20, lr=1e-3)
+    assert (res.model(proxy_x).argmax(1) == 0).float().mean() <= 0.01  # the rule's own criterion
+    assert (res.model(trig[1::2]).argmax(1) == 0).float().mean() < 0.2  # held-out triggered inputs
+    assert evaluate(res.model, x[1::2], y[1::2])[1] > evaluate(model, x[1::2], y[1::2])[1] - 0.1
+
+
+def test_cli_cuts_demo_paired_recipe(capsys):
+    assert main(["merge", "cuts-demo", "--kind", "noise", "--proxy-recipe", "paired"]) == 2
+    assert "--proxy-recipe paired applies to --kind backdoor" in capsys.readouterr().err
+    assert main(["merge", "cuts-demo", "--kind", "backdoor", "--proxy-recipe", "paired", "--epochs", "1",
+                 "--proxy-epochs", "1", "--proxies", "1", "--evaluate-on", "validation", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["proxy_recipe"] == "paired" and len(rec["alpha_curve"]) == len(cuts_demo.PAIRED_ALPHAS)

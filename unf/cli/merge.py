@@ -38,6 +38,10 @@ def register(sub) -> None:
                    help=f"proxy fine-tuning epochs ({default('proxy_epochs')})")
     p.add_argument("--proxies", type=at_least(1), default=None,
                    help=f"proxy task vectors averaged into tau ({default('proxies')}; 1 is the paper's single proxy)")
+    p.add_argument("--proxy-recipe", choices=["plain", "paired"], default=None,
+                   help="plain: the proxy fine-tune alone (the paper's); paired (backdoor only): the fine-tune on the "
+                        "triggered proxy plus its untriggered twins, labelled by the model's own predictions, minus "
+                        f"the fine-tune on the twins alone ({default('proxy_recipe')})")
     p.add_argument("--evaluate-on", choices=["test", "validation"], default="test",
                    help="report on the test split, or on a seeded validation split carved from the training split "
                         "(the test split is then not read: use it to choose settings)")
@@ -52,6 +56,8 @@ def run(args) -> int:
 
     if args.kind == "backdoor" and args.noise_rate is not None:
         raise UserError("--noise-rate applies to --kind noise only; drop it or use --kind noise")
+    if args.kind == "noise" and args.proxy_recipe == "paired":
+        raise UserError("--proxy-recipe paired applies to --kind backdoor only")
     args.noise_rate = 0.4 if args.noise_rate is None else args.noise_rate
     bar = None
     if args.progress:
@@ -60,6 +66,7 @@ def run(args) -> int:
         bar = progress(total=4, desc="cuts-demo")
     rec = run_cuts_demo(args.kind, args.noise_rate, args.seed, epochs=args.epochs, proxy_epochs=args.proxy_epochs,
                         proxies=args.proxies, evaluate_on=args.evaluate_on, backbone=args.backbone,
+                        proxy_recipe=args.proxy_recipe,
                         progress=(lambda _: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()

@@ -10,6 +10,15 @@ labels:
   and the normalised entropy of the predicted classes), so that a model collapsing onto a few classes cannot
   score well by agreeing with itself;
 - backdoor: the first alpha whose attack success on the (triggered, target-labelled) proxy set is at most 1%.
+
+Proxy recipes (``proxy_recipe``). ``"plain"`` (the paper's): ``tau`` is the fine-tune on the proxy set alone.
+``"paired"`` (backdoors; an addition of this library, not in the paper): ``clean_x``, unlabelled untriggered inputs
+(for instance the proxy inputs without the trigger), are labelled with the corrupted model's own predictions
+(pseudo-labels: no clean label is read), and ``tau = tau(proxy + clean_x) - tau(clean_x)``: the fine-tune on the
+triggered proxy together with its pseudo-labelled clean twins, minus the fine-tune on the twins alone (same seed,
+same learning rate and epochs). The generic "fit these inputs harder" direction, which both fine-tunes share, cancels;
+what is left is specific to the trigger, so subtracting it costs less clean accuracy. Its norm is smaller, so its
+alphas are larger (search a longer grid).
 """
 from __future__ import annotations
 
@@ -96,6 +105,12 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch
     return _logits(model, x, batch_size).argmax(1)
 
 
+def pseudo_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[N]``: the model's own predicted classes on ``x`` (eval mode; its train/eval mode is kept): the labels of the
+    clean twins in the ``"paired"`` proxy recipe, so that no true label is needed."""
+    return _predict(model, x)
+
+
 def select_alpha(model: nn.Module, tau: TaskVector, alphas: Sequence[float], *, kind: str,
                  inputs: Optional[torch.Tensor] = None, proxy_x: Optional[torch.Tensor] = None,
                  proxy_y: Optional[torch.Tensor] = None, features: Optional[Features] = None, k: int = 10,
@@ -129,7 +144,8 @@ def select_alpha(model: nn.Module, tau: TaskVector, alphas: Sequence[float], *, 
 def cuts(model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, inputs: Optional[torch.Tensor] = None, *,
          kind: str = "noise", features: Optional[Features] = None, alphas: Optional[Sequence[float]] = None,
          epochs: int = 20, lr: float = 1e-4, batch_size: int = 64, proxies: int = 1, seed: int = 0, k: int = 10,
-         asr_threshold: float = 0.01, exclude="buffers") -> CutsResult:
+         asr_threshold: float = 0.01, exclude="buffers", proxy_recipe: str = "plain",
+         clean_x: Optional[torch.Tensor] = None) -> CutsResult:
     """Unlearn the corruption of ``model`` by CUTS (see the module docstring).
 
     ``proxy_x``, ``proxy_y``: the small corrupted proxy set (``[P, *input]``, ``[P]``): for noise, held-out inputs
@@ -140,25 +156,47 @@ def cuts(model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, inputs:
     (seeds ``seed .. seed + proxies - 1``, each with its own random labels for noise) are averaged into ``tau``.
     BatchNorm statistics are excluded from ``tau`` (``exclude``, see :class:`TaskVector`). The input model is not
     modified, its train/eval mode included; the edited model is returned in that same mode.
+    ``proxy_recipe``: ``"plain"`` (default, the paper's) or ``"paired"`` (``kind="backdoor"`` only; needs
+    ``clean_x``, unlabelled untriggered inputs ``[M, *input]``, pseudo-labelled by :func:`pseudo_labels`): ``tau``
+    is, per proxy, the fine-tune on ``proxy_x`` together with ``clean_x`` minus the fine-tune on ``clean_x`` alone
+    (see the module docstring).
     """
     if kind not in ("noise", "backdoor"):
         raise ValueError(f"kind={kind!r}: choose 'noise' or 'backdoor'")
     if kind == "noise" and inputs is None:
         raise ValueError("kind='noise' needs inputs: unlabelled held-out inputs to choose alpha by k-NN agreement")
+    if proxy_recipe not in ("plain", "paired"):
+        raise ValueError(f"proxy_recipe={proxy_recipe!r}: choose 'plain' or 'paired'")
+    if proxy_recipe == "paired":
+        if kind != "backdoor":
+            raise ValueError("proxy_recipe='paired' is for kind='backdoor' (the twins are the untriggered inputs)")
+        if clean_x is None or len(clean_x) == 0:
+            raise ValueError("proxy_recipe='paired' needs clean_x: unlabelled untriggered inputs (pseudo-labelled by "
+                             "the model itself)")
+    elif clean_x is not None:
+        raise ValueError("clean_x is used by proxy_recipe='paired' only")
     if len(proxy_x) != len(proxy_y):
         raise ValueError(f"proxy_x has {len(proxy_x)} inputs but proxy_y {len(proxy_y)} labels")
     alphas = list(alphas) if alphas is not None else [round(0.1 * i, 1) for i in range(0, 41)]
     base = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
     num_classes = int(_logits(model, proxy_x[:1]).shape[1])
     taus = []
+    twin_y = pseudo_labels(model, clean_x) if proxy_recipe == "paired" else None
+
+    def fine_tune(x, y, i):
+        ft = train_classifier(copy.deepcopy(model), x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + i)
+        return TaskVector(base, ft.state_dict(), exclude=exclude)
+
     for i in range(proxies):
         y = proxy_y
         if kind == "noise" and i > 0:  # a fresh random labelling per extra proxy
             gen = torch.Generator().manual_seed(seed + i)
             y = torch.randint(0, num_classes, (len(proxy_y),), generator=gen).to(proxy_y.device)
-        ft = train_classifier(copy.deepcopy(model), proxy_x, y, epochs=epochs, batch_size=batch_size, lr=lr,
-                              seed=seed + i)
-        taus.append(TaskVector(base, ft.state_dict(), exclude=exclude))
+        if proxy_recipe == "paired":
+            both = fine_tune(torch.cat([proxy_x, clean_x]), torch.cat([y, twin_y.to(y.device, y.dtype)]), i)
+            taus.append(both - fine_tune(clean_x, twin_y, i))
+        else:
+            taus.append(fine_tune(proxy_x, y, i))
     tau = sum(taus) / len(taus)
     alpha, curve = select_alpha(model, tau, alphas, kind=kind, inputs=inputs, proxy_x=proxy_x, proxy_y=proxy_y,
                                 features=features, k=k, asr_threshold=asr_threshold, num_classes=num_classes)

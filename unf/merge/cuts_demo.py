@@ -12,7 +12,8 @@ included) are chosen that way, by ``benchmarks/merge_cuts.py choose``.
   labels, fine-tuned at 1/10 of the training rate (the paper's recipe).
 - ``backdoor``: a 2x2 white patch in the bottom-right corner on 5% of the training inputs, relabelled to class 0.
   Proxy: the proxy inputs of other classes with the trigger, labelled 0. Attack success (ASR) is measured on
-  triggered test inputs whose class is not the target.
+  triggered test inputs whose class is not the target. With ``proxy_recipe="paired"`` (see :func:`unf.merge.cuts`)
+  the clean twins are all the proxy inputs without the trigger, labelled by the backdoored model's own predictions.
 """
 from __future__ import annotations
 
@@ -35,13 +36,16 @@ PRETRAIN_EPOCHS = 30  # the rotation-pretrained backbone (backbone="rotation")
 # the defaults of run_cuts_demo and the CLI, per (kind, backbone), chosen on the validation split of seed 0 (no test
 # data) by `benchmarks/merge_cuts.py choose --kind K --backbone B` (benchmarks/results/merge_cuts_choice.jsonl): for
 # noise the largest gap recovered; for a backdoor the fewest points of accuracy lost with attack success <= 5%
-DEFAULTS = {("noise", "scratch"): {"epochs": 150, "proxies": 10, "proxy_epochs": 40},
-            ("backdoor", "scratch"): {"epochs": 150, "proxies": 5, "proxy_epochs": 40},
-            ("noise", "rotation"): {"epochs": 60, "proxies": 10, "proxy_epochs": 40},
-            ("backdoor", "rotation"): {"epochs": 150, "proxies": 1, "proxy_epochs": 20}}
+# (the backdoor's choice, 2026-12-07, now includes the proxy recipe: "paired" won on both backbones)
+DEFAULTS = {("noise", "scratch"): {"epochs": 150, "proxies": 10, "proxy_epochs": 40, "proxy_recipe": "plain"},
+            ("backdoor", "scratch"): {"epochs": 150, "proxies": 5, "proxy_epochs": 40, "proxy_recipe": "paired"},
+            ("noise", "rotation"): {"epochs": 60, "proxies": 10, "proxy_epochs": 40, "proxy_recipe": "plain"},
+            ("backdoor", "rotation"): {"epochs": 150, "proxies": 5, "proxy_epochs": 40, "proxy_recipe": "paired"}}
 NOISE_ALPHAS = [round(0.1 * i, 1) for i in range(0, 41)]
 # attack success on the proxy set stays above 1% up to alpha 4 (the rule's own signal, no labels): a longer grid
 BACKDOOR_ALPHAS = [round(0.1 * i, 1) for i in range(0, 81)]
+# the "paired" proxy vector is trigger-specific and shorter: its proxy attack success reaches 1% at alpha 7-14
+PAIRED_ALPHAS = [round(0.1 * i, 1) for i in range(0, 241)]
 
 
 def wide_mlp(width: int = WIDTH) -> nn.Module:
@@ -101,23 +105,24 @@ def experiment_data(evaluate_on: str, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def settings(kind: str, backbone: str, epochs: Optional[int] = None, proxies: Optional[int] = None,
-             proxy_epochs: Optional[int] = None) -> dict:
-    """``{"epochs", "proxies", "proxy_epochs"}``: the given values, each ``None`` replaced by ``DEFAULTS[kind,
-    backbone]`` (the setting chosen on validation for that kind and backbone)."""
+             proxy_epochs: Optional[int] = None, proxy_recipe: Optional[str] = None) -> dict:
+    """``{"epochs", "proxies", "proxy_epochs", "proxy_recipe"}``: the given values, each ``None`` replaced by
+    ``DEFAULTS[kind, backbone]`` (the setting chosen on validation for that kind and backbone)."""
     default = DEFAULTS[kind, backbone]
-    given = {"epochs": epochs, "proxies": proxies, "proxy_epochs": proxy_epochs}
+    given = {"epochs": epochs, "proxies": proxies, "proxy_epochs": proxy_epochs, "proxy_recipe": proxy_recipe}
     return {k: default[k] if v is None else v for k, v in given.items()}
 
 
 def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *, epochs: Optional[int] = None,
                   proxy_epochs: Optional[int] = None, proxies: Optional[int] = None, poison_rate: float = 0.05,
                   alphas: Optional[list] = None, evaluate_on: str = "test", backbone: str = "scratch",
-                  progress=None) -> dict:
+                  proxy_recipe: Optional[str] = None, progress=None) -> dict:
     """One run of the experiment (see the module docstring); the JSON record ``unf merge cuts-demo`` prints.
 
     The reported accuracies (``*_acc``, ``*_asr``, the alpha curve's ``acc`` and ``asr``) are on ``evaluate_on``
     (``"test"``, or ``"validation"``: see :func:`experiment_data`). ``alphas``: default ``NOISE_ALPHAS`` or
-    ``BACKDOOR_ALPHAS``. ``epochs``, ``proxies``, ``proxy_epochs``: default ``DEFAULTS[kind, backbone]`` (see
+    ``BACKDOOR_ALPHAS`` (``PAIRED_ALPHAS`` with the paired recipe). ``epochs``, ``proxies``, ``proxy_epochs``,
+    ``proxy_recipe`` (``"plain"`` or, for backdoors, ``"paired"``): default ``DEFAULTS[kind, backbone]`` (see
     :func:`settings`). ``backbone``: ``"scratch"`` (the corrupted and the clean model trained from a random
     initialisation) or ``"rotation"`` (both trained from :func:`rotation_pretrained` on the experiment's training
     inputs, without labels)."""
@@ -128,11 +133,14 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
     if not 0 <= noise_rate < 1:
         raise ValueError(f"noise_rate={noise_rate}: must be in [0, 1)")
     tick = progress or (lambda _: None)
-    chosen = settings(kind, backbone, epochs, proxies, proxy_epochs)
+    chosen = settings(kind, backbone, epochs, proxies, proxy_epochs, proxy_recipe)
     epochs, proxies, proxy_epochs = chosen["epochs"], chosen["proxies"], chosen["proxy_epochs"]
+    proxy_recipe = chosen["proxy_recipe"]
+    if proxy_recipe not in ("plain", "paired") or (proxy_recipe == "paired" and kind != "backdoor"):
+        raise ValueError(f"proxy_recipe={proxy_recipe!r}: choose 'plain', or 'paired' for kind='backdoor'")
     x, y, xt, yt, c = experiment_data(evaluate_on, seed)
     if alphas is None:
-        alphas = NOISE_ALPHAS if kind == "noise" else BACKDOOR_ALPHAS
+        alphas = NOISE_ALPHAS if kind == "noise" else PAIRED_ALPHAS if proxy_recipe == "paired" else BACKDOOR_ALPHAS
     rng = np.random.default_rng(seed)
     order = torch.as_tensor(rng.permutation(len(y)))
     n_hold = int(0.3 * len(y)) // 3 * 3
@@ -167,8 +175,9 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
     else:
         keep = proxy_idx[y[proxy_idx] != TARGET]  # the trigger on inputs of other classes
         proxy_x, proxy_y = add_trigger(x[keep]), torch.full((len(keep),), TARGET)
+    clean_x = x[proxy_idx] if proxy_recipe == "paired" else None  # unlabelled: pseudo-labelled inside cuts
     res = cuts(corrupted, proxy_x, proxy_y, x[input_idx], kind=kind, alphas=alphas, epochs=proxy_epochs,
-               lr=TRAIN_LR / 10, proxies=proxies, seed=seed)
+               lr=TRAIN_LR / 10, proxies=proxies, seed=seed, proxy_recipe=proxy_recipe, clean_x=clean_x)
     tick("CUTS done")
     base = corrupted.state_dict()
     rand = copy.deepcopy(corrupted)
@@ -200,7 +209,8 @@ def run_cuts_demo(kind: str = "noise", noise_rate: float = 0.4, seed: int = 0, *
         out.update(poison_rate=poison_rate, corrupted_asr=_asr(corrupted, xt_trig, yt),
                    cuts_asr=_asr(res.model, xt_trig, yt), random_asr=_asr(rand, xt_trig, yt),
                    clean_ft_asr=_asr(clean_ft, xt_trig, yt), clean_asr=_asr(clean, xt_trig, yt))
-    out.update(proxies=proxies, epochs=epochs, proxy_epochs=proxy_epochs, proxy_size=len(proxy_x),
+    out.update(proxies=proxies, epochs=epochs, proxy_epochs=proxy_epochs, proxy_recipe=proxy_recipe,
+               proxy_size=len(proxy_x),
                holdout_sizes=[len(proxy_idx), len(input_idx), len(clean_idx)], train_size=len(train_idx))
     return out
 
