@@ -1,7 +1,8 @@
 """``unf align``: align checkpoint B to checkpoint A by permutation; report the loss barrier before and after."""
 from __future__ import annotations
 
-from .common import UserError, add_command, at_least, build_model, emit, info, load_checkpoint, user_error
+from .common import (UserError, add_command, at_least, build_model, check_output, emit, info, load_checkpoint,
+                     user_error)
 
 
 def register(sub) -> None:
@@ -36,6 +37,10 @@ def align_and_report(args, say=info) -> dict:
     from unf.io import save_state_dict
     from unf.training import evaluate
 
+    for option, path in (("--out", args.out), ("--plot", args.plot)):  # fail before any work
+        if path:
+            check_output(path, option)
+    a, b = load_checkpoint(args.a, "--a"), load_checkpoint(args.b, "--b")
     if args.data not in unf.data.available():
         raise UserError(f"--data {args.data!r}: unknown dataset; available: {', '.join(unf.data.available())}")
     with user_error(f"--data {args.data}", (ImportError, OSError, ValueError)):
@@ -45,7 +50,6 @@ def align_and_report(args, say=info) -> dict:
         spec = unf.spec_from_module(model, split.x_train[:1])
     except unf.SpecInferenceError as e:
         raise UserError(f"{args.model} on --data {args.data}: {e}") from e
-    a, b = load_checkpoint(args.a, "--a"), load_checkpoint(args.b, "--b")
     for option, path, sd in (("--a", args.a, a), ("--b", args.b, b)):
         with user_error(f"{option} {path}", (ValueError,)):
             spec.validate(sd)

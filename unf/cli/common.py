@@ -251,6 +251,24 @@ def build_model(ref: str, arg_items: Sequence[str]):
     return factory, kwargs, model
 
 
+def check_output(path, option: str, directory: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be written later: a file where a directory is wanted (or the other
+    way round), or a parent that is a file or not writable. Missing parents are fine (they are created)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(f"{option} {path}: exists and is {'not ' if directory else ''}a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is not a directory")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise UserError(f"{option} {path}: not writable")
+
+
 def load_checkpoint(path: str, option: str) -> dict:
     """A state_dict from ``path`` (safetensors, or a ``.pt`` state_dict); a missing or unreadable file is a user
     error naming ``option``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UserError, add_command, add_group, at_least, emit, info, user_error, warn
+from .common import UserError, add_command, add_group, at_least, check_output, emit, info, user_error, warn
 
 
 def register(sub) -> None:
@@ -93,6 +93,7 @@ def run_train(args) -> int:
     if args.select_num is not None and not args.select_every:
         raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
                         "without --select-every K (K > 0)")
+    check_output(args.out, "--out", directory=True)
     init_distributed(str(args.device))
     _, rank, _ = dist_info()
     with user_error("--zoo", (ZooFormatError, OSError)):
@@ -172,6 +173,7 @@ def run_sample(args) -> int:
     from unf.flow.evaluate import evaluate_networks
     from unf.flow.zoo import model_factory, parse_where, write_generated
 
+    check_output(args.out, "--out", directory=True)
     with user_error("RUN", (ValueError, OSError)):
         flow = WeightFlow.load(_flow_path(args.run))
     with user_error("--condition", (ValueError,)):
