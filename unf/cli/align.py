@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (UserError, add_command, at_least, build_model, check_output, emit, info, load_checkpoint,
-                     user_error)
+                     progress, user_error)
 
 
 def register(sub) -> None:
@@ -23,13 +23,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    emit(align_and_report(args))
+    bar = progress(total=1 + 2 * args.points, desc="align", unit="step")  # the matching, then each path's points
+    emit(align_and_report(args, tick=lambda text: (bar.set_postfix_str(text), bar.update(1))))
+    bar.close()
     return 0
 
 
-def align_and_report(args, say=info) -> dict:
+def align_and_report(args, say=info, tick=None) -> dict:
     """Align ``args.b`` to ``args.a``, print the barriers with ``say`` (and write ``--out`` / ``--plot``); the JSON
-    result."""
+    result. ``tick(text)``, if given, is called after the matching and after each point of each path."""
+    tick = tick or (lambda text: None)
     import torch
 
     import unf
@@ -61,6 +64,7 @@ def align_and_report(args, say=info) -> dict:
         mb.load_state_dict(b)
         perm = activation_matching(ma, mb, spec, split.x_train.split(256), seed=args.seed)
     aligned = spec.permute(b, perm)
+    tick("matched")
     ts = [i / (args.points - 1) for i in range(args.points)]
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     bn_batches = (lambda: split.x_train.split(256)) if has_bn else None  # training data only
@@ -71,6 +75,7 @@ def align_and_report(args, say=info) -> dict:
         def test_loss(net):
             loss, acc = evaluate(net, split.x_test, split.y_test)
             accs.append(acc)
+            tick(f"{name} path, point {len(accs)}")
             return loss
 
         res = loss_barrier(model, a, end, test_loss, ts, bn_batches)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UserError, add_command, add_group, at_least, check_output, emit, info, user_error, warn
+from .common import (UserError, add_command, add_group, at_least, check_output, emit, info, progress, user_error,
+                     warn)
 
 
 def register(sub) -> None:
@@ -227,8 +228,11 @@ def run_eval(args) -> int:
         gen = Zoo(args.dir)
     with user_error("--zoo", (ZooFormatError, OSError)):
         src = Zoo(args.zoo)
+    bar = progress(total=2, desc="novelty", unit="set")  # held-out networks, then the generated ones
     with user_error("DIR", (ValueError, KeyError)):
-        result = evaluate_generated(gen, src, l2=not args.no_l2)
+        result = evaluate_generated(gen, src, l2=not args.no_l2,
+                                    progress=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+    bar.close()
     for name in ("train", "heldout", "generated"):
         s = result[name]
         line = f"{name:>9}: n={s['n']:4d}  accuracy mean {s['accuracy']['mean']:.4f} median {s['accuracy']['q50']:.4f}"
