@@ -4,7 +4,8 @@ walking the argparse tree, so a new command, a plugin's included, is checked wit
 - it takes ``--json``;
 - it takes ``--seed`` unless it draws nothing at random (``DETERMINISTIC``, each with the reason);
 - a bad input (a path that does not exist, a file where a directory is wanted) exits 2 with one line
-  ``unf: error: ...`` on stderr, no traceback, and nothing on stdout under ``--json``, before any work is done.
+  ``unf: error: ...`` on stderr, no traceback, and nothing on stdout under ``--json``, before any work is done;
+  so do the bad option values in ``BAD_VALUES`` (values argparse alone lets through).
 """
 import argparse
 import time
@@ -34,6 +35,17 @@ BAD_INPUT = {
     ("merge", "cuts-demo"): ["--plot", "{file}/curves.png"],
     ("demo",): ["--out", "{file}"],
 }
+
+# Bad option values that argparse alone would let through to the library (which raised, with a traceback).
+BAD_VALUES = [
+    ["flow", "train", "--zoo", MISSING, "--out", "{tmp}/run", "--lr", "nan"],
+    ["flow", "train", "--zoo", MISSING, "--out", "{tmp}/run", "--holdout", "1.5"],
+    ["lopt", "meta-train", "--out", "{tmp}/run", "--sigma", "0"],
+    ["lopt", "meta-train", "--out", "{tmp}/run", "--widths", "0,0"],
+    ["lopt", "eval", "--adam-lrs", "nan"],
+    ["merge", "cuts-demo", "--noise-rate", "1"],
+    ["demo", "--out", "{tmp}/demo", "--only", "nope"],
+]
 
 
 def _commands(parser, path=()):
@@ -89,12 +101,7 @@ def test_command_takes_json_and_seed(path):
         assert "--seed" not in options, f"unf {' '.join(path)} takes --seed: remove it from DETERMINISTIC"
 
 
-@pytest.mark.parametrize("path", COMMANDS, ids=IDS)
-def test_bad_input_exits_2_with_one_line(path, tmp_path, capsys):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not what the command wants\n")
-    args = BAD_INPUT.get(path) or _generic_bad_input(COMMANDS[path])
-    argv = [*path, *(a.format(file=a_file, tmp=tmp_path) for a in args), "--json"]
+def _fails_at_once(argv, capsys):
     start = time.perf_counter()
     status = main(argv)
     seconds = time.perf_counter() - start
@@ -104,3 +111,17 @@ def test_bad_input_exits_2_with_one_line(path, tmp_path, capsys):
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("unf: error: "), err
     assert out == "", out  # under --json stdout holds results only
     assert seconds < 5, f"unf {' '.join(argv)} took {seconds:.1f} s to fail: check the input before the work"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=IDS)
+def test_bad_input_exits_2_with_one_line(path, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not what the command wants\n")
+    args = BAD_INPUT.get(path) or _generic_bad_input(COMMANDS[path])
+    _fails_at_once([*path, *(a.format(file=a_file, tmp=tmp_path) for a in args), "--json"], capsys)
+
+
+@pytest.mark.parametrize("argv", BAD_VALUES, ids=[" ".join(a) for a in BAD_VALUES])
+def test_bad_value_exits_2_with_one_line(argv, tmp_path, capsys):
+    _fails_at_once([a.format(tmp=tmp_path) for a in argv] + ["--json"], capsys)
+    assert not (tmp_path / "run").exists()  # nothing written

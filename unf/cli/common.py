@@ -89,6 +89,21 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a learning rate, a scale); NaN, infinities and <= 0 are usage
+    errors (exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
 def add_common(parser: argparse.ArgumentParser, *, seed: bool = False, device: bool = False,
                json: bool = True) -> None:
     """The options every command takes (``--quiet``, ``--debug``, ``--json``), and ``--seed`` / ``--device`` for

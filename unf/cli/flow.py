@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (UserError, add_command, add_group, at_least, check_output, emit, info, progress, user_error,
-                     warn)
+from .common import (UserError, add_command, add_group, at_least, check_output, emit, info, positive_float, progress,
+                     user_error, warn)
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def register(sub) -> None:
                    help="unf: equivariant UNF field (default); mlp: DeepWeightFlow's flat MLP")
     p.add_argument("--steps", type=at_least(1), default=3000, help="training steps (default 3000)")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="networks per step and process (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
+    p.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
     p.add_argument("--condition", action="append", default=[], metavar="COL",
                    help="metadata column to condition on (repeatable), e.g. train_acc (not test_acc: generated "
                         "networks are scored on the test split)")
@@ -99,9 +99,14 @@ def run_train(args) -> int:
     _, rank, _ = dist_info()
     with user_error("--zoo", (ZooFormatError, OSError)):
         zoo = Zoo(args.zoo)
-    with user_error("--where", (ValueError,)):
+    with user_error(None, (ValueError,)):  # the messages name --where or --epoch
         where = parse_where(args.where)
         picked = select_rows(zoo, where, args.epoch)
+    columns = [c for c in zoo.metadata[0] if c not in ("chunk", "model_id")]
+    for name in args.condition:
+        if name not in columns:
+            raise UserError(f"--condition {name!r} is not a column of {args.zoo}/metadata.csv; columns: "
+                            f"{', '.join(columns)}")
     with user_error("--zoo", (ValueError,)):
         data_name, split_seed = zoo_data(zoo.manifest.get("info", {}))
         model_factory(zoo.manifest.get("info", {}))
