@@ -24,7 +24,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     bar = progress(total=1 + 2 * args.points, desc="align", unit="step")  # the matching, then each path's points
-    emit(align_and_report(args, tick=lambda text: (bar.set_postfix_str(text), bar.update(1))))
+    emit(align_and_report(args, say=lambda text: (bar.close(), info(text)),  # the bar ends before the report
+                          tick=lambda text: (bar.set_postfix_str(text), bar.update(1))))
     bar.close()
     return 0
 

@@ -127,12 +127,18 @@ def run_eval(args) -> int:
         rule = load_rule(args.weights)
     task = TASKS[args.task]
     runs = {}
-    for lr in progress(lrs, desc="Adam grid", unit="lr"):
+    bar = progress(total=len(lrs) + 1, desc=args.task, unit="run")  # the Adam grid, then the learned optimizer
+    for lr in lrs:
+        bar.set_postfix_str(f"Adam lr={lr:g}")
         runs[f"adam lr={lr:g}"] = train_curve(task, lambda m, x: torch.optim.Adam(m.parameters(), lr=lr), args.seed,
                                               steps=args.steps, device=args.device)
+        bar.update(1)
     best = min(runs, key=lambda k: min((v for v in runs[k]["train"] if v is not None), default=float("inf")))
+    bar.set_postfix_str("learned")
     runs["learned"] = train_curve(task, lambda m, x: UNFOptimizer.for_model(m, x, weights=rule), args.seed,
                                   steps=args.steps, device=args.device)
+    bar.update(1)
+    bar.close()
     ref = runs[best]
     for name in (best, "learned"):
         r = runs[name]
