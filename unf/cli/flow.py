@@ -99,8 +99,9 @@ def run_train(args) -> int:
     _, rank, _ = dist_info()
     with user_error("--zoo", (ZooFormatError, OSError)):
         zoo = Zoo(args.zoo)
-    with user_error(None, (ValueError,)):  # the messages name --where or --epoch
+    with user_error("--where", (ValueError,)):
         where = parse_where(args.where)
+    with user_error(None, (ValueError,)):  # the messages name --where or --epoch
         picked = select_rows(zoo, where, args.epoch)
     columns = [c for c in zoo.metadata[0] if c not in ("chunk", "model_id")]
     for name in args.condition:
