@@ -1,0 +1,152 @@
+"""The front end for Hugging Face models: a dispatcher-level trace (``make_fx``) of one real forward.
+
+Why not torch.fx: transformers 5.x forwards take ``**kwargs``, slice buffers by input lengths, build attention masks
+with shape-dependent branches and check dtypes, so a symbolic trace fails on nearly every model class. ``make_fx``
+runs the forward on real tensors, lets all of that Python run, and records the ATen ops that touch tensors
+(``pre_dispatch=True`` keeps ``aten.linear``, ``aten.scaled_dot_product_attention`` and ``aten.layer_norm`` whole).
+The parameters are passed in with ``torch.func.functional_call``, so each becomes a graph input that is mapped back
+to its ``state_dict`` entry (tied tensors: one object, one entry in the spec's terms). Non-persistent buffers
+(``position_ids``, rotary ``inv_freq``) become graph constants, which are never permuted.
+
+What it costs: the trace is specific to the example input's shapes and to the branches the forward took on it
+(the same holds for any trace). A forward whose control flow depends on the *values* of the weights would not be
+covered; Hugging Face forwards branch on shapes, configuration and masks only.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils import _pytree as pytree
+
+import unf
+from unf.spec.infer import SpecInferenceError
+
+
+@contextlib.contextmanager
+def _tracing_state(model: nn.Module):
+    """Eval mode, no cache (a ``DynamicCache`` in the output is no tensor), no gradients; restored afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    had_cache = hasattr(config, "use_cache")
+    use_cache = getattr(config, "use_cache", None)
+    is_compiling = torch.compiler.is_compiling
+    model.eval()
+    if had_cache:
+        config.use_cache = False
+    # transformers takes its graph-friendly paths (no data-dependent checks such as ``(mask == 0).all()``) when it
+    # believes it is being compiled: ``transformers.utils.is_tracing`` asks ``torch.compiler.is_compiling()``
+    torch.compiler.is_compiling = lambda: True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.compiler.is_compiling = is_compiling
+        model.train(was_training)
+        if had_cache:
+            config.use_cache = use_cache
+
+
+def _meta(val):
+    if isinstance(val, torch.Tensor):
+        return _extract_tensor_metadata(val)
+    if isinstance(val, (tuple, list)):
+        return tuple(_meta(v) for v in val)
+    return None
+
+
+def trace_aten(model: nn.Module, example_inputs) -> fx.GraphModule:
+    """The ATen graph of ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword
+    inputs), with ``get_attr`` nodes holding the model's own ``state_dict`` tensors and shapes in ``tensor_meta``."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
+    sd = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    for key, t in sd.items():  # tied tensors: one input (functional_call ties the other names to it)
+        first.setdefault(id(t), key)
+    keys = list(first.values())
+    flat_in, in_spec = pytree.tree_flatten((args, kwargs))
+
+    def forward(*flat):
+        params = dict(zip(keys, flat[:len(keys)]))
+        a, kw = pytree.tree_unflatten(list(flat[len(keys):]), in_spec)
+        out = torch.func.functional_call(model, params, a, kw, strict=False)
+        return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+    name = type(model).__name__
+    with _tracing_state(model):
+        try:
+            gm = make_fx(forward, tracing_mode="real", pre_dispatch=True)(*[t.detach() for t in map(sd.get, keys)], *flat_in)
+        except Exception as e:
+            raise SpecInferenceError(
+                f"unf-transformers could not trace {name} on the example inputs: {type(e).__name__}: {e}\n"
+                "Pass inputs the model accepts (input_ids for text models, pixel_values for vision models; a dict "
+                "for several keyword inputs), or write the spec by hand with unf.WeightSpaceSpec.from_axes(...).") from e
+    # parameters: placeholders -> get_attr nodes holding the state_dict's own tensors (ids identify the entries)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, key) in enumerate(zip(placeholders, keys)):
+        attr = f"_unf_sd_{i}"
+        if isinstance(sd[key], nn.Parameter):
+            gm.register_parameter(attr, sd[key])
+        else:
+            gm.register_buffer(attr, sd[key], persistent=False)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(attr)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    _fold_weight_independent(gm, flat_in)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["tensor_meta"] = _meta(node.meta["val"])
+        elif node.op == "get_attr":
+            obj = getattr(gm, node.target)
+            if isinstance(obj, torch.Tensor):
+                node.meta["tensor_meta"] = _meta(obj)
+    gm.recompile()
+    return gm
+
+
+def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
+    """Replace every tensor computed without the weights (attention masks, position ids, rotary cos/sin) by its
+    value on the example inputs. Such tensors do not change when the weights are permuted, so nothing needs
+    proving about them: as constants they are fixed in every axis (what inference assumes of tensors outside the
+    state_dict), and the mask code's ops (``index``, ``diff``, ``cumsum``, ...) need no rules."""
+    dep: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "get_attr" and node.target.startswith("_unf_sd_")) or any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    fold = {n for n in gm.graph.nodes if n.op == "call_function" and n not in dep
+            and isinstance(n.meta.get("val"), torch.Tensor) and any(u in dep for u in n.users)}
+    if not fold:
+        return
+    values: dict[fx.Node, torch.Tensor] = {}
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in fold:
+                values[n] = out
+            return out
+
+    with torch.no_grad():
+        _Record(gm).run(*flat_in)
+    for i, node in enumerate(sorted(fold, key=lambda n: n.name)):
+        attr = f"_unf_const_{i}"
+        gm.register_buffer(attr, values[node], persistent=False)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(attr)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+    gm.graph.eliminate_dead_code()
+
+
+def register() -> None:
+    from transformers import PreTrainedModel
+    unf.spec.register_frontend(PreTrainedModel)(trace_aten)
