@@ -174,7 +174,7 @@ def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 def register() -> None:
-    _fn(*_ELEMENTWISE)(R.elementwise)
+    _fn(*_ELEMENTWISE, *[n + "_" for n in _ELEMENTWISE])(R.elementwise)
     _fn("ones", "zeros", "full", "ones_like", "zeros_like", "full_like", "new_ones", "new_zeros", "new_full",
         "scalar_tensor")(_constant)
     _fn("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as",

@@ -124,8 +124,6 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
             dep.add(node)
     fold = {n for n in gm.graph.nodes if n.op == "call_function" and n not in dep
             and isinstance(n.meta.get("val"), torch.Tensor) and any(u in dep for u in n.users)}
-    if not fold:
-        return
     values: dict[fx.Node, torch.Tensor] = {}
 
     class _Record(fx.Interpreter):
@@ -135,8 +133,9 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
                 values[n] = out
             return out
 
-    with torch.no_grad():
-        _Record(gm).run(*flat_in)
+    if fold:
+        with torch.no_grad():
+            _Record(gm).run(*flat_in)
     for i, node in enumerate(sorted(fold, key=lambda n: n.name)):
         attr = f"_unf_const_{i}"
         gm.register_buffer(attr, values[node], persistent=False)
@@ -144,7 +143,8 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
             new = gm.graph.get_attr(attr)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
-    gm.graph.eliminate_dead_code()
+    # what only fed the folded values goes, in-place ops on weight-independent tensors (``add_``) included
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in dep and n.is_impure())
 
 
 def register() -> None:

@@ -1,0 +1,198 @@
+"""The unf-transformers plugin: Hugging Face models get sound, maximal specs from ``unf.spec_from_module`` alone.
+
+Tiny configurations with random weights (nothing is downloaded), float64, eval mode. Soundness: weights permuted by
+sampled permutations of the spec leave the model's own output (logits / last_hidden_state) unchanged. Maximality:
+the number and sizes of the groups equal a count derived by hand for each family (see ``FAMILIES``).
+"""
+import copy
+import warnings
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+tr = pytest.importorskip("transformers")
+import unf  # noqa: E402
+from unf.spec import registry  # noqa: E402
+
+L, D, HEADS, KV, FF = 2, 32, 4, 2, 64  # layers, width, query heads, key/value heads, MLP width
+HD = D // HEADS
+BASE = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=HEADS, intermediate_size=FF, vocab_size=100)
+
+
+def _spec(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", unf.UnprovenSymmetryWarning)
+        return unf.spec_from_module(model, x, strict=True)
+
+
+def _output(model, x):
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def _error(model, spec, x, n=3, perm=None):
+    y = _output(model, x)
+    worst = 0.0
+    for s in range(n):
+        p = perm if perm is not None else spec.sample_permutation(torch.Generator().manual_seed(s))
+        other = copy.deepcopy(model)
+        other.load_state_dict(spec.permute(model.state_dict(), p))
+        worst = max(worst, ((_output(other, x) - y).abs().max() / y.abs().max()).item())
+    return worst
+
+
+def _ids():
+    return torch.randint(2, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+# Hand counts. Per attention layer: heads, a Q/K within-head group and a V/O within-head group (Q and K share one
+# permutation of their head dimensions, V and the output projection's inputs another); per MLP its hidden width; one
+# residual stream unless the model outputs it (a base model's last_hidden_state is the stream, which is then fixed).
+# Rotary embeddings rotate dims (i, i + d/2) together by an angle with its own frequency, and every frequency differs:
+# no permutation of head dimensions commutes with them (swapping i and i + d/2 reverses the rotation), so Q/K keep no
+# within-head group. Grouped-query attention: key/value heads permute as blocks, and query heads within their
+# key/value group (one permutation shared by the groups): 2 groups in place of "heads".
+ENC = [HEADS, HD, HD, FF]               # heads, Q/K, V/O, MLP
+ROPE_GQA = [KV, HEADS // KV, HD, FF]    # key/value heads, query heads per key/value head, V/O, gated MLP
+
+
+def _sizes(*groups):
+    return sorted(groups)
+
+
+FAMILIES = {
+    # encoder, learned position embeddings, post-norm LayerNorm; the MLM head is tied to the word embeddings, and
+    # its transform's output feeds the tied decoder, so it stays on the stream
+    "bert-mlm": (lambda: tr.BertForMaskedLM(tr.BertConfig(**BASE)), _ids, _sizes(D, *ENC * L)),
+    # + the pooler's hidden width (tanh, then the classifier)
+    "bert-cls": (lambda: tr.BertForSequenceClassification(tr.BertConfig(**BASE)), _ids, _sizes(D, D, *ENC * L)),
+    # the base model outputs the stream: fixed; the pooler's width stays free
+    "bert-base": (lambda: tr.BertModel(tr.BertConfig(**BASE), add_pooling_layer=False), _ids, _sizes(*ENC * L)),
+    "roberta": (lambda: tr.RobertaForMaskedLM(tr.RobertaConfig(**BASE, pad_token_id=1)), _ids, _sizes(D, *ENC * L)),
+    "distilbert": (lambda: tr.DistilBertForMaskedLM(tr.DistilBertConfig(dim=D, n_layers=L, n_heads=HEADS,
+                                                                        hidden_dim=FF, vocab_size=100)),
+                   _ids, _sizes(D, *ENC * L)),
+    # Conv1D layers (weight [in, out]), fused QKV split in three, tied lm_head, learned positions; MLP 4 * D
+    "gpt2": (lambda: tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=D, n_layer=L, n_head=HEADS, vocab_size=100,
+                                                       n_positions=32, bos_token_id=0, eos_token_id=0)),
+             _ids, _sizes(D, *[HEADS, HD, HD, 4 * D] * L)),
+    # RMSNorm, rotary, grouped-query attention, gated MLP (gate and up share the hidden group)
+    "llama": (lambda: tr.LlamaForCausalLM(tr.LlamaConfig(**BASE, num_key_value_heads=KV)), _ids,
+              _sizes(D, *ROPE_GQA * L)),
+    "mistral": (lambda: tr.MistralForCausalLM(tr.MistralConfig(**BASE, num_key_value_heads=KV)), _ids,
+                _sizes(D, *ROPE_GQA * L)),
+    # + Q/K/V biases
+    "qwen2": (lambda: tr.Qwen2ForCausalLM(tr.Qwen2Config(**BASE, num_key_value_heads=KV)), _ids,
+              _sizes(D, *ROPE_GQA * L)),
+    # + per-head Q/K RMSNorm (its weight indexes head dimensions, fixed by the rotary embedding anyway)
+    "qwen3": (lambda: tr.Qwen3ForCausalLM(tr.Qwen3Config(**BASE, num_key_value_heads=KV, head_dim=HD)), _ids,
+              _sizes(D, *ROPE_GQA * L)),
+    # one relative-position bias (weight [buckets, heads]) computed in layer 0 and added in every layer: the heads
+    # of all layers permute together (1 group); the stream is the output (fixed); RMSNorm, ReLU MLP
+    "t5-encoder": (lambda: tr.T5EncoderModel(tr.T5Config(d_model=D, d_kv=HD, d_ff=FF, num_layers=L, num_heads=HEADS,
+                                                          vocab_size=100)),
+                   _ids, _sizes(HEADS, *[HD, HD, FF] * L)),
+    # patch embedding conv -> stream, CLS token and position embeddings on the stream
+    "vit": (lambda: tr.ViTForImageClassification(tr.ViTConfig(hidden_size=D, num_hidden_layers=L,
+                                                               num_attention_heads=HEADS, intermediate_size=FF,
+                                                               image_size=16, patch_size=4, num_labels=3)),
+            lambda: torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+            _sizes(D, *ENC * L)),
+}
+
+# RMSNorm in these families computes in float32 whatever the model's dtype (``hidden_states.to(torch.float32)``),
+# so a permuted copy differs by float32 rounding (about 1e-7); the check runs with that cast made a no-op as well.
+_FLOAT32_NORMS = {"llama": "llama.modeling_llama.LlamaRMSNorm", "mistral": "mistral.modeling_mistral.MistralRMSNorm",
+                  "qwen2": "qwen2.modeling_qwen2.Qwen2RMSNorm", "qwen3": "qwen3.modeling_qwen3.Qwen3RMSNorm"}
+
+
+def _float64_rms_norm(self, h):
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_plugin_is_registered_by_entry_point():
+    names = [ep.name for ep in entry_points(group=registry.ENTRY_POINT_GROUP)]
+    assert "transformers" in names, "install the plugin: pip install -e plugins/unf-transformers"
+    assert registry.frontend(tr.BertModel(tr.BertConfig(**BASE))) is not None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_is_sound_and_maximal(family, monkeypatch):
+    build, inputs, groups = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    x = inputs()
+    spec = _spec(model, x)
+    assert sorted(spec.groups.values()) == groups, spec
+    if family in _FLOAT32_NORMS:
+        assert _error(model, spec, x) <= 1e-6
+        module, _, cls = _FLOAT32_NORMS[family].rpartition(".")
+        monkeypatch.setattr(getattr(__import__(f"transformers.models.{module}", fromlist=[cls]), cls), "forward",
+                            _float64_rms_norm)
+    assert _error(model, spec, x) <= 1e-10
+
+
+def test_llama_axes_rotary_and_grouped_query_attention():
+    """Query heads are (key/value head, head within its group); rotary fixes Q/K head dimensions; V keeps them."""
+    model = FAMILIES["llama"][0]().double().eval()
+    spec = _spec(model, _ids())
+    q = spec["model.layers.0.self_attn.q_proj.weight"].axes[0]
+    k = spec["model.layers.0.self_attn.k_proj.weight"].axes[0]
+    v = spec["model.layers.0.self_attn.v_proj.weight"].axes[0]
+    o = spec["model.layers.0.self_attn.o_proj.weight"].axes[1]
+    kv, per_kv, qk_dim = q
+    assert (spec.groups[kv], spec.groups[per_kv], qk_dim) == (KV, HEADS // KV, HD)
+    assert k == (kv, HD) and v[0] == kv and spec.groups[v[1]] == HD and o == (kv, per_kv, v[1])
+    gate = spec["model.layers.0.mlp.gate_proj.weight"].axes[0]
+    assert spec["model.layers.0.mlp.up_proj.weight"].axes[0] == gate
+    assert spec["model.layers.0.mlp.down_proj.weight"].axes[1] == gate
+
+
+def test_rotary_forbids_permuting_head_dimensions():
+    """The rule that fixes Q/K head dimensions is needed: swapping two of them (in Q and K alike) changes the output."""
+    model = FAMILIES["llama"][0]().double().eval()
+    x = _ids()
+    spec = _spec(model, x)
+    sd = model.state_dict()
+    swap = torch.arange(D)
+    swap[[0, 1]] = swap[[1, 0]]  # head 0, dims 0 and 1 (different frequencies)
+    for name in ("q_proj", "k_proj"):
+        key = f"model.layers.0.self_attn.{name}.weight"
+        sd[key] = sd[key][torch.cat([swap[:sd[key].shape[0]]])]
+    other = copy.deepcopy(model)
+    other.load_state_dict(sd)
+    with torch.no_grad():
+        assert (_output(other, x) - _output(model, x)).abs().max() > 1e-4 * _output(model, x).abs().max()
+
+
+def test_gpt2_ties_lm_head_to_the_embedding():
+    model = FAMILIES["gpt2"][0]().double().eval()
+    spec = _spec(model, _ids())
+    wte = spec["transformer.wte.weight"].axes
+    assert wte[0] is None and spec.groups[wte[1]] == D
+    assert spec["lm_head.weight"].axes == wte
+    assert spec["transformer.wpe.weight"].axes == (None, wte[1])  # learned positions: rows fixed
+    qkv = spec["transformer.h.0.attn.c_attn.weight"].axes  # Conv1D: [in, out]
+    assert qkv[0] == wte[1] and isinstance(qkv[1], list) and len(qkv[1]) == 3
+
+
+def test_keyword_inputs_with_padding_mask():
+    """A dict of inputs (input_ids and a padding attention_mask) works; the mask is weight-independent."""
+    model = FAMILIES["bert-cls"][0]().double().eval()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    x = {"input_ids": ids, "attention_mask": mask}
+    spec = _spec(model, x)
+    assert sorted(spec.groups.values()) == FAMILIES["bert-cls"][2]
+    assert _error(model, spec, x) <= 1e-10
+
+
+def test_model_is_left_as_it_was():
+    model = FAMILIES["gpt2"][0]().train()
+    use_cache = model.config.use_cache
+    _spec(model, _ids())
+    assert model.training and model.config.use_cache == use_cache
+    assert torch.compiler.is_compiling() is False
