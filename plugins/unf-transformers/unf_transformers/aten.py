@@ -155,6 +155,28 @@ def _conv(spatial):
     return rule
 
 
+def _index_tensor(ctx, x, indices):
+    """``x[..., idx, ...]`` with integer index tensors (a pooled token picked by position, a relative-position table):
+    the indexed axes of ``x`` are fixed, the index tensors' broadcast axes take their place (numpy's rule: in place
+    if the indexed axes are adjacent, else in front)."""
+    args = ctx.node.args[1]
+    dims = [d for d, i in enumerate(indices) if i is not None]
+    metas = [getattr(args[d], "meta", {}).get("tensor_meta") for d in dims]
+    if not dims or any(m is None or m.dtype == torch.bool or m.dtype.is_floating_point for m in metas):
+        ctx.give_up("boolean or unknown tensor indexing", x)
+        return ctx.fixed_output()
+    ctx.fix(*[x.axes[d] for d in dims], reason="entries addressed by an index tensor")
+    idx = [indices[d] for d in dims]
+    bshape = tuple(torch.broadcast_shapes(*[i.shape for i in idx]))
+    picked = R.broadcast_axes([(i.shape, i.axes) for i in idx], bshape)
+    rest = [x.axes[d] for d in range(x.ndim) if d not in dims]
+    if dims == list(range(dims[0], dims[-1] + 1)):
+        axes = list(x.axes[:dims[0]]) + picked + list(x.axes[dims[-1] + 1:])
+    else:
+        axes = picked + rest
+    return ctx.output(axes)
+
+
 def _triangle(ctx, x, *args, **kwargs):
     ctx.fix(*x.axes[-2:], reason="a triangular mask orders positions")
     return ctx.output(list(x.axes))
@@ -181,7 +203,7 @@ def register() -> None:
         "reshape_as")(_reshape)
     _fn("permute")(_permute)
     _fn("transpose", "swapaxes")(_transpose)
-    _fn("t")(lambda ctx, x: R._transpose(ctx, x))
+    _fn("t", "numpy_T")(lambda ctx, x: R._transpose(ctx, x))
     _fn("expand", "expand_as", "broadcast_to")(_expand)
     _fn("slice")(_slice)
     _fn("select")(_select)
@@ -202,4 +224,9 @@ def register() -> None:
     _fn("conv2d")(_conv(2))
     _fn("conv3d")(_conv(3))
     _fn("tril", "triu")(_triangle)
+    _fn("index")(_index_tensor)
+    _fn("pad")(lambda ctx, x, pad, mode="constant", value=None: R.pad(ctx, x, pad, mode, value))
+    _fn("constant_pad_nd")(lambda ctx, x, pad, value=0: R.pad(ctx, x, pad, "constant", value))
+    for k in (1, 2, 3):  # pools over the last k (spatial) axes
+        _fn(*[f"{p}{k}d" for p in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool")])(R._pool(k))
     _fn("scaled_dot_product_attention")(sdpa)

@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
 import unf
+from unf.spec import terms as T
 from unf.spec.infer import SpecInferenceError
 
 
@@ -113,11 +114,23 @@ def trace_aten(model: nn.Module, example_inputs) -> fx.GraphModule:
     return gm
 
 
+def folded_constant(value: torch.Tensor, uniform: tuple) -> torch.Tensor:
+    """A tensor computed without the weights, folded to its value; ``uniform[a]``: it is the same along axis ``a``."""
+    return value
+
+
+def _folded_constant_rule(ctx, value, uniform):
+    """Fixed along every axis, except those along which the value does not change: there any permutation leaves it
+    as it is (a zero position bias, a mask equal for all heads), so such an axis takes any group."""
+    return ctx.output([T.fresh(n) if u else T.fixed(n) for n, u in zip(value.shape, uniform)])
+
+
 def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
     """Replace every tensor computed without the weights (attention masks, position ids, rotary cos/sin) by its
     value on the example inputs. Such tensors do not change when the weights are permuted, so nothing needs
-    proving about them: as constants they are fixed in every axis (what inference assumes of tensors outside the
-    state_dict), and the mask code's ops (``index``, ``diff``, ``cumsum``, ...) need no rules."""
+    proving about the ops that made them (the mask code's ``index``, ``diff``, ``cumsum``, ... need no rules). A
+    folded value is fixed along every axis (as tensors outside the state_dict are) except the axes along which it
+    is constant (see :func:`folded_constant`)."""
     dep: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if (node.op == "get_attr" and node.target.startswith("_unf_sd_")) or any(a in dep for a in node.all_input_nodes):
@@ -138,11 +151,17 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
             _Record(gm).run(*flat_in)
     for i, node in enumerate(sorted(fold, key=lambda n: n.name)):
         attr = f"_unf_const_{i}"
-        gm.register_buffer(attr, values[node], persistent=False)
+        value = values[node]
+        gm.register_buffer(attr, value, persistent=False)
+        uniform = tuple(value.numel() > 0 and torch.equal(value, value.narrow(a, 0, 1).expand_as(value))
+                        for a in range(value.ndim))
         with gm.graph.inserting_before(node):
-            new = gm.graph.get_attr(attr)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+            const = gm.graph.get_attr(attr)
+        for user in [u for u in node.users if u in dep]:  # one node per use: a uniform axis is free at each use
+            with gm.graph.inserting_before(user):
+                new = gm.graph.call_function(folded_constant, (const, uniform))
+            new.meta = dict(node.meta)
+            user.replace_input_with(node, new)
     # what only fed the folded values goes, in-place ops on weight-independent tensors (``add_``) included
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in dep and n.is_impure())
 
@@ -150,3 +169,4 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
 def register() -> None:
     from transformers import PreTrainedModel
     unf.spec.register_frontend(PreTrainedModel)(trace_aten)
+    unf.register_function_rule(folded_constant)(_folded_constant_rule)
