@@ -94,6 +94,20 @@ FAMILIES = {
     "t5-encoder": (lambda: tr.T5EncoderModel(tr.T5Config(d_model=D, d_kv=HD, d_ff=FF, num_layers=L, num_heads=HEADS,
                                                           vocab_size=100)),
                    _ids, _sizes(HEADS, *[HD, HD, FF] * L)),
+    # fused projections: qkv_proj split in three, gate_up_proj chunked in two (gate and up halves share a group)
+    "phi3": (lambda: tr.Phi3ForCausalLM(tr.Phi3Config(**BASE, num_key_value_heads=KV, pad_token_id=0)), _ids,
+             _sizes(D, *ROPE_GQA * L)),
+    # one layer's weights shared by all layers: its groups once; factorised embedding (E = 16) tied to the MLM head
+    "albert": (lambda: tr.AlbertForMaskedLM(tr.AlbertConfig(**BASE, embedding_size=16)), _ids,
+               _sizes(16, D, *ENC)),
+    # two stages (widths 16, 32; heads 2, 4; head dim 8; MLP 4x): per stage its stream and per block heads, Q/K, V,
+    # MLP; window partitions, the relative-position table read through an index buffer, patch merging (pad, 2x2
+    # neighbours concatenated) and the pooled classifier keep them
+    "swin": (lambda: tr.SwinForImageClassification(tr.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                                                  image_size=32, patch_size=4, window_size=4,
+                                                                  num_labels=3)),
+             lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+             _sizes(16, 2, 8, 8, 64, 32, 4, 8, 8, 128)),
     # patch embedding conv -> stream, CLS token and position embeddings on the stream
     "vit": (lambda: tr.ViTForImageClassification(tr.ViTConfig(hidden_size=D, num_hidden_layers=L,
                                                                num_attention_heads=HEADS, intermediate_size=FF,
@@ -105,7 +119,8 @@ FAMILIES = {
 # RMSNorm in these families computes in float32 whatever the model's dtype (``hidden_states.to(torch.float32)``),
 # so a permuted copy differs by float32 rounding (about 1e-7); the check runs with that cast made a no-op as well.
 _FLOAT32_NORMS = {"llama": "llama.modeling_llama.LlamaRMSNorm", "mistral": "mistral.modeling_mistral.MistralRMSNorm",
-                  "qwen2": "qwen2.modeling_qwen2.Qwen2RMSNorm", "qwen3": "qwen3.modeling_qwen3.Qwen3RMSNorm"}
+                  "qwen2": "qwen2.modeling_qwen2.Qwen2RMSNorm", "qwen3": "qwen3.modeling_qwen3.Qwen3RMSNorm",
+                  "phi3": "phi3.modeling_phi3.Phi3RMSNorm"}
 
 
 def _float64_rms_norm(self, h):
