@@ -211,3 +211,25 @@ def test_model_is_left_as_it_was():
     _spec(model, _ids())
     assert model.training and model.config.use_cache == use_cache
     assert torch.compiler.is_compiling() is False
+
+
+def test_an_op_without_a_rule_warns_naming_its_module(monkeypatch):
+    """Sound, and never silent: an ATen op without a rule keeps what it touches fixed and names the module it ran in;
+    strict=True raises."""
+    monkeypatch.delitem(registry._function_rules, torch.ops.aten.gelu.default)
+    model = FAMILIES["bert-mlm"][0]().double().eval()
+    x = _ids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = unf.spec_from_module(model, x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, unf.UnprovenSymmetryWarning)]
+    assert any("aten.gelu.default in module 'bert.encoder.layer.0.intermediate" in m for m in messages), messages
+    assert len(spec.groups) < len(FAMILIES["bert-mlm"][2]) and _error(model, spec, x) <= 1e-10
+    with pytest.raises(unf.SpecInferenceError, match="gelu"):
+        unf.spec_from_module(model, x, strict=True)
+
+
+def test_untraceable_input_names_the_model():
+    model = FAMILIES["bert-mlm"][0]().eval()
+    with pytest.raises(unf.SpecInferenceError, match="BertForMaskedLM"):
+        unf.spec_from_module(model, torch.randn(2, 3, 16, 16))

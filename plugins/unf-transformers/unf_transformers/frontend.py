@@ -19,7 +19,7 @@ import contextlib
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
@@ -52,6 +52,42 @@ def _tracing_state(model: nn.Module):
             config.use_cache = use_cache
 
 
+class _ModuleLabels:
+    """While tracing, which module each recorded op ran in (innermost), by node name: module hooks note where each
+    module's forward starts and ends; ops recorded in between belong to the innermost open module."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.stack, self.paths, self.handles = model, [], {}, []
+
+    def flush(self) -> None:
+        mode = get_proxy_mode()
+        if mode is None:
+            return
+        path = self.stack[-1] if self.stack else ""
+        for node in reversed(mode.tracer.graph.nodes):
+            if node.name in self.paths:
+                break
+            self.paths[node.name] = path
+
+    def __enter__(self):
+        for name, m in self.model.named_modules():
+            def pre(mod, args, name=name):
+                self.flush()
+                self.stack.append(name)
+
+            def post(mod, args, out):
+                self.flush()
+                if self.stack:
+                    self.stack.pop()
+
+            self.handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
 def _meta(val):
     if isinstance(val, torch.Tensor):
         return _extract_tensor_metadata(val)
@@ -81,14 +117,19 @@ def trace_aten(model: nn.Module, example_inputs) -> fx.GraphModule:
         return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
     name = type(model).__name__
-    with _tracing_state(model):
+    with _tracing_state(model), _ModuleLabels(model) as labels:
         try:
             gm = make_fx(forward, tracing_mode="real", pre_dispatch=True)(*[t.detach() for t in map(sd.get, keys)], *flat_in)
+            labels.flush()
         except Exception as e:
             raise SpecInferenceError(
                 f"unf-transformers could not trace {name} on the example inputs: {type(e).__name__}: {e}\n"
                 "Pass inputs the model accepts (input_ids for text models, pixel_values for vision models; a dict "
                 "for several keyword inputs), or write the spec by hand with unf.WeightSpaceSpec.from_axes(...).") from e
+    for node in gm.graph.nodes:  # warnings name the module an op ran in (unf.spec.infer reads nn_module_stack)
+        path = labels.paths.get(node.name)
+        if path:
+            node.meta["nn_module_stack"] = {path: (path, type(model.get_submodule(path)))}
     # parameters: placeholders -> get_attr nodes holding the state_dict's own tensors (ids identify the entries)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, (node, key) in enumerate(zip(placeholders, keys)):
