@@ -233,3 +233,29 @@ def test_untraceable_input_names_the_model():
     model = FAMILIES["bert-mlm"][0]().eval()
     with pytest.raises(unf.SpecInferenceError, match="BertForMaskedLM"):
         unf.spec_from_module(model, torch.randn(2, 3, 16, 16))
+
+
+def test_fused_qkv_viewed_as_three_keeps_separate_qk_and_v_groups(monkeypatch):
+    """``qkv(h).view(B, T, 3, H, d).permute(...).unbind(0)`` through the ATen front end gives the spec the core's
+    torch.fx path gives (Q/K and V get separate within-head groups)."""
+    from unf_transformers.frontend import trace_aten
+
+    class Fused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.qkv = torch.nn.Linear(5, 16), torch.nn.Linear(16, 48)
+            self.o, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.emb(x)
+            b, t, c = h.shape
+            q, k, v = self.qkv(h).view(b, t, 3, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.head(h + self.o(a.transpose(1, 2).reshape(b, t, c).contiguous()))
+
+    model, x = Fused().double(), torch.randn(2, 6, 5, dtype=torch.float64)
+    fx_spec = _spec(model, x)
+    monkeypatch.setitem(registry._frontends, Fused, trace_aten)
+    spec = _spec(model, x)
+    assert sorted(spec.groups.values()) == sorted(fx_spec.groups.values()) == [4, 4, 4, 16]
+    assert unf.spec.symmetry_error(model, spec, x) <= 1e-10

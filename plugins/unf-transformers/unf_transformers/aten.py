@@ -41,7 +41,7 @@ _ELEMENTWISE = ["add", "sub", "rsub", "mul", "div", "neg", "rsqrt", "sqrt", "pow
                 "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "mish",
                 "hardtanh", "hardswish", "hardsigmoid", "softplus", "erf", "sin", "cos", "abs", "square", "reciprocal",
                 "clamp", "clamp_min", "clamp_max", "where", "masked_fill", "maximum", "minimum", "to", "_to_copy",
-                "clone", "contiguous", "detach", "detach_", "alias", "lift_fresh_copy", "dropout", "softmax",
+                "detach", "detach_", "lift_fresh_copy", "dropout", "softmax",
                 "_softmax", "log_softmax", "_log_softmax", "eq", "ne", "gt", "lt", "ge", "le", "logical_not",
                 "logical_and", "logical_or", "bitwise_not", "bitwise_and", "bitwise_or", "type_as", "sign",
                 "addcmul", "lerp", "floor", "ceil", "round", "nan_to_num"]
@@ -56,10 +56,12 @@ def _reshape(ctx, x, *args, **kwargs):
     return R.reshape(ctx, x)
 
 
+@R.lazy_inputs
 def _permute(ctx, x, dims, *args):
     return R._perm_dims(ctx, x, *dims)
 
 
+@R.lazy_inputs
 def _transpose(ctx, x, dim0=None, dim1=None):
     return R._transpose(ctx, x, dim0, dim1)
 
@@ -73,12 +75,16 @@ def _expand(ctx, x, size, *args, **kwargs):
     return ctx.output(axes)
 
 
+@R.lazy_inputs
 def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     d = R._norm_dim(dim, x.ndim)
     return R._index(ctx, x, (slice(None),) * d + (slice(start, end, step),))
 
 
+@R.lazy_inputs
 def _select(ctx, x, dim, index):
+    """``x.select(dim, i)``: picks one slot of a fused projection reshaped to ``(k, ...)`` (see the core's slots),
+    else fixes position ``i`` of the axis."""
     d = R._norm_dim(dim, x.ndim)
     return R._index(ctx, x, (slice(None),) * d + (index,))
 
@@ -98,10 +104,16 @@ def _chunk(ctx, x, chunks, dim=0):
     return _split(ctx, x, chunks, dim)
 
 
+@R.lazy_inputs
 def _unbind(ctx, x, dim=0):
+    """Q, K, V unbound from a fused projection reshaped to ``(3, ...)`` keep separate within-head groups (slots);
+    otherwise each output is one position of the axis, which is fixed."""
     d = R._norm_dim(dim, x.ndim)
-    pieces = T.split_concat(x.axes[d], [1] * x.shape[d])
-    del pieces
+    if x.slots is not None and x.slots.axis == d:
+        x.slots.state.handed_out = True
+        return [ctx.output(list(p), s) for p, s in zip(x.slots.parts, ctx.out_shape)]
+    ctx.use(x)
+    T.split_concat(x.axes[d], [1] * x.shape[d])
     return [ctx.output(list(x.axes[:d]) + list(x.axes[d + 1:]), s) for s in ctx.out_shape]
 
 
@@ -203,7 +215,8 @@ def register() -> None:
         "reshape_as")(_reshape)
     _fn("permute")(_permute)
     _fn("transpose", "swapaxes")(_transpose)
-    _fn("t", "numpy_T")(lambda ctx, x: R._transpose(ctx, x))
+    _fn("t", "numpy_T")(R.lazy_inputs(lambda ctx, x: R._transpose(ctx, x)))
+    _fn("clone", "contiguous", "alias")(R._contiguous)  # pure moves: they keep slots
     _fn("expand", "expand_as", "broadcast_to")(_expand)
     _fn("slice")(_slice)
     _fn("select")(_select)
