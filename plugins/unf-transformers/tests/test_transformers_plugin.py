@@ -259,3 +259,23 @@ def test_fused_qkv_viewed_as_three_keeps_separate_qk_and_v_groups(monkeypatch):
     spec = _spec(model, x)
     assert sorted(spec.groups.values()) == sorted(fx_spec.groups.values()) == [4, 4, 4, 16]
     assert unf.spec.symmetry_error(model, spec, x) <= 1e-10
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-mlm", "vit"])
+def test_specs_work_downstream_alignment_and_unf_layers(family):
+    """weight_matching recovers a permuted copy exactly; UNFLinear builds on the spec and is equivariant on it."""
+    from unf.align import weight_matching
+    from unf.nn import UNFLinear
+
+    build, inputs, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    spec = _spec(model, inputs().float() if family == "vit" else inputs())
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    permuted = spec.permute(sd, spec.sample_permutation(torch.Generator().manual_seed(1)))
+    back = spec.permute(permuted, weight_matching(spec, sd, permuted))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    layer, ws = UNFLinear(spec, 1, 1), unf.WeightSpace.from_module(spec, [model])
+    p = spec.sample_permutation(torch.Generator().manual_seed(2))
+    a, b = layer(ws.permute(p)), layer(ws).permute(p)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
