@@ -81,6 +81,14 @@ FAMILIES = {
     # RMSNorm, rotary, grouped-query attention, gated MLP (gate and up share the hidden group)
     "llama": (lambda: tr.LlamaForCausalLM(tr.LlamaConfig(**BASE, num_key_value_heads=KV)), _ids,
               _sizes(D, *ROPE_GQA * L)),
+    # eager attention: grouped-query attention as repeat_kv (expand + reshape) and matmul/softmax, not SDPA
+    "llama-eager": (lambda: tr.LlamaForCausalLM(tr.LlamaConfig(**BASE, num_key_value_heads=KV,
+                                                               attn_implementation="eager")), _ids,
+                    _sizes(D, *ROPE_GQA * L)),
+    "gpt2-eager": (lambda: tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=D, n_layer=L, n_head=HEADS, vocab_size=100,
+                                                             n_positions=32, bos_token_id=0, eos_token_id=0,
+                                                             attn_implementation="eager")),
+                   _ids, _sizes(D, *[HEADS, HD, HD, 4 * D] * L)),
     "mistral": (lambda: tr.MistralForCausalLM(tr.MistralConfig(**BASE, num_key_value_heads=KV)), _ids,
                 _sizes(D, *ROPE_GQA * L)),
     # + Q/K/V biases
@@ -118,7 +126,7 @@ FAMILIES = {
 
 # RMSNorm in these families computes in float32 whatever the model's dtype (``hidden_states.to(torch.float32)``),
 # so a permuted copy differs by float32 rounding (about 1e-7); the check runs with that cast made a no-op as well.
-_FLOAT32_NORMS = {"llama": "llama.modeling_llama.LlamaRMSNorm", "mistral": "mistral.modeling_mistral.MistralRMSNorm",
+_FLOAT32_NORMS = {"llama": "llama.modeling_llama.LlamaRMSNorm", "llama-eager": "llama.modeling_llama.LlamaRMSNorm", "mistral": "mistral.modeling_mistral.MistralRMSNorm",
                   "qwen2": "qwen2.modeling_qwen2.Qwen2RMSNorm", "qwen3": "qwen3.modeling_qwen3.Qwen3RMSNorm",
                   "phi3": "phi3.modeling_phi3.Phi3RMSNorm"}
 
