@@ -15,6 +15,7 @@ covered; Hugging Face forwards branch on shapes, configuration and masks only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -99,7 +100,7 @@ def _meta(val):
 def trace_aten(model: nn.Module, example_inputs) -> fx.GraphModule:
     """The ATen graph of ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword
     inputs), with ``get_attr`` nodes holding the model's own ``state_dict`` tensors and shapes in ``tensor_meta``."""
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         args, kwargs = (), dict(example_inputs)
     else:
         args, kwargs = (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
