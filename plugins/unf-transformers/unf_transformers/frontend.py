@@ -157,7 +157,8 @@ def trace_aten(model: nn.Module, example_inputs) -> fx.GraphModule:
 
 
 def folded_constant(value: torch.Tensor, uniform: tuple) -> torch.Tensor:
-    """A tensor computed without the weights, folded to its value; ``uniform[a]``: it is the same along axis ``a``."""
+    """A tensor computed without the weights, folded to its value; ``uniform[a]``: it is the same along axis ``a``
+    whatever the inputs' values (it does not depend on them)."""
     return value
 
 
@@ -177,6 +178,10 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
     for node in gm.graph.nodes:
         if (node.op == "get_attr" and node.target.startswith("_unf_sd_")) or any(a in dep for a in node.all_input_nodes):
             dep.add(node)
+    on_inputs: set[fx.Node] = set()  # what depends on the example inputs' values (padding masks, position ids)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in on_inputs for a in node.all_input_nodes):
+            on_inputs.add(node)
     fold = {n for n in gm.graph.nodes if n.op == "call_function" and n not in dep
             and isinstance(n.meta.get("val"), torch.Tensor) and any(u in dep for u in n.users)}
     values: dict[fx.Node, torch.Tensor] = {}
@@ -195,8 +200,10 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
         attr = f"_unf_const_{i}"
         value = values[node]
         gm.register_buffer(attr, value, persistent=False)
-        uniform = tuple(value.numel() > 0 and torch.equal(value, value.narrow(a, 0, 1).expand_as(value))
-                        for a in range(value.ndim))
+        # uniform on this input is not uniform on every input: only input-independent values (a zero bias, ALiBi
+        # slopes) may be uniform along an axis; masks made from the inputs stay fixed in every axis
+        uniform = tuple(node not in on_inputs and value.numel() > 0
+                        and torch.equal(value, value.narrow(a, 0, 1).expand_as(value)) for a in range(value.ndim))
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(attr)
         for user in [u for u in node.users if u in dep]:  # one node per use: a uniform axis is free at each use
