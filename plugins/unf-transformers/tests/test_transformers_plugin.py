@@ -219,6 +219,7 @@ def test_model_is_left_as_it_was():
     _spec(model, _ids())
     assert model.training and model.config.use_cache == use_cache
     assert torch.compiler.is_compiling() is False
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_an_op_without_a_rule_warns_naming_its_module(monkeypatch):
@@ -241,6 +242,8 @@ def test_untraceable_input_names_the_model():
     model = FAMILIES["bert-mlm"][0]().eval()
     with pytest.raises(unf.SpecInferenceError, match="BertForMaskedLM"):
         unf.spec_from_module(model, torch.randn(2, 3, 16, 16))
+    assert torch.compiler.is_compiling() is False  # restored on failure too
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_fused_qkv_viewed_as_three_keeps_separate_qk_and_v_groups(monkeypatch):
