@@ -290,3 +290,15 @@ def test_specs_work_downstream_alignment_and_unf_layers(family):
     p = spec.sample_permutation(torch.Generator().manual_seed(2))
     a, b = layer(ws.permute(p)), layer(ws).permute(p)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_loading_the_plugin_does_not_import_transformers():
+    """The front end is registered by class name: a user of unf without a Hugging Face model does not pay for
+    importing transformers (seconds) on the first inference."""
+    import subprocess
+    import sys
+    script = ("import sys, torch, unf; from unf.spec import registry; "
+              "unf.spec_from_module(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.randn(1, 2)); "
+              "assert registry._frontends, 'plugin not loaded'; "
+              "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -216,6 +216,6 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
 
 
 def register() -> None:
-    from transformers import PreTrainedModel
-    unf.spec.register_frontend(PreTrainedModel)(trace_aten)
+    # by name: importing transformers takes seconds, and a user of unf without a Hugging Face model should not wait
+    unf.spec.register_frontend("transformers.modeling_utils.PreTrainedModel")(trace_aten)
     unf.register_function_rule(folded_constant)(_folded_constant_rule)
