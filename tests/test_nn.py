@@ -58,6 +58,27 @@ def test_unf_linear_and_pool_on_inferred_specs(name):
         assert (pool(ws.permute(p)) - pool(ws)).abs().max() <= TOL * pool(ws).abs().max().clamp_min(1)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn_flatten", "resnet_basic", "transformer_hand_attention"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_unf_linear_residual_is_added_in_place_of_a_sum(name, grad):
+    """``layer(ws, residual=r)`` is ``r + layer(ws)`` (values and gradients) and leaves ``r`` and ``ws`` intact."""
+    spec = arch_spec(name)
+    torch.manual_seed(0)
+    layer = UNFLinear(spec, 2, 3).double()
+    ws, r = random_ws(spec), random_ws(spec, channels=3, seed=1)
+    keep = {n: (ws[n].clone(), r[n].clone()) for n in ws.names}
+    with torch.set_grad_enabled(grad):
+        fused, plain = layer(ws, residual=r), r + layer(ws)
+    assert ws_err(fused, plain) <= 1e-12
+    assert all(torch.equal(ws[n], keep[n][0]) and torch.equal(r[n], keep[n][1]) for n in ws.names)
+    if grad:
+        g1 = torch.autograd.grad(sum((t * t).sum() for t in fused.values()), list(layer.parameters()))
+        g2 = torch.autograd.grad(sum((t * t).sum() for t in plain.values()), list(layer.parameters()))
+        assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) <= 1e-10
+    with pytest.raises(ValueError, match="residual has"):
+        layer(ws, residual=ws)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn_flatten", "resnet_basic", "transformer_hand_attention",
                                   "transformer_mha", "lstm_2layer", "gru", "lm_tied_head", "grouped_conv"])
 def test_networks_are_equivariant_and_invariant(name):

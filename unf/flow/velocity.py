@@ -112,7 +112,7 @@ class _FiLMBlock(nn.Module):
 
     def forward(self, x: WeightSpace, e: torch.Tensor) -> WeightSpace:
         scale, shift = self.film(e).view(len(e), 2, len(self.names), -1).unbind(1)  # [B, T, C] each
-        return x + self.linear(self.act(self.norm(x, scale, shift)))
+        return self.linear(self.act(self.norm(x, scale, shift)), residual=x)
 
 
 CHUNK_ENTRIES = 1 << 23  # hidden-state floats per chunk when sampling (32 MiB in float32)
