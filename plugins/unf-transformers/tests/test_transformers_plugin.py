@@ -168,6 +168,7 @@ def test_llama_axes_rotary_and_grouped_query_attention():
     o = spec["model.layers.0.self_attn.o_proj.weight"].axes[1]
     kv, per_kv, qk_dim = q
     assert (spec.groups[kv], spec.groups[per_kv], qk_dim) == (KV, HEADS // KV, HD)
+    assert (kv, per_kv) == ("model.layers.0.self_attn.kv_heads", "model.layers.0.self_attn.heads_per_kv")
     assert k == (kv, HD) and v[0] == kv and spec.groups[v[1]] == HD and o == (kv, per_kv, v[1])
     gate = spec["model.layers.0.mlp.gate_proj.weight"].axes[0]
     assert spec["model.layers.0.mlp.up_proj.weight"].axes[0] == gate
