@@ -267,6 +267,7 @@ def register() -> None:
     _fn("addmm")(_addmm)
     _fn("baddbmm")(_baddbmm)
     _fn("matmul", "bmm", "mm")(_matmul)
+    _fn("einsum")(lambda ctx, equation, tensors, *args, **kwargs: R.einsum(ctx, equation, *tensors))
     _fn("embedding")(_embedding)
     _fn("layer_norm")(_layer_norm)
     _fn("rms_norm")(_rms_norm)
