@@ -116,6 +116,13 @@ FAMILIES = {
                                                                   num_labels=3)),
              lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
              _sizes(16, 2, 8, 8, 64, 32, 4, 8, 8, 128)),
+    # convolutions with BatchNorm (running statistics are buffers in the state_dict): stem stream, per basic block its
+    # inner width, a new stream where the width changes (projection shortcut)
+    "resnet": (lambda: tr.ResNetForImageClassification(tr.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                                      depths=[1, 1], layer_type="basic",
+                                                                      num_labels=3)),
+               lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+               _sizes(8, 8, 16, 16)),
     # patch embedding conv -> stream, CLS token and position embeddings on the stream
     "vit": (lambda: tr.ViTForImageClassification(tr.ViTConfig(hidden_size=D, num_hidden_layers=L,
                                                                num_attention_heads=HEADS, intermediate_size=FF,

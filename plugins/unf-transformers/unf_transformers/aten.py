@@ -271,6 +271,12 @@ def register() -> None:
     _fn("embedding")(_embedding)
     _fn("layer_norm")(_layer_norm)
     _fn("rms_norm")(_rms_norm)
+    _fn("batch_norm")(lambda ctx, x, weight=None, bias=None, mean=None, var=None, *args, **kwargs:
+                      R.channel_affine(ctx, x, 1, weight, bias, mean, var))
+    _fn("instance_norm")(lambda ctx, x, weight=None, bias=None, mean=None, var=None, *args, **kwargs:
+                         R.channel_affine(ctx, x, 1, weight, bias, mean, var))
+    _fn("group_norm")(lambda ctx, x, num_groups, weight=None, bias=None, *args, **kwargs:
+                      R.group_norm(ctx, x, num_groups, weight, bias))
     _fn("conv1d")(_conv(1))
     _fn("conv2d")(_conv(2))
     _fn("conv3d")(_conv(3))
