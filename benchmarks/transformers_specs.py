@@ -92,6 +92,11 @@ MODELS = {
     "swin-cls": (lambda: tr.SwinForImageClassification(tr.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 4],
                                                                       image_size=32, patch_size=4, window_size=4,
                                                                       num_labels=3)), "image32", 10, "2 stages"),
+    "resnet-cls": (lambda: tr.ResNetForImageClassification(tr.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)), "image32", 4,
+        "BatchNorm"),
+    "convnext-cls": (lambda: tr.ConvNextForImageClassification(tr.ConvNextConfig(
+        num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), "image32", 4, "2 stages"),
 }
 
 

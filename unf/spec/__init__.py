@@ -8,5 +8,5 @@ from .registry import register_frontend, register_function_rule, register_method
 from .spec import TensorSpec, WeightSpaceSpec
 
 __all__ = ["AxisEntry", "Permutation", "SpecInferenceError", "TensorSpec", "UnprovenSymmetryWarning",
-           "WeightSpaceSpec", "architecture_graph", "homogeneous_groups", "register_frontend", "register_function_rule", "register_method_rule",
-           "register_module_rule", "spec_from_module", "symmetry_error", "trace"]
+           "WeightSpaceSpec", "architecture_graph", "homogeneous_groups", "register_frontend", "register_function_rule",
+           "register_method_rule", "register_module_rule", "spec_from_module", "symmetry_error", "trace"]

@@ -116,6 +116,13 @@ FAMILIES = {
                                                                   num_labels=3)),
              lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
              _sizes(16, 2, 8, 8, 64, 32, 4, 8, 8, 128)),
+    # convolutions with BatchNorm (running statistics are buffers in the state_dict): stem stream, per basic block its
+    # inner width, a new stream where the width changes (projection shortcut)
+    "resnet": (lambda: tr.ResNetForImageClassification(tr.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                                      depths=[1, 1], layer_type="basic",
+                                                                      num_labels=3)),
+               lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+               _sizes(8, 8, 16, 16)),
     # patch embedding conv -> stream, CLS token and position embeddings on the stream
     "vit": (lambda: tr.ViTForImageClassification(tr.ViTConfig(hidden_size=D, num_hidden_layers=L,
                                                                num_attention_heads=HEADS, intermediate_size=FF,
@@ -126,7 +133,8 @@ FAMILIES = {
 
 # RMSNorm in these families computes in float32 whatever the model's dtype (``hidden_states.to(torch.float32)``),
 # so a permuted copy differs by float32 rounding (about 1e-7); the check runs with that cast made a no-op as well.
-_FLOAT32_NORMS = {"llama": "llama.modeling_llama.LlamaRMSNorm", "llama-eager": "llama.modeling_llama.LlamaRMSNorm", "mistral": "mistral.modeling_mistral.MistralRMSNorm",
+_FLOAT32_NORMS = {"llama": "llama.modeling_llama.LlamaRMSNorm", "llama-eager": "llama.modeling_llama.LlamaRMSNorm",
+                  "mistral": "mistral.modeling_mistral.MistralRMSNorm",
                   "qwen2": "qwen2.modeling_qwen2.Qwen2RMSNorm", "qwen3": "qwen3.modeling_qwen3.Qwen3RMSNorm",
                   "phi3": "phi3.modeling_phi3.Phi3RMSNorm"}
 
@@ -167,6 +175,7 @@ def test_llama_axes_rotary_and_grouped_query_attention():
     o = spec["model.layers.0.self_attn.o_proj.weight"].axes[1]
     kv, per_kv, qk_dim = q
     assert (spec.groups[kv], spec.groups[per_kv], qk_dim) == (KV, HEADS // KV, HD)
+    assert (kv, per_kv) == ("model.layers.0.self_attn.kv_heads", "model.layers.0.self_attn.heads_per_kv")
     assert k == (kv, HD) and v[0] == kv and spec.groups[v[1]] == HD and o == (kv, per_kv, v[1])
     gate = spec["model.layers.0.mlp.gate_proj.weight"].axes[0]
     assert spec["model.layers.0.mlp.up_proj.weight"].axes[0] == gate
@@ -174,20 +183,41 @@ def test_llama_axes_rotary_and_grouped_query_attention():
 
 
 def test_rotary_forbids_permuting_head_dimensions():
-    """The rule that fixes Q/K head dimensions is needed: swapping two of them (in Q and K alike) changes the output."""
+    """Fixing Q/K head dimensions is needed: swapping two of them (in Q and K alike, which would be a symmetry without
+    rotary) changes the output, while the same swap of V dimensions (with O's inputs), which the spec allows, does
+    not."""
     model = FAMILIES["llama"][0]().double().eval()
     x = _ids()
     spec = _spec(model, x)
+    assert spec["model.layers.0.self_attn.q_proj.weight"].axes[0][-1] == HD  # a fixed factor
+    y = _output(model, x)
+
+    def swapped(names, axis):
+        sd = model.state_dict()
+        for name in names:
+            key = f"model.layers.0.self_attn.{name}.weight"
+            idx = torch.arange(sd[key].shape[axis])
+            idx[[0, 1]] = idx[[1, 0]]  # head 0 (key/value head 0), dims 0 and 1
+            sd[key] = sd[key].index_select(axis, idx)
+        other = copy.deepcopy(model)
+        other.load_state_dict(sd)
+        with torch.no_grad():
+            return ((_output(other, x) - y).abs().max() / y.abs().max()).item()
+
+    assert swapped(["q_proj", "k_proj"], 0) > 1e-4
+    assert swapped(["v_proj"], 0) > 1e-4  # V alone, without O's inputs: the check can see a change
     sd = model.state_dict()
-    swap = torch.arange(D)
-    swap[[0, 1]] = swap[[1, 0]]  # head 0, dims 0 and 1 (different frequencies)
-    for name in ("q_proj", "k_proj"):
-        key = f"model.layers.0.self_attn.{name}.weight"
-        sd[key] = sd[key][torch.cat([swap[:sd[key].shape[0]]])]
+    v, o = "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    idx_v = torch.arange(sd[v].shape[0])
+    idx_v[[0, 1]] = idx_v[[1, 0]]
+    idx_o = torch.arange(sd[o].shape[1])  # query head 0 and 1 read key/value head 0: swap their dims 0, 1 too
+    for h in range(HEADS // KV):
+        idx_o[[h * HD, h * HD + 1]] = idx_o[[h * HD + 1, h * HD]]
+    sd[v], sd[o] = sd[v][idx_v], sd[o][:, idx_o]
     other = copy.deepcopy(model)
     other.load_state_dict(sd)
     with torch.no_grad():
-        assert (_output(other, x) - _output(model, x)).abs().max() > 1e-4 * _output(model, x).abs().max()
+        assert ((_output(other, x) - y).abs().max() / y.abs().max()).item() <= 1e-6  # float32 RMSNorm rounding
 
 
 def test_gpt2_ties_lm_head_to_the_embedding():

@@ -194,17 +194,54 @@ def _triangle(ctx, x, *args, **kwargs):
     return ctx.output(list(x.axes))
 
 
+def _label(ctx, term, names) -> None:
+    """Name the groups of an attention's axis after the module it runs in (``model.layers.0.self_attn.heads``), for
+    readable specs; a group that already has a name keeps it."""
+    stack = ctx.node.meta.get("nn_module_stack")
+    if not stack:
+        return
+    path = next(reversed(stack.values()))[0]
+    try:
+        resolved = T.resolve(term)
+    except T.NotExpressible:
+        return
+    if len(resolved) != 1:
+        return
+    factors = [f for f in resolved[0] if isinstance(f, T.Var)]
+    if len(factors) != len(names):
+        return
+    for f, name in zip(factors, names):
+        root = T.find(f)
+        if root.hint is None:
+            root.hint = f"{path}.{name}"
+
+
 def sdpa(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Scaled dot-product attention on ``[..., heads, positions, dim]``; with ``enable_gqa`` the query heads are
     ``(kv_heads, per_kv)``."""
-    if enable_gqa and query.ndim >= 3 and query.shape[-3] != key.shape[-3]:
+    gqa = enable_gqa and query.ndim >= 3 and query.shape[-3] != key.shape[-3]
+    if gqa:
         hq, hkv = query.shape[-3], key.shape[-3]
         T.unify(key.axes[-3], value.axes[-3])
-        T.unify(query.axes[-3], T.product([key.axes[-3], ctx.var(hq // hkv, "per_kv_heads")]))
+        T.unify(query.axes[-3], T.product([key.axes[-3], T.fresh(hq // hkv)]))
         key = Sym(key.shape[:-3] + (hq,) + key.shape[-2:], list(key.axes[:-3]) + [query.axes[-3]] + list(key.axes[-2:]))
         value = Sym(value.shape[:-3] + (hq,) + value.shape[-2:],
                     list(value.axes[:-3]) + [query.axes[-3]] + list(value.axes[-2:]))
-    return R.sdpa(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale)
+    out = R.sdpa(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale)
+    if query.ndim >= 3:
+        heads = query.axes[-3]
+        _label(ctx, heads, ["kv_heads", "heads_per_kv"] if _n_vars(heads) == 2 else ["heads"])
+    _label(ctx, query.axes[-1], ["qk"])
+    _label(ctx, value.axes[-1], ["v"])
+    return out
+
+
+def _n_vars(term) -> int:
+    try:
+        resolved = T.resolve(term)
+    except T.NotExpressible:
+        return 0
+    return sum(isinstance(f, T.Var) for seg in resolved for f in seg)
 
 
 def register() -> None:
@@ -230,9 +267,16 @@ def register() -> None:
     _fn("addmm")(_addmm)
     _fn("baddbmm")(_baddbmm)
     _fn("matmul", "bmm", "mm")(_matmul)
+    _fn("einsum")(lambda ctx, equation, tensors, *args, **kwargs: R.einsum(ctx, equation, *tensors))
     _fn("embedding")(_embedding)
     _fn("layer_norm")(_layer_norm)
     _fn("rms_norm")(_rms_norm)
+    _fn("batch_norm")(lambda ctx, x, weight=None, bias=None, mean=None, var=None, *args, **kwargs:
+                      R.channel_affine(ctx, x, 1, weight, bias, mean, var))
+    _fn("instance_norm")(lambda ctx, x, weight=None, bias=None, mean=None, var=None, *args, **kwargs:
+                         R.channel_affine(ctx, x, 1, weight, bias, mean, var))
+    _fn("group_norm")(lambda ctx, x, num_groups, weight=None, bias=None, *args, **kwargs:
+                      R.group_norm(ctx, x, num_groups, weight, bias))
     _fn("conv1d")(_conv(1))
     _fn("conv2d")(_conv(2))
     _fn("conv3d")(_conv(3))

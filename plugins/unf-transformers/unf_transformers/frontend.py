@@ -120,13 +120,15 @@ def trace_aten(model: nn.Module, example_inputs) -> fx.GraphModule:
     name = type(model).__name__
     with _tracing_state(model), _ModuleLabels(model) as labels:
         try:
-            gm = make_fx(forward, tracing_mode="real", pre_dispatch=True)(*[t.detach() for t in map(sd.get, keys)], *flat_in)
+            params = [sd[k].detach() for k in keys]
+            gm = make_fx(forward, tracing_mode="real", pre_dispatch=True)(*params, *flat_in)
             labels.flush()
         except Exception as e:
             raise SpecInferenceError(
                 f"unf-transformers could not trace {name} on the example inputs: {type(e).__name__}: {e}\n"
                 "Pass inputs the model accepts (input_ids for text models, pixel_values for vision models; a dict "
-                "for several keyword inputs), or write the spec by hand with unf.WeightSpaceSpec.from_axes(...).") from e
+                "for several keyword inputs), or write the spec by hand with unf.WeightSpaceSpec.from_axes(...).") \
+                from e
     for node in gm.graph.nodes:  # warnings name the module an op ran in (unf.spec.infer reads nn_module_stack)
         path = labels.paths.get(node.name)
         if path:
@@ -176,7 +178,8 @@ def _fold_weight_independent(gm: fx.GraphModule, flat_in: list) -> None:
     is constant (see :func:`folded_constant`)."""
     dep: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if (node.op == "get_attr" and node.target.startswith("_unf_sd_")) or any(a in dep for a in node.all_input_nodes):
+        weight = node.op == "get_attr" and node.target.startswith("_unf_sd_")
+        if weight or any(a in dep for a in node.all_input_nodes):
             dep.add(node)
     on_inputs: set[fx.Node] = set()  # what depends on the example inputs' values (padding masks, position ids)
     for node in gm.graph.nodes:
