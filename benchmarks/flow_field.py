@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import machine_peaks, matmul_flops, op_log, provenance, wall_times  # noqa: E402
+from timing import code_version, machine_peaks, matmul_flops, op_log, provenance, wall_times  # noqa: E402
 
 GEMMS = ("aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm")
 
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     spec = spec_from_module(mlp(), torch.randn(2, 64))
     x = WeightSpace.from_module(spec, [mlp() for _ in range(args.batch)])
     t = torch.rand(args.batch)
-    meta = {**provenance(), "threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg()),
+    meta = {**provenance(), "code": code_version(), "threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg()),
             "batch": args.batch, **machine_peaks("cpu")}
     lines = []
 

@@ -102,3 +102,21 @@ def op_log(fn: Callable[[], object]) -> list[tuple]:
     with _Log():
         fn()
     return log
+
+
+def code_version() -> str:
+    """The commit of the ``unf`` package being measured (``+dirty`` with local changes), for results rows."""
+    import subprocess
+    from pathlib import Path
+
+    import unf
+
+    root = Path(unf.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "unf"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
