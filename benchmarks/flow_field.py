@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import append_jsonl  # noqa: E402
 from timing import code_version, machine_peaks, matmul_flops, op_log, provenance, wall_times  # noqa: E402
 
 GEMMS = ("aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm")
@@ -77,7 +78,6 @@ def main(argv=None) -> None:
 
     from unf.flow import Conditioning, Source, Standardizer, WeightFlow, build_velocity
     from unf.flow.train import DEFAULT_VELOCITY, _Objective
-    from unf.io import atomic_write
     from unf.spec import spec_from_module
     from unf.weights import WeightSpace
     from unf.zoo.builtin import mlp
@@ -143,9 +143,8 @@ def main(argv=None) -> None:
                   "loadavg_end": list(os.getloadavg())})
     print(json.dumps(lines[-1]), flush=True)
     if not args.quick:
-        out = Path(args.out)
-        old = out.read_text() if out.is_file() else ""
-        atomic_write(out, lambda tmp: Path(tmp).write_text(old + "".join(json.dumps(r) + "\n" for r in lines)))
+        for r in lines:
+            append_jsonl(Path(args.out), r)
     print(f"\nmachine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s); square matmul "
           f"{meta['matmul_gflops']:.1f} GFLOP/s, copy {meta['copy_gbs']:.1f} GB/s; load average "
           f"{meta['loadavg_start'][0]:.2f} at the start")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lopt_eval import LEARNED  # noqa: E402
-from timing import aten_calls, machine_peaks, matmul_flops, wall_times  # noqa: E402
+from timing import aten_calls, code_version, machine_peaks, matmul_flops, wall_times  # noqa: E402
 
 from unf.optim import LearnedRule, UNFOptimizer  # noqa: E402
 from unf.optim.tasks import mlp  # noqa: E402
@@ -86,7 +86,8 @@ def main(argv=None):
     base = {r["case"]: r["full_ms"][0] for r in rows if r["optimizer"] == "adam"}
     stamp = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
              "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(dev),
-             "loadavg_1m": os.getloadavg()[0], **machine_peaks(dev, sync)}
+             "loadavg_1m": os.getloadavg()[0], "code": code_version(),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "(OpenMP default)", **machine_peaks(dev, sync)}
     print(f"{stamp}")
     print("| case | optimizer | full step ms (median, min-max) | x Adam | optimizer step ms | ATen calls per step "
           "| first step s | step GFLOP/s (matmul) |")

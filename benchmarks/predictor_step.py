@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import append_jsonl  # noqa: E402
 from timing import aten_calls, code_version, machine_peaks, matmul_flops, provenance, wall_times  # noqa: E402
 
 
@@ -37,7 +38,6 @@ def main(argv=None) -> None:
     if args.quick:
         args.batch, args.repeats = 4, 1
 
-    from unf.io import atomic_write
     from unf.spec import spec_from_module
     from unf.weights import WeightSpace
     from unf.zoo.builtin import cnn, mlp
@@ -73,12 +73,11 @@ def main(argv=None) -> None:
                          "gflops": flops / statistics.median(wall) / 1e9, "loadavg_end": list(os.getloadavg())})
             print(json.dumps(rows[-1]), flush=True)
     if not args.quick:
-        out = Path(args.out)
-        old = out.read_text() if out.is_file() else ""
-        atomic_write(out, lambda tmp: Path(tmp).write_text(old + "".join(json.dumps(r) + "\n" for r in rows)))
+        for r in rows:
+            append_jsonl(Path(args.out), r)
     print(f"\nmachine: {meta['machine']}, torch {meta['torch']}, code {meta['code']}, {meta['threads']} thread(s); "
           f"square matmul {meta['matmul_gflops']:.1f} GFLOP/s, copy {meta['copy_gbs']:.1f} GB/s")
-    print(f"\n| zoo | predictor | step ms (CPU ms) | x StatNN | ATen calls | GFLOP/s |")
+    print("\n| zoo | predictor | step ms (CPU ms) | x StatNN | ATen calls | GFLOP/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         base = next(x for x in rows if x["zoo"] == r["zoo"] and x["predictor"] == "statnn")

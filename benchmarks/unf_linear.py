@@ -145,7 +145,7 @@ def contention(repeats: int, batch: int) -> list[dict]:
                 child.kill()
                 child.wait()
     meta = {**provenance(), "batch": batch, "repeats": repeats,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "(OpenMP default)"}
     print(f"\n4. Under contention: {batch} MLPs 64-128-128-10, 16 -> 16 channels, forward+backward, median of "
           f"{repeats}, alone and while a second process runs UNFLinear forward+backward with 2 threads; "
           f"OMP_WAIT_POLICY {meta['omp_wait_policy']}")
@@ -232,12 +232,10 @@ def main() -> None:
         _load_child(args.load_child)
         return
     if args.contention:
-        from unf.io import atomic_write
+        from results_io import append_jsonl
 
-        rows = contention(args.repeats, args.batch[0])
-        out = Path(args.out)
-        old = out.read_text() if out.is_file() else ""
-        atomic_write(out, lambda tmp: Path(tmp).write_text(old + "".join(json.dumps(r) + "\n" for r in rows)))
+        for r in contention(args.repeats, args.batch[0]):
+            append_jsonl(Path(args.out), r)
         return
     global DEVICE
     DEVICE = torch.device(args.device)
