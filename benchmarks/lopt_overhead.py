@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lopt_eval import LEARNED  # noqa: E402
-from timing import wall_times  # noqa: E402
+from timing import aten_calls, code_version, machine_peaks, matmul_flops, wall_times  # noqa: E402
 
 from unf.optim import LearnedRule, UNFOptimizer  # noqa: E402
 from unf.optim.tasks import mlp  # noqa: E402
@@ -39,31 +39,6 @@ def _times(fn, repeats, sync):
     fn()  # one more warm-up call: the first builds the plans
     out = wall_times(fn, repeats, sync=sync)
     return statistics.median(out) * 1e3, min(out) * 1e3, max(out) * 1e3
-
-
-def _aten_calls(fn) -> int:
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-
-
-def _matmul_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _machine_peaks(dev, sync) -> dict:
-    """Square-matmul GFLOP/s (1024^3, float32) and copy GB/s (64 MiB, read + write) on ``dev``, same run."""
-    a = torch.randn(1024, 1024, device=dev)
-    mm = statistics.median(wall_times(lambda: a @ a, 10, sync=sync))
-    x = torch.empty(16 * 2**20, device=dev)
-    cp = statistics.median(wall_times(lambda: x.clone(), 10, sync=sync))
-    return {"matmul_gflops": 2 * 1024**3 / mm / 1e9, "copy_gbs": 2 * x.numel() * 4 / cp / 1e9}
 
 
 def main(argv=None):
@@ -103,15 +78,16 @@ def main(argv=None):
             first_s = time.perf_counter() - t0
             full_t = _times(full, args.repeats, sync)
             step_t = _times(opt.step, args.repeats, sync)  # gradients of the last full step stay in place
-            flops = _matmul_flops(opt.step)
+            flops = matmul_flops(opt.step)
             rows.append({"case": case, "optimizer": name, "params": sum(p.numel() for p in model.parameters()),
                          "full_ms": full_t, "step_ms": step_t, "first_step_s": first_s,
-                         "aten_calls_per_step": _aten_calls(opt.step), "step_matmul_flops": flops,
+                         "aten_calls_per_step": aten_calls(opt.step), "step_matmul_flops": flops,
                          "step_gflops": flops / (step_t[0] / 1e3) / 1e9})
     base = {r["case"]: r["full_ms"][0] for r in rows if r["optimizer"] == "adam"}
     stamp = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
              "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(dev),
-             "loadavg_1m": os.getloadavg()[0], **_machine_peaks(dev, sync)}
+             "loadavg_1m": os.getloadavg()[0], "code": code_version(),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "(OpenMP default)", **machine_peaks(dev, sync)}
     print(f"{stamp}")
     print("| case | optimizer | full step ms (median, min-max) | x Adam | optimizer step ms | ATen calls per step "
           "| first step s | step GFLOP/s (matmul) |")

@@ -20,12 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import unf  # before torch, as a user's script would: unf then chooses OpenMP's wait policy (see unf/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import models  # noqa: E402
 
-import unf  # noqa: E402
 from unf.nn import UNFLinear  # noqa: E402
 from timing import median_time  # noqa: E402
 
@@ -85,6 +85,78 @@ def versus_nfn(repeats: int, batch: int = 64) -> None:
         n = sum(p.numel() for p in mod.parameters()) if mod is not None else 0
         print(f"{name:<28} {n:>8} {res[name] * 1e3:>10.1f} {res[name] / res['nfn NPLinear']:>7.2f} "
               f"{res[name] / res['floor: w*2+1']:>9.2f}")
+
+
+def _mlp_case(batch: int):
+    """The part-1 weight space and the three forward+backward calls on it: ``{name: fn}`` (nfn when installed)."""
+    torch.manual_seed(0)
+    spec = mlp_spec()
+    ws = random_ws(spec, batch, 16, requires_grad=True)
+    ours = UNFLinear(spec, 16, 16, fold_max=0).to(DEVICE)
+    names = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")
+    calls = {"unf UNFLinear": lambda: sum(t.square().sum() for t in ours(ws).values()).backward(),
+             "floor: w*2+1": lambda: sum((ws[n] * 2 + 1).square().sum() for n in names).backward()}
+    try:
+        from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+        from nfn.layers import NPLinear
+    except ImportError:
+        return calls
+    feats = WeightSpaceFeatures([ws[n] for n in names[:3]], [ws[n] for n in names[3:]])
+    theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16).to(DEVICE)
+
+    def run_theirs():
+        out = theirs(feats)
+        (sum(t.square().sum() for t in out.weights) + sum(t.square().sum() for t in out.biases)).backward()
+
+    calls["nfn NPLinear"] = run_theirs
+    return calls
+
+
+def _load_child(batch: int) -> None:
+    """The competing process of :func:`contention`: UNFLinear forward+backward in a loop, 2 threads, until killed."""
+    torch.set_num_threads(2)
+    run = _mlp_case(batch)["unf UNFLinear"]
+    run()
+    print("ready", flush=True)
+    while True:
+        run()
+
+
+def contention(repeats: int, batch: int) -> list[dict]:
+    """Part 1's calls alone, then while a second process runs UNFLinear with 2 threads, for 1 and 2 threads here."""
+    from timing import provenance
+
+    rows = []
+    for phase in ("alone", "contended"):
+        child = None
+        if phase == "contended":
+            child = subprocess.Popen([sys.executable, __file__, "--load-child", str(batch)], stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            assert child.stdout.readline().strip() == "ready"
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for name, fn in _mlp_case(batch).items():
+                    rows.append({"phase": phase, "threads": threads, "layer": name, "ms": timed(fn, repeats) * 1e3,
+                                 "loadavg_1m": os.getloadavg()[0]})
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            if child is not None:
+                child.kill()
+                child.wait()
+    meta = {**provenance(), "batch": batch, "repeats": repeats,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "(OpenMP default)"}
+    print(f"\n4. Under contention: {batch} MLPs 64-128-128-10, 16 -> 16 channels, forward+backward, median of "
+          f"{repeats}, alone and while a second process runs UNFLinear forward+backward with 2 threads; "
+          f"OMP_WAIT_POLICY {meta['omp_wait_policy']}")
+    print("| layer | threads here | alone ms | contended ms | contended / alone |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["phase"] == "alone":
+            c = next(x for x in rows if x["phase"] == "contended" and x["threads"] == r["threads"]
+                     and x["layer"] == r["layer"])
+            print(f"| {r['layer']} | {r['threads']} | {r['ms']:.1f} | {c['ms']:.1f} | {c['ms'] / r['ms']:.2f} |")
+    return [{**meta, **r} for r in rows]
 
 
 def _memory_child(batch: int, train: bool) -> None:
@@ -148,9 +220,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64], help="networks per batch in part 1")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--contention", action="store_true",
+                    help="only part 4: part 1's layers alone and beside a second process (JSON lines to --out)")
+    ap.add_argument("--out", default="benchmarks/results/unf_linear_contention.jsonl")
+    ap.add_argument("--load-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child is not None:
         _memory_child(args.memory_child, args.train)
+        return
+    if args.load_child is not None:
+        _load_child(args.load_child)
+        return
+    if args.contention:
+        from results_io import append_jsonl
+
+        for r in contention(args.repeats, args.batch[0]):
+            append_jsonl(Path(args.out), r)
         return
     global DEVICE
     DEVICE = torch.device(args.device)

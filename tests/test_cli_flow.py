@@ -91,6 +91,8 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--velocity", "mlp", "--steps", "1", "--select-num", "5"],
                 "--select-num 5", "--select-every")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--condition", "depth"], "--condition 'depth' is not a column")
     assert not (tmp_path / "r").exists()
 
 

@@ -54,6 +54,27 @@ def test_unf_velocity_is_equivariant(spec, fold_max, prediction):
     assert max((a[n] - b[n]).abs().max().item() for n in a.names) > 1e-3
 
 
+def test_unf_velocity_in_chunks_equals_one_batch(spec, monkeypatch):
+    """Sampling evaluates the field in cache-sized chunks of the batch: the same numbers as one batch."""
+    import unf.flow.velocity as velocity
+
+    torch.manual_seed(0)
+    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3]).double()
+    with torch.no_grad():
+        for p in v.out.parameters():
+            p.normal_()
+    x = _random_ws(spec, 7, torch.float64)
+    t = torch.rand(7, dtype=torch.float64)
+    c = torch.tensor([[1], [0], [3], [2], [1], [0], [3]])
+    with torch.no_grad():
+        whole = v(x, t, c)
+        numel = sum(x[n][0].numel() for n in x.names)
+        monkeypatch.setattr(velocity, "CHUNK_ENTRIES", 3 * 6 * numel)  # chunks of 3, 3 and 1 networks
+        chunked = v(x, t, c)
+    assert max((whole[n] - chunked[n]).abs().max().item() for n in x.names) <= 1e-12
+    assert max(whole[n].abs().max().item() for n in x.names) > 1e-3
+
+
 def test_data_prediction_is_the_velocity_of_the_linear_path(spec):
     torch.manual_seed(0)
     m = MLPVelocity(spec, hidden=16, layers=2, emb=8, prediction="data", min_gap=0.1).double()

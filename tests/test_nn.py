@@ -58,6 +58,27 @@ def test_unf_linear_and_pool_on_inferred_specs(name):
         assert (pool(ws.permute(p)) - pool(ws)).abs().max() <= TOL * pool(ws).abs().max().clamp_min(1)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn_flatten", "resnet_basic", "transformer_hand_attention"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_unf_linear_residual_is_added_in_place_of_a_sum(name, grad):
+    """``layer(ws, residual=r)`` is ``r + layer(ws)`` (values and gradients) and leaves ``r`` and ``ws`` intact."""
+    spec = arch_spec(name)
+    torch.manual_seed(0)
+    layer = UNFLinear(spec, 2, 3).double()
+    ws, r = random_ws(spec), random_ws(spec, channels=3, seed=1)
+    keep = {n: (ws[n].clone(), r[n].clone()) for n in ws.names}
+    with torch.set_grad_enabled(grad):
+        fused, plain = layer(ws, residual=r), r + layer(ws)
+    assert ws_err(fused, plain) <= 1e-12
+    assert all(torch.equal(ws[n], keep[n][0]) and torch.equal(r[n], keep[n][1]) for n in ws.names)
+    if grad:
+        g1 = torch.autograd.grad(sum((t * t).sum() for t in fused.values()), list(layer.parameters()))
+        g2 = torch.autograd.grad(sum((t * t).sum() for t in plain.values()), list(layer.parameters()))
+        assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) <= 1e-10
+    with pytest.raises(ValueError, match="residual has"):
+        layer(ws, residual=ws)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn_flatten", "resnet_basic", "transformer_hand_attention",
                                   "transformer_mha", "lstm_2layer", "gru", "lm_tied_head", "grouped_conv"])
 def test_networks_are_equivariant_and_invariant(name):
@@ -240,6 +261,37 @@ def test_norm_is_equivariant():
     norm = WSNorm(spec, 2).double()
     p = spec.sample_permutation()
     assert ws_err(norm(ws.permute(p)), norm(ws).permute(p)) <= TOL
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_norm_matches_its_formula_with_and_without_film(grad):
+    """The fused one-pass affine (in place without gradients) equals mean/var normalisation, affine, then FiLM."""
+    spec = arch_spec("resnet_basic")
+    torch.manual_seed(0)
+    ws = random_ws(spec) * 3.0 + 5.0  # a large mean: a one-pass E[x^2] - E[x]^2 would lose digits here
+    norm = WSNorm(spec, 2).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    b, t = ws.batch_size, len(spec.float_names)
+    scale, shift = torch.randn(b, t, 2, dtype=torch.float64), torch.randn(b, t, 2, dtype=torch.float64)
+    before = {n: ws[n].clone() for n in ws.names}
+    with torch.set_grad_enabled(grad):
+        plain, film = norm(ws), norm(ws, scale, shift)
+    for i, n in enumerate(spec.float_names):
+        x = ws[n]
+        dims = tuple(range(2, x.dim()))
+        y = (x - x.mean(dims, keepdim=True)) / (x.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt() \
+            if dims else x
+        shape = (1, -1) + (1,) * len(dims)
+        y = y * norm.weight[i].view(shape) + norm.bias[i].view(shape)
+        assert (plain[n] - y).abs().max().item() <= 1e-12, n
+        y = y * (1 + scale[:, i].view((b, -1) + (1,) * len(dims))) + shift[:, i].view((b, -1) + (1,) * len(dims))
+        assert (film[n] - y).abs().max().item() <= 1e-12, n
+        assert torch.equal(ws[n], before[n]), f"{n}: the input was modified"
+    assert plain[spec.float_names[0]].requires_grad == grad
+    with pytest.raises(ValueError, match="both FiLM scale and shift"):
+        norm(ws, scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -84,3 +84,34 @@ def test_subclass_overriding_forward_does_not_inherit_rule():
 
     assert registry.module_rule(Weird(3, 3)) is None
     assert registry.module_rule(nn.Linear(3, 3)) is not None
+
+
+def test_a_frontend_builds_the_graph_for_its_model_class(monkeypatch):
+    """``register_frontend``: a plugin supplies the graph for models torch.fx cannot trace (unf-transformers does
+    this for Hugging Face models); its get_attr/submodule tensors are the model's own, so entries are recognised."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            if bool((x != 0).any()):  # data-dependent: torch.fx cannot trace this
+                x = self.a(x)
+            return self.b(torch.relu(x))
+
+    class Plain(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.a, self.b = m.a, m.b
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = Branchy().double(), torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(unf.SpecInferenceError):
+        unf.spec_from_module(model, x)
+    monkeypatch.setitem(registry._frontends, Branchy, lambda m, inputs: unf.spec.trace(Plain(m), inputs))
+    assert registry.frontend(model) is not None
+    spec = unf.spec_from_module(model, x, strict=True)
+    assert list(spec.groups.values()) == [8] and spec["a.weight"].axes[0] == spec["b.weight"].axes[1]
+    assert unf.spec.symmetry_error(model, spec, x) <= 1e-12

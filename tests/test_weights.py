@@ -66,6 +66,19 @@ def test_channels_flat_round_trip_and_views():
         unf.WeightSpace.from_channels(spec, x[:, :, :-1])
 
 
+def test_split_and_cat_round_trip_with_extras():
+    spec, nets = make()
+    ws = unf.WeightSpace.from_module(spec, nets)
+    parts = ws.split(3)
+    assert [p.batch_size for p in parts] == [3, 1] and len(parts[1].extras) == 1
+    back = unf.WeightSpace.cat(parts)
+    assert all(torch.equal(back[n], ws[n]) for n in ws.names)
+    assert [list(e) for e in back.extras] == [list(e) for e in ws.extras]
+    assert back.to_state_dicts()[3]["1.num_batches_tracked"] == nets[3].state_dict()["1.num_batches_tracked"]
+    with pytest.raises(ValueError, match="split size 0"):
+        ws.split(0)
+
+
 def test_to_device_dtype():
     spec, nets = make()
     ws = unf.WeightSpace.from_module(spec, nets).to(dtype=torch.float64)

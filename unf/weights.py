@@ -145,6 +145,25 @@ class WeightSpace:
         """``[batch, channels, numel]``: inverse of :meth:`from_channels` (one copy)."""
         return torch.cat([t.reshape(*t.shape[:2], -1) for t in self._tensors.values()], dim=2)
 
+    def split(self, size: int) -> list["WeightSpace"]:
+        """Consecutive batch chunks of at most ``size`` members (views; extras split alike)."""
+        if size < 1:
+            raise ValueError(f"split size {size} must be >= 1")
+        out = []
+        for a in range(0, self.batch_size, size):
+            extras = self.extras[a:a + size] if self.extras is not None else None
+            out.append(WeightSpace(self.spec, {n: t[a:a + size] for n, t in self._tensors.items()}, extras))
+        return out
+
+    @staticmethod
+    def cat(parts: Sequence["WeightSpace"]) -> "WeightSpace":
+        """Concatenate weight spaces of one spec along the batch (inverse of :meth:`split`)."""
+        if not parts:
+            raise ValueError("WeightSpace.cat needs at least one weight space")
+        spec = parts[0].spec
+        extras = None if any(p.extras is None for p in parts) else [e for p in parts for e in p.extras]
+        return WeightSpace(spec, {n: torch.cat([p[n] for p in parts]) for n in spec.float_names}, extras)
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WeightSpace":
         """Apply ``fn`` to every tensor (it must keep ``[batch, channels, *shape]``, channels may change)."""
         return WeightSpace(self.spec, {n: fn(t) for n, t in self._tensors.items()}, self.extras)

@@ -1,7 +1,8 @@
 """``unf align``: align checkpoint B to checkpoint A by permutation; report the loss barrier before and after."""
 from __future__ import annotations
 
-from .common import UserError, add_command, at_least, build_model, emit, info, load_checkpoint, user_error
+from .common import (UserError, add_command, at_least, build_model, check_output, emit, info, load_checkpoint,
+                     progress, user_error)
 
 
 def register(sub) -> None:
@@ -22,13 +23,17 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    emit(align_and_report(args))
+    bar = progress(total=1 + 2 * args.points, desc="align", unit="step")  # the matching, then each path's points
+    emit(align_and_report(args, say=lambda text: (bar.close(), info(text)),  # the bar ends before the report
+                          tick=lambda text: (bar.set_postfix_str(text), bar.update(1))))
+    bar.close()
     return 0
 
 
-def align_and_report(args, say=info) -> dict:
+def align_and_report(args, say=info, tick=None) -> dict:
     """Align ``args.b`` to ``args.a``, print the barriers with ``say`` (and write ``--out`` / ``--plot``); the JSON
-    result."""
+    result. ``tick(text)``, if given, is called after the matching and after each point of each path."""
+    tick = tick or (lambda text: None)
     import torch
 
     import unf
@@ -36,6 +41,10 @@ def align_and_report(args, say=info) -> dict:
     from unf.io import save_state_dict
     from unf.training import evaluate
 
+    for option, path in (("--out", args.out), ("--plot", args.plot)):  # fail before any work
+        if path:
+            check_output(path, option)
+    a, b = load_checkpoint(args.a, "--a"), load_checkpoint(args.b, "--b")
     if args.data not in unf.data.available():
         raise UserError(f"--data {args.data!r}: unknown dataset; available: {', '.join(unf.data.available())}")
     with user_error(f"--data {args.data}", (ImportError, OSError, ValueError)):
@@ -45,7 +54,6 @@ def align_and_report(args, say=info) -> dict:
         spec = unf.spec_from_module(model, split.x_train[:1])
     except unf.SpecInferenceError as e:
         raise UserError(f"{args.model} on --data {args.data}: {e}") from e
-    a, b = load_checkpoint(args.a, "--a"), load_checkpoint(args.b, "--b")
     for option, path, sd in (("--a", args.a, a), ("--b", args.b, b)):
         with user_error(f"{option} {path}", (ValueError,)):
             spec.validate(sd)
@@ -57,6 +65,7 @@ def align_and_report(args, say=info) -> dict:
         mb.load_state_dict(b)
         perm = activation_matching(ma, mb, spec, split.x_train.split(256), seed=args.seed)
     aligned = spec.permute(b, perm)
+    tick("matched")
     ts = [i / (args.points - 1) for i in range(args.points)]
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     bn_batches = (lambda: split.x_train.split(256)) if has_bn else None  # training data only
@@ -67,6 +76,7 @@ def align_and_report(args, say=info) -> dict:
         def test_loss(net):
             loss, acc = evaluate(net, split.x_test, split.y_test)
             accs.append(acc)
+            tick(f"{name} path, point {len(accs)}")
             return loss
 
         res = loss_barrier(model, a, end, test_loss, ts, bn_batches)

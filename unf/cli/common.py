@@ -89,6 +89,21 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a learning rate, a scale); NaN, infinities and <= 0 are usage
+    errors (exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
 def add_common(parser: argparse.ArgumentParser, *, seed: bool = False, device: bool = False,
                json: bool = True) -> None:
     """The options every command takes (``--quiet``, ``--debug``, ``--json``), and ``--seed`` / ``--device`` for
@@ -249,6 +264,24 @@ def build_model(ref: str, arg_items: Sequence[str]):
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
     return factory, kwargs, model
+
+
+def check_output(path, option: str, directory: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be written later: a file where a directory is wanted (or the other
+    way round), or a parent that is a file or not writable. Missing parents are fine (they are created)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(f"{option} {path}: exists and is {'not ' if directory else ''}a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is not a directory")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise UserError(f"{option} {path}: not writable")
 
 
 def load_checkpoint(path: str, option: str) -> dict:

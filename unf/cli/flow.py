@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UserError, add_command, add_group, at_least, emit, info, user_error, warn
+from .common import (UserError, add_command, add_group, at_least, check_output, emit, info, positive_float, progress,
+                     user_error, warn)
 
 
 def register(sub) -> None:
@@ -27,7 +28,7 @@ def register(sub) -> None:
                    help="unf: equivariant UNF field (default); mlp: DeepWeightFlow's flat MLP")
     p.add_argument("--steps", type=at_least(1), default=3000, help="training steps (default 3000)")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="networks per step and process (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
+    p.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
     p.add_argument("--condition", action="append", default=[], metavar="COL",
                    help="metadata column to condition on (repeatable), e.g. train_acc (not test_acc: generated "
                         "networks are scored on the test split)")
@@ -93,13 +94,20 @@ def run_train(args) -> int:
     if args.select_num is not None and not args.select_every:
         raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
                         "without --select-every K (K > 0)")
+    check_output(args.out, "--out", directory=True)
     init_distributed(str(args.device))
     _, rank, _ = dist_info()
     with user_error("--zoo", (ZooFormatError, OSError)):
         zoo = Zoo(args.zoo)
     with user_error("--where", (ValueError,)):
         where = parse_where(args.where)
+    with user_error(None, (ValueError,)):  # the messages name --where or --epoch
         picked = select_rows(zoo, where, args.epoch)
+    columns = [c for c in zoo.metadata[0] if c not in ("chunk", "model_id")]
+    for name in args.condition:
+        if name not in columns:
+            raise UserError(f"--condition {name!r} is not a column of {args.zoo}/metadata.csv; columns: "
+                            f"{', '.join(columns)}")
     with user_error("--zoo", (ValueError,)):
         data_name, split_seed = zoo_data(zoo.manifest.get("info", {}))
         model_factory(zoo.manifest.get("info", {}))
@@ -172,6 +180,7 @@ def run_sample(args) -> int:
     from unf.flow.evaluate import evaluate_networks
     from unf.flow.zoo import model_factory, parse_where, write_generated
 
+    check_output(args.out, "--out", directory=True)
     with user_error("RUN", (ValueError, OSError)):
         flow = WeightFlow.load(_flow_path(args.run))
     with user_error("--condition", (ValueError,)):
@@ -225,8 +234,11 @@ def run_eval(args) -> int:
         gen = Zoo(args.dir)
     with user_error("--zoo", (ZooFormatError, OSError)):
         src = Zoo(args.zoo)
+    bar = progress(total=2, desc="novelty", unit="set")  # held-out networks, then the generated ones
     with user_error("DIR", (ValueError, KeyError)):
-        result = evaluate_generated(gen, src, l2=not args.no_l2)
+        result = evaluate_generated(gen, src, l2=not args.no_l2,
+                                    progress=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+    bar.close()
     for name in ("train", "heldout", "generated"):
         s = result[name]
         line = f"{name:>9}: n={s['n']:4d}  accuracy mean {s['accuracy']['mean']:.4f} median {s['accuracy']['q50']:.4f}"

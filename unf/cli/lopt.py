@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UserError, add_command, add_group, at_least, emit, info, progress, run_record, user_error
+from .common import (UserError, add_command, add_group, at_least, emit, info, positive_float, progress, run_record,
+                     user_error)
 
 
 def register(sub) -> None:
@@ -25,12 +26,12 @@ def register(sub) -> None:
     p.add_argument("--datasets", default="digits-flat,iris,wine", help="comma-separated task datasets")
     p.add_argument("--steps", type=at_least(1), default=2000, help="outer (meta) steps")
     p.add_argument("--pairs", type=at_least(1), default=8, help="antithetic perturbation pairs per step")
-    p.add_argument("--sigma", type=float, default=0.01, help="perturbation scale")
+    p.add_argument("--sigma", type=positive_float, default=0.01, help="perturbation scale")
     p.add_argument("--unroll", type=at_least(1), default=10, help="inner steps per truncation")
     p.add_argument("--max-horizon", type=at_least(1), default=200, help="longest inner training (steps)")
     p.add_argument("--min-horizon", type=at_least(1), default=50, help="shortest inner training (steps)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
-    p.add_argument("--outer-lr", type=float, default=3e-3)
+    p.add_argument("--outer-lr", type=positive_float, default=3e-3)
 
     from ..optim.tasks import ADAM_LRS, TASKS
 
@@ -49,8 +50,6 @@ def run_meta_train(args) -> int:
     from ..io import atomic_write
     from ..optim.meta import CheckpointError, MetaConfig, checkpoint_history, init_distributed, meta_train
 
-    if args.sigma <= 0 or args.outer_lr <= 0:
-        raise UserError("--sigma and --outer-lr must be positive")
     if not args.unroll <= args.min_horizon <= args.max_horizon:
         raise UserError(f"need --unroll ({args.unroll}) <= --min-horizon ({args.min_horizon}) <= --max-horizon "
                         f"({args.max_horizon})")
@@ -60,8 +59,10 @@ def run_meta_train(args) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         widths = tuple(int(v) for v in args.widths.split(",")) if args.widths else None
+        if widths is not None and min(widths) < 1:
+            raise ValueError
     except ValueError:
-        raise UserError(f"--widths {args.widths!r}: comma-separated integers, e.g. 64,64") from None
+        raise UserError(f"--widths {args.widths!r}: comma-separated positive integers, e.g. 64,64") from None
     with user_error("--variant/--widths/--datasets", types=(ValueError,)):
         cfg = MetaConfig(steps=args.steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
                          max_horizon=args.max_horizon, min_horizon=args.min_horizon, estimator=args.estimator,
@@ -109,6 +110,8 @@ def _log_row(h: dict) -> dict:
 
 
 def run_eval(args) -> int:
+    import math
+
     import torch
 
     from ..optim import UNFOptimizer, load_rule
@@ -118,18 +121,24 @@ def run_eval(args) -> int:
         lrs = [float(v) for v in args.adam_lrs.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--adam-lrs {args.adam_lrs!r}: comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
-    if not lrs or min(lrs) <= 0:
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
         raise UserError("--adam-lrs: give at least one positive learning rate")
     with user_error("--weights", types=(OSError, ValueError, RuntimeError)):
         rule = load_rule(args.weights)
     task = TASKS[args.task]
     runs = {}
-    for lr in progress(lrs, desc="Adam grid", unit="lr"):
+    bar = progress(total=len(lrs) + 1, desc=args.task, unit="run")  # the Adam grid, then the learned optimizer
+    for lr in lrs:
+        bar.set_postfix_str(f"Adam lr={lr:g}")
         runs[f"adam lr={lr:g}"] = train_curve(task, lambda m, x: torch.optim.Adam(m.parameters(), lr=lr), args.seed,
                                               steps=args.steps, device=args.device)
+        bar.update(1)
     best = min(runs, key=lambda k: min((v for v in runs[k]["train"] if v is not None), default=float("inf")))
+    bar.set_postfix_str("learned")
     runs["learned"] = train_curve(task, lambda m, x: UNFOptimizer.for_model(m, x, weights=rule), args.seed,
                                   steps=args.steps, device=args.device)
+    bar.update(1)
+    bar.close()
     ref = runs[best]
     for name in (best, "learned"):
         r = runs[name]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UserError, add_command, add_group, at_least, emit, info, user_error
+from .common import UserError, add_command, add_group, at_least, check_output, emit, info, user_error
 
 
 def _rate(text: str) -> float:
@@ -58,6 +58,8 @@ def run(args) -> int:
         raise UserError("--noise-rate applies to --kind noise only; drop it or use --kind noise")
     if args.kind == "noise" and args.proxy_recipe == "paired":
         raise UserError("--proxy-recipe paired applies to --kind backdoor only")
+    if args.plot:
+        check_output(args.plot, "--plot")  # before the experiment, not after it
     args.noise_rate = 0.4 if args.noise_rate is None else args.noise_rate
     bar = None
     if args.progress:

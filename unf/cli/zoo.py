@@ -1,7 +1,7 @@
 """``unf zoo build`` and ``unf zoo info``: build and inspect model zoos."""
 from __future__ import annotations
 
-from .common import UserError, add_command, add_group, at_least, emit, info, user_error
+from .common import UserError, add_command, add_group, at_least, check_output, emit, info, user_error
 
 
 def register(sub) -> None:
@@ -32,6 +32,7 @@ def run_build(args) -> int:
 
     if args.name not in ZOOS:
         raise UserError(f"unknown zoo {args.name!r}; built-in zoos: {', '.join(sorted(ZOOS))}")
+    check_output(args.out, "--out", directory=True)
     device = args.device
     if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

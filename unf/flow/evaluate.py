@@ -79,12 +79,14 @@ def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: st
 
 
 def evaluate_generated(gen: Zoo, source: Zoo, l2: bool = True, probe_copies: int = 2,
-                       extra: Optional[Mapping[str, WeightSpace]] = None) -> dict:
+                       extra: Optional[Mapping[str, WeightSpace]] = None,
+                       progress: Optional[Callable[[str], None]] = None) -> dict:
     """Accuracy and novelty of a generated zoo (``unf flow sample``'s manifest names the flow's training and
     held-out networks) against ``source``, the zoo the flow was trained on.
 
     Returns summaries for ``"train"`` (accuracy only), ``"heldout"`` (the reference level), ``"generated"`` and any
-    ``extra`` sets (baselines), each ``{metric: {mean, std, q05..q95}, "copy_fraction", "n"}``."""
+    ``extra`` sets (baselines), each ``{metric: {mean, std, q05..q95}, "copy_fraction", "n"}``. ``progress``: called
+    after each set, as in :func:`novelty_report`."""
     ginfo = gen.manifest.get("info", {})
     for key in ("data", "split_seed", "holdout", "train_ids", "epoch"):
         if key not in ginfo:
@@ -111,7 +113,7 @@ def evaluate_generated(gen: Zoo, source: Zoo, l2: bool = True, probe_copies: int
     train_ws = source.weight_space(train_rows)
     sets = {"generated": gen.weight_space(), **(extra or {})}
     report = novelty_report(model, source.spec, sets, train_ws, source.weight_space(held_rows), x, split.y_test,
-                            l2=l2)
+                            l2=l2, progress=progress)
     train_logits = stacked_logits(model, source.spec, train_ws, split.x_test)
     train_acc = (train_logits.argmax(2) == split.y_test).double().mean(1)
     out = {"train": {"accuracy": summarize(train_acc), "n": len(train_rows)}}

@@ -17,7 +17,7 @@ Networks are batches of one architecture, as :class:`~unf.weights.WeightSpace` (
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -306,7 +306,8 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def novelty_report(model: nn.Module, spec: WeightSpaceSpec, generated: Union[Weights, Mapping[str, Weights]],
                    train: Weights, heldout: Weights, x: torch.Tensor, y: torch.Tensor, candidates: int = 8,
-                   l2: bool = True, copy_threshold: float = 0.99, batch: int = 256) -> dict[str, dict]:
+                   l2: bool = True, copy_threshold: float = 0.99, batch: int = 256,
+                   progress: Optional[Callable[[str], None]] = None) -> dict[str, dict]:
     """Novelty of generated networks against the training zoo, beside held-out networks as the reference level.
 
     ``generated``: one batch of networks, or name -> batch (several generators or baselines share the training
@@ -318,7 +319,8 @@ def novelty_report(model: nn.Module, spec: WeightSpaceSpec, generated: Union[Wei
     Returns, for ``"heldout"`` and each generated set (``"generated"`` for a single batch):
     ``{"values": {"accuracy", "iou", "derivedness", "agreement" (sets of >= 2), "l2": [N] CPU tensors}, "summary": {metric:
     summarize(...),
-    "copy_fraction": share with iou >= copy_threshold, "n": N}}``.
+    "copy_fraction": share with iou >= copy_threshold, "n": N}}``. ``progress``, if given, is called with a short text
+    after each set (held-out first).
     """
     if y.dim() != 1 or len(y) > len(x):
         raise ValueError(f"y {tuple(y.shape)} must be [T] labels of the first T <= {len(x)} probe inputs x")
@@ -349,4 +351,6 @@ def novelty_report(model: nn.Module, spec: WeightSpaceSpec, generated: Union[Wei
         summary["copy_fraction"] = float((values["iou"] >= copy_threshold).double().mean())
         summary["n"] = ws.batch_size
         report[name] = {"values": values, "summary": summary}
+        if progress is not None:
+            progress(name)
     return report

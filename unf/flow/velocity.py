@@ -111,15 +111,11 @@ class _FiLMBlock(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: WeightSpace, e: torch.Tensor) -> WeightSpace:
-        h = self.norm(x)
         scale, shift = self.film(e).view(len(e), 2, len(self.names), -1).unbind(1)  # [B, T, C] each
-        out = {}
-        for i, n in enumerate(self.names):
-            t = h[n]
-            shape = (len(e), -1) + (1,) * (t.dim() - 2)
-            out[n] = t * (1 + scale[:, i].view(shape)) + shift[:, i].view(shape)
-        h = self.linear(self.act(WeightSpace(x.spec, out, x.extras)))
-        return x + h
+        return self.linear(self.act(self.norm(x, scale, shift)), residual=x)
+
+
+CHUNK_ENTRIES = 1 << 23  # hidden-state floats per chunk when sampling (32 MiB in float32)
 
 
 class UNFVelocity(VelocityField):
@@ -152,6 +148,16 @@ class UNFVelocity(VelocityField):
                 w.zero_()
 
     def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+        # without gradients (sampling) evaluate in chunks whose hidden state stays in the last-level cache: every
+        # layer streams the whole hidden state several times, and every member is computed on its own anyway
+        numel = sum(math.prod(self.layout.spec[n].shape) for n in self.layout.spec.float_names)
+        size = max(1, CHUNK_ENTRIES // (numel * max(self.config["hidden"], x.channels)))
+        if torch.is_grad_enabled() or x.batch_size <= size:
+            return self._predict(x, t, cond)
+        return WeightSpace.cat([self._predict(xc, t[a:a + size], None if cond is None else cond[a:a + size])
+                                for a, xc in zip(range(0, x.batch_size, size), x.split(size))])
+
+    def _predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         e = self.embed(t, cond)
         h = self.inp(self.pos(x) if self.pos is not None else x)
         for block in self.blocks:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -56,9 +56,14 @@ class UNFLinear(nn.Module):
             out[key] = out.get(key, 0) + n
         return out
 
-    def forward(self, ws: WeightSpace) -> WeightSpace:
+    def forward(self, ws: WeightSpace, residual: Optional[WeightSpace] = None) -> WeightSpace:
+        """``residual`` (``[B, out_channels]``, optional) is added to the output in the same passes: ``residual +
+        layer(ws)`` with one full-size pass less than adding it afterwards."""
         if ws.channels != self.in_channels:
             raise ValueError(f"UNFLinear expects {self.in_channels} channels, got {ws.channels}")
+        if residual is not None and (residual.channels != self.out_channels or residual.batch_size != ws.batch_size):
+            raise ValueError(f"residual has {residual.batch_size} members of {residual.channels} channels; expected "
+                             f"{ws.batch_size} of {self.out_channels}")
         layout, plan = self.layout, self.plan
         xs = [layout.extract(p, ws[p.tensor]) for p in layout.pieces]
         b = ws.batch_size
@@ -77,20 +82,12 @@ class UNFLinear(nn.Module):
                 # bmm on [B, C, M] keeps x in place (matmul would transpose and copy it)
                 y = torch.bmm(w, x.reshape(b, x.shape[1], -1))
                 terms.append(embed(y.view(b, w.shape[1], *x.shape[2:]), g.embedding, sizes))
-            terms.sort(key=lambda t: t.numel())  # add the small broadcast terms first
-            acc = terms[0] if terms else None
-            for t in terms[1:]:
-                acc = acc + t
             cout = self.out_channels * layout.pieces[q].fold
-            if main is not None:
-                w, x = main
-                x = x.reshape(b, x.shape[1], -1)
-                if acc is None:
-                    acc = torch.bmm(w, x)
-                else:
-                    acc = torch.baddbmm(acc.expand(b, cout, *sizes).reshape(b, cout, -1), w, x)
-                acc = acc.view(b, cout, *sizes)
-            blocks.append(acc.expand(b, cout, *sizes))
+            res = None
+            if residual is not None:
+                p = layout.pieces[q]
+                res = layout.extract(p, residual[p.tensor]).reshape(b, cout, *sizes)
+            blocks.append(accumulate(terms, main, b, cout, sizes, res))
         out = {}
         for name in layout.spec.float_names:
             out[name] = layout.insert(name, [blocks[i] for i in layout.by_tensor[name]], self.out_channels)
@@ -100,6 +97,38 @@ class UNFLinear(nn.Module):
     @staticmethod
     def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:
         return y if reorder == tuple(range(len(reorder))) else y.permute(0, 1, *[i + 2 for i in reorder])
+
+
+def accumulate(terms: list, main, b: int, cout: int, sizes: tuple,
+               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum the broadcast ``terms`` (tensors broadcastable to ``[B, C_out, *sizes]``), a full-size ``residual`` and
+    the full-size term ``main`` (``(w [B, C_out, K], x [B, K, M])``, its product, or None) with as few full-size
+    passes as possible: small terms are added among themselves first, then to the residual; a full-size sum is the
+    base that ``baddbmm_`` accumulates the product into in place (out of place, ``baddbmm`` would copy it first);
+    a broadcast one is added to the product in place (as a base it would be copied to full size). Every in-place
+    write goes to a tensor made here, never to ``residual`` or a term's input: no backward needs them."""
+    terms = sorted(terms, key=lambda t: t.numel())  # add the small broadcast terms first
+    acc = terms[0] if terms else None
+    for t in terms[1:]:
+        acc = acc + t
+    owned = len(terms) > 1  # acc is a sum made here (a single term may be the caller's)
+    if residual is not None:
+        acc, owned = (residual if acc is None else residual + acc), acc is not None
+    full = b * cout * math.prod(sizes)
+    if main is not None:
+        w, x = main
+        x = x.reshape(b, x.shape[1], -1)
+        if acc is None:
+            acc = torch.bmm(w, x)
+        elif acc.numel() == full and acc.shape[0] == b:
+            if owned and acc.is_contiguous():  # then the reshape is a view of our own sum
+                acc = acc.view(b, cout, -1).baddbmm_(w, x)
+            else:
+                acc = torch.baddbmm(acc.reshape(b, cout, -1), w, x)
+        else:
+            acc = torch.bmm(w, x).view(b, cout, *sizes).add_(acc)  # bmm's backward does not need its output
+        acc = acc.view(b, cout, *sizes)
+    return acc.expand(b, cout, *sizes)
 
 
 class _Reductions:

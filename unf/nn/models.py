@@ -25,7 +25,7 @@ class UNFBlock(nn.Module):
         self.linear = UNFLinear(layout, channels, channels, gain=math.sqrt(2.0) * scale)
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
-        return ws + self.linear(self.drop(self.act(self.norm(ws))))
+        return self.linear(self.drop(self.act(self.norm(ws))), residual=ws)
 
 
 class UNFNet(nn.Module):

@@ -26,7 +26,7 @@ from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
 from .basis import Plan, embed
 from .layout import Layout
-from .linear import _Reductions
+from .linear import _Reductions, accumulate
 
 BASES = ("unf", "deepsets", "pointwise")
 RELATIONS = ("self", "same-tensor", "other", "bias")
@@ -234,18 +234,9 @@ class SharedUNFLinear(nn.Module):
                     continue
                 y = torch.bmm(w, x)
                 terms.append(embed(y.view(b, cout, *parts[0].shape[2:]), g.embedding, sizes))
-            terms.sort(key=lambda t: t.numel())  # add the small broadcast terms first, the full-size ones last
-            acc = terms[0] if terms else None
-            for t in terms[1:]:
-                acc = acc + t
-            if main is not None:
-                w, x = main
-                acc = torch.bmm(w, x) if acc is None else torch.baddbmm(
-                    acc.expand(b, cout, *sizes).reshape(b, cout, -1), w, x)
-                acc = acc.view(b, cout, *sizes)
-            if acc is None:
-                acc = xs[q].new_zeros(b, cout, *([1] * len(sizes)))
-            blocks.append(acc.expand(b, cout, *sizes))
+            if main is None and not terms:
+                terms = [xs[q].new_zeros(b, cout, *([1] * len(sizes)))]
+            blocks.append(accumulate(terms, main, b, cout, sizes))
         out = {n: layout.insert(n, [blocks[i] for i in layout.by_tensor[n]], cout) for n in layout.spec.float_names}
         return WeightSpace(layout.spec, out, ws.extras)
 

@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from . import terms as T
-from .registry import function_rule, load_plugins, method_rule, module_rule
+from .registry import frontend, function_rule, load_plugins, method_rule, module_rule
 from .symbolic import Sym, _consume, _fixed_sym
 from .spec import TensorSpec, WeightSpaceSpec
 
@@ -174,6 +174,9 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
     """Trace ``model`` with torch.fx and annotate every node with its output shape (``node.meta['tensor_meta']``)."""
     load_plugins()  # before tracing: torch.fx swaps functions marked with torch.fx.wrap for patched ones while tracing
+    front = frontend(model)
+    if front is not None:  # a plugin builds the graph for this model family (see registry.register_frontend)
+        return front(model, example_inputs)
     tracer = _Tracer()
     name = type(model).__name__
     try:

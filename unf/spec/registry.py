@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "unf.spec_rules"
 _module_rules: dict[type, Callable] = {}
 _function_rules: dict[Callable, Callable] = {}
 _method_rules: dict[str, Callable] = {}
+_frontends: dict = {}  # type or dotted class name -> front end
 _plugins_loaded = False
 
 
@@ -55,6 +56,34 @@ def register_method_rule(*names: str) -> Callable:
             _method_rules[n] = rule
         return rule
     return deco
+
+
+def register_frontend(*module_types) -> Callable:
+    """Decorator: ``frontend(model, example_inputs) -> torch.fx.GraphModule`` builds the graph that inference walks
+    for models of these types (and their subclasses) instead of torch.fx's symbolic trace.
+
+    A type may be given as its dotted name (``"transformers.modeling_utils.PreTrainedModel"``), so that a plugin need
+    not import a heavy library when it is loaded, before any of its models is seen. The graph's nodes must carry
+    ``meta['tensor_meta']`` (shapes), and its ``get_attr`` nodes must resolve to the model's own ``state_dict``
+    tensors (the same objects), so that inference knows which entry each one is. A plugin uses this for model
+    families that torch.fx cannot trace (``unf-transformers``: Hugging Face models)."""
+    def deco(fn):
+        for t in module_types:
+            _frontends[t] = fn
+        return fn
+    return deco
+
+
+def frontend(model: nn.Module) -> Optional[Callable]:
+    """The front end registered for ``model``'s class or one of its bases (by type or dotted name), if any."""
+    load_plugins()
+    if not _frontends:
+        return None
+    for cls in type(model).__mro__:
+        fn = _frontends.get(cls) or _frontends.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
 
 
 def module_rule(module: nn.Module) -> Optional[Callable]:
