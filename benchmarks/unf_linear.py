@@ -20,12 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import unf  # before torch, as a user's script would: unf then chooses OpenMP's wait policy (see unf/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import models  # noqa: E402
 
+import unf  # noqa: E402
 from unf.nn import UNFLinear  # noqa: E402
 from timing import median_time  # noqa: E402
 

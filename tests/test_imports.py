@@ -1,11 +1,7 @@
 """The package's folders keep a one-way data flow: no module imports one that imports it back (a cycle hidden in a
 function body included)."""
 import ast
-import os
-import sys
 from pathlib import Path
-
-import pytest
 
 import unf
 
@@ -81,16 +77,3 @@ def test_library_code_never_imports_the_cli():
             offenders[str(f.relative_to(ROOT.parent))] = sorted(found)
     assert not offenders, offenders
 
-
-@pytest.mark.parametrize("given,want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_import_unf_first_makes_openmp_threads_passive_unless_the_user_chose(given, want):
-    """OpenMP reads OMP_WAIT_POLICY when torch loads it: ``import unf`` before torch sets PASSIVE (spinning threads
-    make every op 16x slower when another process shares the cores); a user's own value is kept."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import os, sys, unf; assert 'torch' in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == want
