@@ -120,3 +120,18 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def timed_spec(model, x) -> tuple:
+    """``(spec, seconds, UnprovenSymmetryWarnings raised, fully fixed tensors)`` of ``unf.spec_from_module(model, x)``."""
+    import warnings
+
+    import unf
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", unf.UnprovenSymmetryWarning)
+        t = time.perf_counter()
+        spec = unf.spec_from_module(model, x)
+        elapsed = time.perf_counter() - t
+    n_warn = sum(issubclass(w.category, unf.UnprovenSymmetryWarning) for w in caught)
+    return spec, elapsed, n_warn, sum(not ts.permuted for ts in spec.values())

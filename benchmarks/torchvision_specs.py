@@ -9,14 +9,17 @@ are the core's alone.
 from __future__ import annotations
 
 import argparse
-import time
-import warnings
+import sys
+from pathlib import Path
 
 import torch
 import torchvision
 
 import unf
 from unf.spec.registry import load_plugins
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed_spec  # noqa: E402
 
 MODELS = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
           "maxvit_t", "swin_t", "swin_v2_t"]
@@ -40,13 +43,7 @@ def main() -> None:
         size = 224 if name == "maxvit_t" else args.image_size  # MaxViT's partitions need 224 (its default)
         model = getattr(torchvision.models, name)().double().eval()
         x = torch.randn(1, 3, size, size, dtype=torch.float64)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", unf.UnprovenSymmetryWarning)
-            t = time.perf_counter()
-            spec = unf.spec_from_module(model, x)
-            elapsed = time.perf_counter() - t
-        n_warn = sum(issubclass(w.category, unf.UnprovenSymmetryWarning) for w in caught)
-        fixed = sum(not ts.permuted for ts in spec.values())
+        spec, elapsed, n_warn, fixed = timed_spec(model, x)
         print(f"{name:<20} {len(spec.groups):>6} {f'{fixed}/{len(spec)}':>13} {n_warn:>8} "
               f"{soundness(model, spec, x):>9.1e} {elapsed:>6.1f}", flush=True)
 

@@ -13,9 +13,9 @@ tests; ``-`` where the spec language cannot express the whole symmetry, named in
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
-import time
-import warnings
+from pathlib import Path
 
 import torch
 import transformers as tr
@@ -23,6 +23,9 @@ import transformers as tr
 import unf
 from unf.nn import UNFLinear
 from unf.spec.registry import load_plugins
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed_spec  # noqa: E402
 
 H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 KV = dict(H, num_key_value_heads=2)
@@ -148,13 +151,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build().double().eval()
         x = _inputs(kind)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", unf.UnprovenSymmetryWarning)
-            t = time.perf_counter()
-            spec = unf.spec_from_module(model, x)
-            elapsed = time.perf_counter() - t
-        n_warn = sum(issubclass(w.category, unf.UnprovenSymmetryWarning) for w in caught)
-        fixed = sum(not ts.permuted for ts in spec.values())
+        spec, elapsed, n_warn, fixed = timed_spec(model, x)
         print(f"| {name} | {hand if hand is not None else '-'} | {len(spec.groups)} | {fixed} of {len(spec)} | "
               f"{n_warn} | {soundness(model, spec, x):.1e} | {elapsed:.2f} | {unf_runs(model, spec)} | {note} |",
               flush=True)
