@@ -52,55 +52,33 @@ def random_ws(spec, batch, channels, requires_grad=False):
 
 
 def versus_nfn(repeats: int, batch: int = 64) -> None:
-    from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
-    from nfn.layers import NPLinear
-
-    torch.manual_seed(0)
-    spec = mlp_spec()
-    ws = random_ws(spec, batch, 16, requires_grad=True)
-    weights = [ws[n] for n in ("0.weight", "2.weight", "4.weight")]
-    biases = [ws[n] for n in ("0.bias", "2.bias", "4.bias")]
-    feats = WeightSpaceFeatures(weights, biases)
-    ours = UNFLinear(spec, 16, 16, fold_max=0).to(DEVICE)
-    theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16).to(DEVICE)
-
-    def run_ours():
-        out = ours(ws)
-        sum(t.square().sum() for t in out.values()).backward()
-
-    def run_theirs():
-        out = theirs(feats)
-        (sum(t.square().sum() for t in out.weights) + sum(t.square().sum() for t in out.biases)).backward()
-
-    def run_floor():
-        sum((t * 2 + 1).square().sum() for t in weights + biases).backward()
-
-    rows = [("unf UNFLinear (fold_max=0)", run_ours, ours), ("nfn NPLinear", run_theirs, theirs),
-            ("floor: w*2+1", run_floor, None)]
-    res = {name: timed(fn, repeats) for name, fn, _ in rows}
+    rows = _mlp_case(batch)
+    if "nfn NPLinear" not in rows:
+        raise SystemExit("part 1 compares with nfn's NPLinear: pip install nfn")
+    res = {name: timed(fn, repeats) for name, (fn, _) in rows.items()}
     print(f"\n1. MLP 64-128-128-10 weight space, {batch} networks, 16 -> 16 channels, float32, forward+backward, "
           f"{DEVICE.type}")
     print(f"{'layer':<28} {'params':>8} {'median ms':>10} {'vs nfn':>7} {'vs floor':>9}")
-    for name, _, mod in rows:
+    for name, (_, mod) in rows.items():
         n = sum(p.numel() for p in mod.parameters()) if mod is not None else 0
         print(f"{name:<28} {n:>8} {res[name] * 1e3:>10.1f} {res[name] / res['nfn NPLinear']:>7.2f} "
               f"{res[name] / res['floor: w*2+1']:>9.2f}")
 
 
-def _mlp_case(batch: int):
-    """The part-1 weight space and the three forward+backward calls on it: ``{name: fn}`` (nfn when installed)."""
+def _mlp_case(batch: int) -> dict:
+    """Part 1's weight space and its forward+backward calls: ``{name: (fn, module or None)}`` (nfn when installed)."""
     torch.manual_seed(0)
     spec = mlp_spec()
     ws = random_ws(spec, batch, 16, requires_grad=True)
     ours = UNFLinear(spec, 16, 16, fold_max=0).to(DEVICE)
     names = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")
-    calls = {"unf UNFLinear": lambda: sum(t.square().sum() for t in ours(ws).values()).backward(),
-             "floor: w*2+1": lambda: sum((ws[n] * 2 + 1).square().sum() for n in names).backward()}
+    rows = {"unf UNFLinear (fold_max=0)": (lambda: sum(t.square().sum() for t in ours(ws).values()).backward(), ours),
+            "floor: w*2+1": (lambda: sum((ws[n] * 2 + 1).square().sum() for n in names).backward(), None)}
     try:
         from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
         from nfn.layers import NPLinear
     except ImportError:
-        return calls
+        return rows
     feats = WeightSpaceFeatures([ws[n] for n in names[:3]], [ws[n] for n in names[3:]])
     theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16).to(DEVICE)
 
@@ -108,14 +86,14 @@ def _mlp_case(batch: int):
         out = theirs(feats)
         (sum(t.square().sum() for t in out.weights) + sum(t.square().sum() for t in out.biases)).backward()
 
-    calls["nfn NPLinear"] = run_theirs
-    return calls
+    rows["nfn NPLinear"] = (run_theirs, theirs)
+    return rows
 
 
 def _load_child(batch: int) -> None:
     """The competing process of :func:`contention`: UNFLinear forward+backward in a loop, 2 threads, until killed."""
     torch.set_num_threads(2)
-    run = _mlp_case(batch)["unf UNFLinear"]
+    run = _mlp_case(batch)["unf UNFLinear (fold_max=0)"][0]
     run()
     print("ready", flush=True)
     while True:
@@ -136,7 +114,7 @@ def contention(repeats: int, batch: int) -> list[dict]:
         try:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                for name, fn in _mlp_case(batch).items():
+                for name, (fn, _) in _mlp_case(batch).items():
                     rows.append({"phase": phase, "threads": threads, "layer": name, "ms": timed(fn, repeats) * 1e3,
                                  "loadavg_1m": os.getloadavg()[0]})
                     print(json.dumps(rows[-1]), flush=True)

@@ -150,7 +150,7 @@ class UNFVelocity(VelocityField):
     def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         # without gradients (sampling) evaluate in chunks whose hidden state stays in the last-level cache: every
         # layer streams the whole hidden state several times, and every member is computed on its own anyway
-        numel = sum(math.prod(self.layout.spec[n].shape) for n in self.layout.spec.float_names)
+        numel = sum(t[0, 0].numel() for t in x.values())
         size = max(1, CHUNK_ENTRIES // (numel * max(self.config["hidden"], x.channels)))
         if torch.is_grad_enabled() or x.batch_size <= size:
             return self._predict(x, t, cond)
