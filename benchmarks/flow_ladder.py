@@ -1,0 +1,182 @@
+"""The generator's diagnostic ladder (issue 28, item 1): zoos where the right answer is known.
+
+    python benchmarks/flow_ladder.py run --rung orbit --velocity unf --steps 2000 [--seed 0] \
+        [--set KEY=VALUE ...] [--vset KEY=VALUE ...] [--runs runs/ladder]
+    python benchmarks/flow_ladder.py table
+
+Rungs (digits MLP 64-32-32-10, ReLU; base networks trained with Adam on the digits training split):
+- ``orbit``: ONE base network and ``--copies`` (300) random members of its permutation orbit, each plus Gaussian
+  noise of 1 % of each tensor's std (``unf.zoo.synthetic.orbit_zoo``). One function in many permutations.
+- ``two``: two independently trained base networks, half the zoo each.
+
+Each run trains a flow (``unf.flow.train_flow``, resumable: its checkpoint lives in ``--runs``), samples ``--num``
+networks at 20 NFE (Heun), and appends one JSON line to ``benchmarks/results/flow_ladder.jsonl``: the loss at the
+end, sample test accuracy (digits test split; evaluation only, no choice is made on it), agreement of the samples
+with each other, each sample's aligned L2 distance to the nearest base (weight matching, ``unf.align``), its raw L2
+distance to the nearest training copy, and the reference scales: the copies' own noise norm and the aligned distance
+between two independently trained networks. A sample "hits" when its aligned distance to a base is below a quarter of
+that distance between independent networks; it is "new" when its raw distance to every training copy exceeds half
+the median raw distance between copies (the orbit members differ by their permutation, noise alone is 1 % of it).
+``--set``: FlowConfig fields (JSON values); ``--vset``: velocity_config overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import append_jsonl, load_jsonl  # noqa: E402
+from timing import code_version, provenance  # noqa: E402
+
+RESULTS = Path("benchmarks/results/flow_ladder.jsonl")
+
+
+def _kv(items):
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def base_networks(k: int, epochs: int = 40):
+    """``k`` digits MLPs trained independently (seeds 0..k-1) and one more (seed 1000) for the distance scale."""
+    from unf.data import load
+    from unf.spec import spec_from_module
+    from unf.training import evaluate, train_classifier
+    from unf.weights import WeightSpace
+    from unf.zoo.builtin import mlp
+
+    split = load("digits")
+    d = argparse.Namespace(x_train=split.x_train.flatten(1), y_train=split.y_train, x_test=split.x_test.flatten(1),
+                           y_test=split.y_test)  # the MLP reads flattened 8x8 digits
+    nets, accs = [], []
+    for seed in list(range(k)) + [1000]:
+        torch.manual_seed(seed)
+        net = train_classifier(mlp(), d.x_train, d.y_train, epochs=epochs, seed=seed)
+        nets.append(net)
+        accs.append(evaluate(net, d.x_test, d.y_test)[1])
+    spec = spec_from_module(mlp(), d.x_train[:2])
+    ws = WeightSpace.from_module(spec, nets)
+    return spec, ws, accs, d
+
+
+def run(args) -> None:
+    from unf.flow import FlowConfig, train_flow
+    from unf.flow.novelty import agreement, aligned_l2, stacked_logits
+    from unf.weights import WeightSpace
+    from unf.zoo.builtin import mlp
+    from unf.zoo.synthetic import nearest_base, orbit_zoo
+
+    torch.set_num_threads(args.threads)
+    k = {"orbit": 1, "two": 2}[args.rung]
+    cfg_over, v_over = _kv(args.set), _kv(args.vset)
+    name = "-".join([args.rung, args.velocity, f"s{args.seed}", f"n{args.steps}"]
+                    + [f"{a}={b}" for a, b in sorted({**cfg_over, **{"v." + x: y for x, y in v_over.items()}}.items())])
+    results = Path(args.results)
+    done = {r["name"] for r in load_jsonl(results, key=lambda r: r["name"])}
+    if name in done and not args.force:
+        print(f"{name}: already in {results}")
+        return
+    spec, all_base, base_acc, d = base_networks(k)
+    base = WeightSpace(spec, {n: t[:k] for n, t in all_base.items()})
+    other = WeightSpace(spec, {n: t[k:] for n, t in all_base.items()})
+    zoo, labels = orbit_zoo(base, args.copies // k, noise=args.noise, seed=args.seed)
+    cfg = FlowConfig(velocity=args.velocity, steps=args.steps, seed=args.seed, velocity_config=v_over, **cfg_over)
+    out = Path(args.runs) / name
+    t0 = time.time()
+    flow, history = train_flow(zoo, cfg=cfg, out=out, progress=True)
+    train_s = time.time() - t0
+    gen, _ = flow.sample(args.num, nfe=20, solver="heun", seed=args.seed + 1, batch_size=args.num)
+    gen = gen.to(dtype=torch.float32)
+    pred = stacked_logits(mlp(), spec, gen, d.x_test).argmax(-1)
+    acc = (pred == d.y_test).float().mean(1)
+    zoo_pred = stacked_logits(mlp(), spec, zoo, d.x_test).argmax(-1)
+    dist, near = nearest_base(spec, gen, base)
+    scale = float(aligned_l2(spec, other, base, candidates=1).min())  # independent networks, aligned
+    noise_norm = float(aligned_l2(spec, zoo, base, candidates=1).median()) if k == 1 else \
+        float(torch.stack([aligned_l2(spec, WeightSpace(spec, {n: t[labels == j] for n, t in zoo.items()}),
+                                      WeightSpace(spec, {n: t[j:j + 1] for n, t in base.items()}), candidates=1)
+                           for j in range(k)]).median())
+    raw = torch.cdist(gen.flatten().double(), zoo.flatten().double())  # [num, copies]
+    zraw = torch.cdist(zoo.flatten().double(), zoo.flatten().double())
+    zraw.fill_diagonal_(float("inf"))
+    copy_scale = float(zraw.min(1).values.median())
+    best = dist.min(1).values
+    hit = best < 0.25 * scale
+    new = raw.min(1).values > 0.5 * copy_scale
+    row = {"name": name, "rung": args.rung, "velocity": args.velocity, "seed": args.seed, "steps": args.steps,
+           "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
+           "parameters": sum(p.numel() for p in flow.velocity.parameters()),
+           "train_seconds": round(train_s, 1), "final_loss": history[-1].get("loss") if history else None,
+           "loss_last100": float(torch.tensor([h["loss"] for h in history[-100:]]).mean()) if history else None,
+           "base_test_acc": base_acc[:k], "zoo_test_acc_mean": float((zoo_pred == d.y_test).float().mean()),
+           "sample_test_acc_mean": float(acc.mean()), "sample_test_acc_median": float(acc.median()),
+           "sample_agreement_median": float(agreement(pred, 10).median()),
+           "zoo_agreement_median": float(agreement(zoo_pred, 10).median()),
+           "aligned_l2_median": float(best.median()), "aligned_l2_q90": float(best.quantile(0.9)),
+           "independent_aligned_l2": scale, "copy_noise_aligned_l2": noise_norm,
+           "hit_fraction": float(hit.float().mean()), "new_fraction": float(new.float().mean()),
+           "hit_and_new_fraction": float((hit & new).float().mean()),
+           "raw_l2_nearest_copy_median": float(raw.min(1).values.median()), "copy_raw_l2_median": copy_scale,
+           "share_per_base": [float((near == j).float().mean()) for j in range(k)],
+           "acc_per_base": [float(acc[near == j].mean()) if (near == j).any() else None for j in range(k)],
+           "num_samples": args.num, **provenance(), "code": code_version(), "threads": torch.get_num_threads(),
+           "loadavg_start": list(os.getloadavg())}
+    append_jsonl(results, row)
+    print(json.dumps({x: row[x] for x in ("name", "sample_test_acc_mean", "sample_agreement_median",
+                                           "aligned_l2_median", "independent_aligned_l2", "hit_fraction",
+                                           "new_fraction", "share_per_base", "final_loss", "train_seconds")}))
+
+
+def table(args) -> None:
+    rows = load_jsonl(Path(args.results), key=lambda r: r["name"])
+    print("| run | params | steps | loss (last 100) | sample acc mean / median | base acc | agreement samples / zoo "
+          "| aligned L2 median (independent nets) | hit | new | share per base | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['parameters']:,} | {r['steps']} | {r['loss_last100']:.4f} | "
+              f"{r['sample_test_acc_mean']:.3f} / {r['sample_test_acc_median']:.3f} | "
+              f"{', '.join(f'{a:.3f}' for a in r['base_test_acc'])} | "
+              f"{r['sample_agreement_median']:.3f} / {r['zoo_agreement_median']:.3f} | "
+              f"{r['aligned_l2_median']:.2f} ({r['independent_aligned_l2']:.2f}) | {r['hit_fraction']:.2f} | "
+              f"{r['new_fraction']:.2f} | {', '.join(f'{s:.2f}' for s in r['share_per_base'])} | "
+              f"{r['train_seconds']:.0f} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--rung", choices=("orbit", "two"), required=True)
+    p.add_argument("--velocity", choices=("unf", "mlp"), default="unf")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=int, default=300)
+    p.add_argument("--noise", type=float, default=0.01)
+    p.add_argument("--num", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vset", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--runs", default="runs/ladder")
+    p.add_argument("--force", action="store_true", help="run again even if the results file has this run")
+    p.add_argument("--results", default=str(RESULTS))
+    p.set_defaults(fn=run)
+    p = sub.add_parser("table")
+    p.add_argument("--results", default=str(RESULTS))
+    p.set_defaults(fn=table)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
