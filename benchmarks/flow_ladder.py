@@ -48,46 +48,54 @@ def _kv(items):
     return out
 
 
-def base_networks(k: int, epochs: int = 40):
-    """``k`` digits MLPs trained independently (seeds 0..k-1) and one more (seed 1000) for the distance scale."""
+def base_networks(k: int, data: str = "digits", widths=(32, 32), epochs: int = 40):
+    """``k`` MLPs (ReLU, ``widths``) trained independently on ``data`` (seeds 0..k-1) and one more (seed 1000) for
+    the distance scale. Returns the spec, the networks ``[k + 1, 1]``, their test accuracies, the data and a
+    constructor of the architecture."""
     from unf.data import load
+    from unf.optim.tasks import mlp
     from unf.spec import spec_from_module
     from unf.training import evaluate, train_classifier
     from unf.weights import WeightSpace
-    from unf.zoo.builtin import mlp
 
-    split = load("digits")
+    split = load(data)
     d = argparse.Namespace(x_train=split.x_train.flatten(1), y_train=split.y_train, x_test=split.x_test.flatten(1),
-                           y_test=split.y_test)  # the MLP reads flattened 8x8 digits
+                           y_test=split.y_test)  # the MLP reads flattened inputs (digits: 8x8)
+    classes = int(d.y_train.max()) + 1
+    make = lambda: mlp(d.x_train.shape[1], list(widths), classes)  # noqa: E731
+    mu, sd = d.x_train.mean(0), d.x_train.std(0).clamp_min(1e-6)
+    if data != "digits":  # tabular features on very different scales
+        d.x_train, d.x_test = (d.x_train - mu) / sd, (d.x_test - mu) / sd
     nets, accs = [], []
     for seed in list(range(k)) + [1000]:
         torch.manual_seed(seed)
-        net = train_classifier(mlp(), d.x_train, d.y_train, epochs=epochs, seed=seed)
+        net = train_classifier(make(), d.x_train, d.y_train, epochs=epochs, seed=seed)
         nets.append(net)
         accs.append(evaluate(net, d.x_test, d.y_test)[1])
-    spec = spec_from_module(mlp(), d.x_train[:2])
+    spec = spec_from_module(make(), d.x_train[:2])
     ws = WeightSpace.from_module(spec, nets)
-    return spec, ws, accs, d
+    return spec, ws, accs, d, make
 
 
 def run(args) -> None:
     from unf.flow import FlowConfig, train_flow
     from unf.flow.novelty import agreement, aligned_l2, stacked_logits
     from unf.weights import WeightSpace
-    from unf.zoo.builtin import mlp
     from unf.zoo.synthetic import nearest_base, orbit_zoo
 
     torch.set_num_threads(args.threads)
     k = {"orbit": 1, "two": 2}[args.rung]
     cfg_over, v_over = _kv(args.set), _kv(args.vset)
-    name = "-".join([args.rung, args.velocity, f"s{args.seed}", f"n{args.steps}"]
+    arch = [] if (args.data, args.widths) == ("digits", "32,32") else [f"{args.data}{args.widths.replace(',', 'x')}"]
+    name = "-".join([args.rung] + arch + [args.velocity, f"s{args.seed}", f"n{args.steps}"]
                     + [f"{a}={b}" for a, b in sorted({**cfg_over, **{"v." + x: y for x, y in v_over.items()}}.items())])
     results = Path(args.results)
     done = {r["name"] for r in load_jsonl(results, key=lambda r: r["name"])}
     if name in done and not args.force:
         print(f"{name}: already in {results}")
         return
-    spec, all_base, base_acc, d = base_networks(k)
+    widths = [int(w) for w in args.widths.split(",")]
+    spec, all_base, base_acc, d, mlp = base_networks(k, args.data, widths, args.base_epochs)
     base = WeightSpace(spec, {n: t[:k] for n, t in all_base.items()})
     other = WeightSpace(spec, {n: t[k:] for n, t in all_base.items()})
     zoo, labels = orbit_zoo(base, args.copies // k, noise=args.noise, seed=args.seed)
@@ -100,6 +108,7 @@ def run(args) -> None:
     gen = gen.to(dtype=torch.float32)
     pred = stacked_logits(mlp(), spec, gen, d.x_test).argmax(-1)
     acc = (pred == d.y_test).float().mean(1)
+    classes = int(d.y_train.max()) + 1
     zoo_pred = stacked_logits(mlp(), spec, zoo, d.x_test).argmax(-1)
     dist, near = nearest_base(spec, gen, base)
     scale = float(aligned_l2(spec, other, base, candidates=1).min())  # independent networks, aligned
@@ -114,15 +123,15 @@ def run(args) -> None:
     best = dist.min(1).values
     hit = best < 0.25 * scale
     new = raw.min(1).values > 0.5 * copy_scale
-    row = {"name": name, "rung": args.rung, "velocity": args.velocity, "seed": args.seed, "steps": args.steps,
+    row = {"name": name, "rung": args.rung, "data": args.data, "widths": widths, "velocity": args.velocity, "seed": args.seed, "steps": args.steps,
            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
            "parameters": sum(p.numel() for p in flow.velocity.parameters()),
            "train_seconds": round(train_s, 1), "final_loss": history[-1].get("loss") if history else None,
            "loss_last100": float(torch.tensor([h["loss"] for h in history[-100:]]).mean()) if history else None,
            "base_test_acc": base_acc[:k], "zoo_test_acc_mean": float((zoo_pred == d.y_test).float().mean()),
            "sample_test_acc_mean": float(acc.mean()), "sample_test_acc_median": float(acc.median()),
-           "sample_agreement_median": float(agreement(pred, 10).median()),
-           "zoo_agreement_median": float(agreement(zoo_pred, 10).median()),
+           "sample_agreement_median": float(agreement(pred, classes).median()),
+           "zoo_agreement_median": float(agreement(zoo_pred, classes).median()),
            "aligned_l2_median": float(best.median()), "aligned_l2_q90": float(best.quantile(0.9)),
            "independent_aligned_l2": scale, "copy_noise_aligned_l2": noise_norm,
            "hit_fraction": float(hit.float().mean()), "new_fraction": float(new.float().mean()),
@@ -161,6 +170,9 @@ def main(argv=None) -> None:
     p.add_argument("--velocity", choices=("unf", "mlp"), default="unf")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=("digits", "iris", "wine", "breast_cancer"), default="digits")
+    p.add_argument("--widths", default="32,32", help="hidden widths of the MLPs (default 32,32)")
+    p.add_argument("--base-epochs", type=int, default=40)
     p.add_argument("--copies", type=int, default=300)
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--num", type=int, default=300)
