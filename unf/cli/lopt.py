@@ -8,51 +8,93 @@ from .common import (UserError, add_command, add_group, at_least, emit, info, po
                      user_error)
 
 
+TASK_HELP = ("a built-in task family ({names}) or FILE.py:FN, where FN() returns a unf.optim.TaskFamily (your model, "
+             "data, loss, batch size and horizon)")
+
+
 def register(sub) -> None:
+    from ..optim.tasks import ADAM_LRS, FAMILIES, TASKS
+
+    names = ", ".join(sorted({**TASKS, **FAMILIES}))
     grp = add_group(sub, "lopt", help="learned optimizers: meta-train one, evaluate one against tuned Adam",
                     example="unf lopt meta-train --out runs/lopt --steps 2000\n"
+                            "unf lopt meta-train --task my_task.py:family --out runs/mine --budget-min 30\n"
                             "unf lopt eval --weights runs/lopt/rule.safetensors --task breast-cancer-mlp")
     p = add_command(grp, "meta-train", run=run_meta_train, seed=True,
-                    help="meta-train a learned rule with (persistent) evolution strategies; resumable; "
-                         "under torchrun the perturbations are split over the processes",
+                    help="meta-train a learned rule with (persistent) evolution strategies, on a task family or on "
+                         "the MLP task mix; resumable; under torchrun the perturbations are split over the processes",
                     example="unf lopt meta-train --out runs/lopt --variant unf --steps 2000\n"
+                            "unf lopt meta-train --task digits-mlp --out runs/digits --budget-min 60\n"
+                            "unf lopt meta-train --task my_task.py:family --out runs/mine --budget-min 30\n"
                             "torchrun --nproc-per-node 2 -m unf.cli lopt meta-train --out runs/lopt")
     p.add_argument("--out", required=True, help="run directory: checkpoint.safetensors, rule.safetensors, "
                                                 "log.jsonl, run.json (an existing run resumes)")
+    p.add_argument("--task", default=None, help=TASK_HELP.format(names=names) + "; every inner task is that family "
+                   "at a new seed (default: the MLP task mix of --datasets/--widths)")
+    p.add_argument("--budget-min", type=positive_float, default=None,
+                   help="stop after this many minutes of meta-training, counted over resumes (with no --steps: "
+                        "the budget alone decides)")
     p.add_argument("--variant", choices=["unf", "deepsets", "mlp", "unf-exact"], default="unf",
-                   help="update network; unf-exact: per-term coefficients for one architecture (needs --widths and "
-                        "one --datasets)")
-    p.add_argument("--widths", default=None, help="fix the tasks' hidden widths, e.g. 64,64 (default: random)")
-    p.add_argument("--datasets", default="digits-flat,iris,wine", help="comma-separated task datasets")
-    p.add_argument("--steps", type=at_least(1), default=2000, help="outer (meta) steps")
+                   help="update network; unf-exact: per-term coefficients for one architecture (needs --task, or "
+                        "--widths and one --datasets)")
+    p.add_argument("--widths", default=None, help="MLP mix: fix the tasks' hidden widths, e.g. 64,64 (default: "
+                                                  "random)")
+    p.add_argument("--datasets", default=None, help="MLP mix: comma-separated task datasets (default "
+                                                    "digits-flat,iris,wine)")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="outer (meta) steps (default: 2000, or unlimited with --budget-min)")
     p.add_argument("--pairs", type=at_least(1), default=8, help="antithetic perturbation pairs per step")
     p.add_argument("--sigma", type=positive_float, default=0.01, help="perturbation scale")
     p.add_argument("--unroll", type=at_least(1), default=10, help="inner steps per truncation")
-    p.add_argument("--max-horizon", type=at_least(1), default=200, help="longest inner training (steps)")
-    p.add_argument("--min-horizon", type=at_least(1), default=50, help="shortest inner training (steps)")
+    p.add_argument("--max-horizon", type=at_least(1), default=None, help="MLP mix: longest inner training (steps; "
+                                                                         "default 200)")
+    p.add_argument("--min-horizon", type=at_least(1), default=None, help="MLP mix: shortest inner training (steps; "
+                                                                         "default 50)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
 
-    from ..optim.tasks import ADAM_LRS, TASKS
-
     grid = ",".join(f"{v:g}" for v in ADAM_LRS)
     p = add_command(grp, "eval", run=run_eval, seed=True, device=True,
-                    help="train a held-out task with a learned optimizer (its defaults) and with Adam over a grid "
-                         "of learning rates; report the speed-up over the best Adam",
-                    example="unf lopt eval --weights default --task digits-cnn --seed 1 --json")
-    p.add_argument("--weights", default="default", help="'default' (shipped) or a weights file (.safetensors)")
-    p.add_argument("--task", choices=sorted(TASKS), default="breast-cancer-mlp")
+                    help="train a task with a learned optimizer (its defaults) and with Adam over a grid of "
+                         "learning rates; report the speed-up over the best Adam",
+                    example="unf lopt eval --weights default --task digits-cnn --seed 1 --json\n"
+                            "unf lopt eval --weights runs/mine --task my_task.py:family --seed 0")
+    p.add_argument("--weights", default="default", help="'default' (shipped), a weights file (.safetensors) or a "
+                                                        "meta-train run directory (its rule.safetensors)")
+    p.add_argument("--task", default="breast-cancer-mlp", help=TASK_HELP.format(names=names))
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the task's horizon)")
     p.add_argument("--adam-lrs", default=grid, help=f"comma-separated Adam learning rates (default {grid})")
+
+
+def _family(ref: str):
+    """``--task`` -> a TaskFamily; anything wrong is one user error naming --task."""
+    from ..optim.tasks import get_family
+
+    with user_error("--task", types=(ValueError, TypeError)):
+        family = get_family(ref)
+        family.data()  # a lazy family's data is loaded (and checked) now, before any work
+        return family
 
 
 def run_meta_train(args) -> int:
     from ..io import atomic_write
     from ..optim.meta import CheckpointError, MetaConfig, checkpoint_history, init_distributed, meta_train
 
-    if not args.unroll <= args.min_horizon <= args.max_horizon:
-        raise UserError(f"need --unroll ({args.unroll}) <= --min-horizon ({args.min_horizon}) <= --max-horizon "
-                        f"({args.max_horizon})")
+    mix_only = [o for o, v in (("--widths", args.widths), ("--datasets", args.datasets),
+                               ("--min-horizon", args.min_horizon), ("--max-horizon", args.max_horizon))
+                if v is not None]
+    if args.task is not None and mix_only:
+        raise UserError(f"{', '.join(mix_only)}: the MLP task mix's options; with --task the family fixes the model, "
+                        "data and horizon")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+    min_h, max_h = args.min_horizon or 50, args.max_horizon or 200
+    family = _family(args.task) if args.task is not None else None
+    if family is None and not args.unroll <= min_h <= max_h:
+        raise UserError(f"need --unroll ({args.unroll}) <= --min-horizon ({min_h}) <= --max-horizon ({max_h})")
+    if family is not None and args.unroll > family.horizon:
+        raise UserError(f"--unroll {args.unroll}: longer than --task {args.task}'s horizon ({family.horizon})")
     init_distributed("cpu")
     import torch.distributed as dist
 
@@ -63,17 +105,21 @@ def run_meta_train(args) -> int:
             raise ValueError
     except ValueError:
         raise UserError(f"--widths {args.widths!r}: comma-separated positive integers, e.g. 64,64") from None
+    datasets = args.datasets if args.datasets is not None else "digits-flat,iris,wine"
+    budget = None if args.budget_min is None else 60.0 * args.budget_min
+    steps = args.steps if args.steps is not None or budget is not None else 2000
+    if family is not None:  # the family fixes the horizon; the mix's fields (unused) only need to stay valid
+        min_h, max_h = max(args.unroll, 50), max(args.unroll, 200)
     with user_error("--variant/--widths/--datasets", types=(ValueError,)):
-        cfg = MetaConfig(steps=args.steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
-                         max_horizon=args.max_horizon, min_horizon=args.min_horizon, estimator=args.estimator,
+        cfg = MetaConfig(steps=steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
+                         max_horizon=max_h, min_horizon=min_h, estimator=args.estimator,
                          outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
-                         datasets=tuple(d for d in args.datasets.split(",") if d))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out}: exists and is not a directory")
+                         datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget)
+        if family is None:
+            cfg.check_mix()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        rec = json.dumps(run_record(config=cfg.__dict__), indent=1)
+        rec = json.dumps(run_record(config=cfg.__dict__, task=None if family is None else family.name), indent=1)
         atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(rec))
     with user_error("--out", types=(CheckpointError,)):
         done = checkpoint_history(out)
@@ -92,16 +138,18 @@ def run_meta_train(args) -> int:
             bar.refresh()
 
     with user_error("--out", types=(CheckpointError,)):
-        rule, history = meta_train(cfg, out=out, log=on_step)
+        rule, history = meta_train(cfg, family, out=out, log=on_step)
     if rank == 0:
         bar.close()
         log.close()
         last = history[-20:]
         mean = sum(h["meta_loss"] for h in last) / max(1, len(last))
-        info(f"meta-trained {args.variant} rule for {len(history)} steps; mean meta-loss of the last "
-             f"{len(last)}: {mean:.4f}; weights: {out / 'rule.safetensors'}")
-        emit({"out": str(out), "steps": len(history), "meta_loss_last20": mean,
-              "alpha": float(rule.log_alpha.detach().exp())})
+        minutes = sum(h["seconds"] for h in history) / 60
+        info(f"meta-trained {args.variant} rule on {family.name if family else 'the MLP task mix'} for "
+             f"{len(history)} steps ({minutes:.1f} min); mean meta-loss of the last {len(last)}: {mean:.4f}; "
+             f"weights: {out / 'rule.safetensors'}")
+        emit({"out": str(out), "task": None if family is None else family.name, "steps": len(history),
+              "minutes": minutes, "meta_loss_last20": mean, "alpha": float(rule.log_alpha.detach().exp())})
     return 0
 
 
@@ -115,7 +163,7 @@ def run_eval(args) -> int:
     import torch
 
     from ..optim import UNFOptimizer, load_rule
-    from ..optim.tasks import TASKS, speedup, train_curve
+    from ..optim.tasks import META_SEED_BASE, speedup, train_curve
 
     try:
         lrs = [float(v) for v in args.adam_lrs.split(",") if v.strip()]
@@ -123,9 +171,18 @@ def run_eval(args) -> int:
         raise UserError(f"--adam-lrs {args.adam_lrs!r}: comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
     if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
         raise UserError("--adam-lrs: give at least one positive learning rate")
+    if args.seed >= META_SEED_BASE:
+        raise UserError(f"--seed {args.seed}: evaluation seeds are below 2**30 (meta-training draws its seeds from "
+                        "[2**30, 2**31), so that a rule is tested on initialisations it never saw)")
+    weights = args.weights
+    if Path(weights).is_dir():  # a meta-train run directory
+        weights = Path(weights) / "rule.safetensors"
+        if not weights.is_file():
+            raise UserError(f"--weights {args.weights}: a directory without rule.safetensors (not a finished "
+                            "meta-train run)")
     with user_error("--weights", types=(OSError, ValueError, RuntimeError)):
-        rule = load_rule(args.weights)
-    task = TASKS[args.task]
+        rule = load_rule(weights)
+    task = _family(args.task)
     runs = {}
     bar = progress(total=len(lrs) + 1, desc=args.task, unit="run")  # the Adam grid, then the learned optimizer
     for lr in lrs:
@@ -143,10 +200,11 @@ def run_eval(args) -> int:
     for name in (best, "learned"):
         r = runs[name]
         final = r["train"][-1]
+        acc = "" if r["test_acc"] is None else f"test acc {r['test_acc']:.3f}, "
         info(f"{args.task} {name:>14}: final train loss {final if final is None else round(final, 4)}, "
-             f"test acc {r['test_acc']:.3f}, train-loss speed-up vs {best} {speedup(ref['train'], r['train']):.2f}x, "
+             f"{acc}train-loss speed-up vs {best} {speedup(ref['train'], r['train']):.2f}x, "
              f"test-loss {speedup(ref['test'], r['test']):.2f}x, {r['seconds']:.1f} s")
-    emit({"task": args.task, "weights": str(args.weights), "best_adam": best,
+    emit({"task": task.name, "weights": str(args.weights), "best_adam": best,
           "speedup_train": speedup(ref["train"], runs["learned"]["train"]),
           "speedup_test": speedup(ref["test"], runs["learned"]["test"]),
           "test_acc": runs["learned"]["test_acc"], "adam_test_acc": ref["test_acc"],
