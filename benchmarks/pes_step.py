@@ -70,6 +70,7 @@ def _run(steps: int, phases: dict | None = None) -> list[dict]:
 
 def _profile() -> None:
     """Phases of one outer step (after one warm-up step) and the top ATen ops by self CPU time."""
+    sys.path.insert(0, str(ROOT))  # this tree's unf, not an installed one
     import torch
     from torch.profiler import ProfilerActivity, profile
 
