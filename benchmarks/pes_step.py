@@ -138,6 +138,15 @@ def _measure(tree: Path, steps: int) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _code(tree: Path) -> str:
+    """The commit a source tree is at (``+dirty`` with changes under ``unf/``)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "unf") else "")
+
+
 def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -173,10 +182,10 @@ def main(argv=None) -> None:
         wall = _stats([r["seconds"] for r in timed[name]])
         cpu = _stats([r["cpu_seconds"] for r in timed[name]])
         stats[name] = (wall, cpu)
-        print(f"  {name:>8} ({tree}): {wall['median']:.3f} s/step wall (min {wall['min']:.3f}, max "
+        print(f"  {name:>8} ({tree}, {_code(tree)}): {wall['median']:.3f} s/step wall (min {wall['min']:.3f}, max "
               f"{wall['max']:.3f}); {cpu['median']:.3f} s/step CPU (min {cpu['min']:.3f}, max {cpu['max']:.3f})")
         append_jsonl(HERE / "results" / "pes_step.jsonl",
-                     {**provenance(), "tree": str(tree), "role": name, "omp_threads": threads,
+                     {**provenance(), "tree": str(tree), "code": _code(tree), "role": name, "omp_threads": threads,
                       "rounds": args.rounds, "steps": args.steps, "wall_s": wall, "cpu_s": cpu})
     if "against" in stats:
         w = stats["against"][0]["median"] / stats["this"][0]["median"]
