@@ -177,6 +177,22 @@ def test_train_curve_uses_the_family_loss_and_reports_accuracy_for_classificatio
     assert 0 <= c["test_acc"] <= 1
 
 
+def test_cosine_schedule_decays_the_rate_to_zero_over_the_steps():
+    opts = []
+
+    def make(m, x):
+        opts.append(torch.optim.SGD(m.parameters(), lr=0.1))
+        return opts[-1]
+
+    family = _regression_family()
+    const = train_curve(family, make, seed=0, steps=20, eval_every=20)
+    cos = train_curve(family, make, seed=0, steps=20, eval_every=20, schedule="cosine")
+    assert opts[0].param_groups[0]["lr"] == 0.1 and opts[1].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert const["train"][0] == cos["train"][0] and const["train"][-1] != cos["train"][-1]
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        train_curve(family, make, seed=0, steps=2, schedule="linear")
+
+
 def test_bad_families_are_named():
     x, y = torch.randn(10, 5), torch.randn(10, 1)
     with pytest.raises(ValueError, match="'bad'.*x_train has 10 rows and y_train 9"):
@@ -234,9 +250,11 @@ def test_cli_meta_trains_and_evaluates_a_task_file(tmp_path, capsys):
     # the same directory with another task is refused, naming --out and the family it was written for
     _user_error(capsys, [*argv[:2], "--task", "digits-mlp", *argv[4:], "--steps", "6"], "--out", "family")
     assert main(["lopt", "eval", "--task", f"{task}:family", "--weights", str(out), "--adam-lrs", "1e-2",
-                 "--seed", "1", "--json"]) == 0
+                 "--sgd-lrs", "0.1", "--seed", "1", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert ev["task"] == row["task"] and ev["best_adam"] == "adam lr=0.01" and 0 <= ev["test_acc"] <= 1
+    assert ev["task"] == row["task"] and 0 <= ev["test_acc"] <= 1
+    assert ev["best_adam"] in ("adam lr=0.01", "adam lr=0.01 cosine")  # the better of constant and cosine
+    assert ev["best_sgdm"] in ("sgdm lr=0.1", "sgdm lr=0.1 cosine") and ev["speedup_train_vs_sgdm"] >= 0
 
 
 @pytest.mark.parametrize("ref, needles", [
@@ -260,6 +278,8 @@ def test_cli_task_and_mix_options_exclude_each_other(tmp_path, capsys):
     _user_error(capsys, ["lopt", "meta-train", "--task", "digits-mlp", "--widths", "8", "--out", str(tmp_path / "r")],
                 "--widths", "with --task")
     _user_error(capsys, ["lopt", "eval", "--seed", str(2 ** 30)], "--seed", "below 2**30")
+    _user_error(capsys, ["lopt", "eval", "--schedules", "linear"], "--schedules")
+    _user_error(capsys, ["lopt", "eval", "--sgd-lrs", "0"], "--sgd-lrs", "positive")
 
 
 def test_builtin_families_resolve():

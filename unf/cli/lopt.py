@@ -13,7 +13,7 @@ TASK_HELP = ("a built-in task family ({names}) or FILE.py:FN, where FN() returns
 
 
 def register(sub) -> None:
-    from ..optim.tasks import ADAM_LRS, FAMILIES, TASKS
+    from ..optim.tasks import ADAM_LRS, FAMILIES, SGD_LRS, TASKS
 
     names = ", ".join(sorted({**TASKS, **FAMILIES}))
     grp = add_group(sub, "lopt", help="learned optimizers: meta-train one, evaluate one against tuned Adam",
@@ -54,9 +54,11 @@ def register(sub) -> None:
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
 
     grid = ",".join(f"{v:g}" for v in ADAM_LRS)
+    sgd_grid = ",".join(f"{v:g}" for v in SGD_LRS)
     p = add_command(grp, "eval", run=run_eval, seed=True, device=True,
-                    help="train a task with a learned optimizer (its defaults) and with Adam over a grid of "
-                         "learning rates; report the speed-up over the best Adam",
+                    help="train a task at a seed never meta-trained on with a learned optimizer (its defaults), "
+                         "and with Adam and SGD+momentum over grids of learning rates, constant and with cosine "
+                         "decay to zero over the horizon; report the speed-up over the better tuned Adam",
                     example="unf lopt eval --weights default --task digits-cnn --seed 1 --json\n"
                             "unf lopt eval --weights runs/mine --task my_task.py:family --seed 0")
     p.add_argument("--weights", default="default", help="'default' (shipped), a weights file (.safetensors) or a "
@@ -64,6 +66,11 @@ def register(sub) -> None:
     p.add_argument("--task", default="breast-cancer-mlp", help=TASK_HELP.format(names=names))
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the task's horizon)")
     p.add_argument("--adam-lrs", default=grid, help=f"comma-separated Adam learning rates (default {grid})")
+    p.add_argument("--sgd-lrs", default=sgd_grid, help="comma-separated learning rates of SGD with momentum 0.9 "
+                                                       f"(default {sgd_grid}; 'none': no SGD baseline)")
+    p.add_argument("--schedules", default="constant,cosine",
+                   help="baseline learning-rate schedules, comma-separated: constant, cosine (decay to zero over "
+                        "the steps); the reference is the best Adam over all of them")
 
 
 def _family(ref: str):
@@ -157,20 +164,32 @@ def _log_row(h: dict) -> dict:
     return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds")}
 
 
-def run_eval(args) -> int:
+def _lrs(text: str, option: str, allow_none: bool = False) -> list:
+    """A comma-separated list of positive learning rates (``none``: empty, where allowed)."""
     import math
 
+    if allow_none and text.strip().lower() == "none":
+        return []
+    try:
+        lrs = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise UserError(f"{option}: give at least one positive learning rate")
+    return lrs
+
+
+def run_eval(args) -> int:
     import torch
 
     from ..optim import UNFOptimizer, load_rule
-    from ..optim.tasks import META_SEED_BASE, speedup, train_curve
+    from ..optim.tasks import META_SEED_BASE, SCHEDULES, speedup, train_curve
 
-    try:
-        lrs = [float(v) for v in args.adam_lrs.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--adam-lrs {args.adam_lrs!r}: comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
-    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-        raise UserError("--adam-lrs: give at least one positive learning rate")
+    adam_lrs = _lrs(args.adam_lrs, "--adam-lrs")
+    sgd_lrs = _lrs(args.sgd_lrs, "--sgd-lrs", allow_none=True)
+    schedules = [v.strip() for v in args.schedules.split(",") if v.strip()]
+    if not schedules or any(v not in SCHEDULES for v in schedules):
+        raise UserError(f"--schedules {args.schedules!r}: comma-separated, from {', '.join(SCHEDULES)}")
     if args.seed >= META_SEED_BASE:
         raise UserError(f"--seed {args.seed}: evaluation seeds are below 2**30 (meta-training draws its seeds from "
                         "[2**30, 2**31), so that a rule is tested on initialisations it never saw)")
@@ -183,30 +202,41 @@ def run_eval(args) -> int:
     with user_error("--weights", types=(OSError, ValueError, RuntimeError)):
         rule = load_rule(weights)
     task = _family(args.task)
+    makers = {"adam": lambda lr: lambda m, x: torch.optim.Adam(m.parameters(), lr=lr),
+              "sgdm": lambda lr: lambda m, x: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)}
+    jobs = [(opt, lr, sch) for opt, lrs in (("adam", adam_lrs), ("sgdm", sgd_lrs)) for sch in schedules
+            for lr in lrs]
     runs = {}
-    bar = progress(total=len(lrs) + 1, desc=args.task, unit="run")  # the Adam grid, then the learned optimizer
-    for lr in lrs:
-        bar.set_postfix_str(f"Adam lr={lr:g}")
-        runs[f"adam lr={lr:g}"] = train_curve(task, lambda m, x: torch.optim.Adam(m.parameters(), lr=lr), args.seed,
-                                              steps=args.steps, device=args.device)
+    bar = progress(total=len(jobs) + 1, desc=args.task, unit="run")  # the baselines' grids, then the learned rule
+    for opt, lr, sch in jobs:
+        name = f"{opt} lr={lr:g}" + ("" if sch == "constant" else f" {sch}")
+        bar.set_postfix_str(name)
+        runs[name] = train_curve(task, makers[opt](lr), args.seed, steps=args.steps, device=args.device,
+                                 schedule=sch)
         bar.update(1)
-    best = min(runs, key=lambda k: min((v for v in runs[k]["train"] if v is not None), default=float("inf")))
+    lowest = lambda k: min((v for v in runs[k]["train"] if v is not None), default=float("inf"))  # noqa: E731
+    best = min((k for k in runs if k.startswith("adam")), key=lowest)
+    best_sgd = min((k for k in runs if k.startswith("sgdm")), key=lowest, default=None)
     bar.set_postfix_str("learned")
     runs["learned"] = train_curve(task, lambda m, x: UNFOptimizer.for_model(m, x, weights=rule), args.seed,
                                   steps=args.steps, device=args.device)
     bar.update(1)
     bar.close()
     ref = runs[best]
-    for name in (best, "learned"):
+    for name in [best, *([best_sgd] if best_sgd else []), "learned"]:
         r = runs[name]
         final = r["train"][-1]
         acc = "" if r["test_acc"] is None else f"test acc {r['test_acc']:.3f}, "
-        info(f"{args.task} {name:>14}: final train loss {final if final is None else round(final, 4)}, "
+        info(f"{args.task} {name:>22}: final train loss {final if final is None else round(final, 4)}, "
              f"{acc}train-loss speed-up vs {best} {speedup(ref['train'], r['train']):.2f}x, "
              f"test-loss {speedup(ref['test'], r['test']):.2f}x, {r['seconds']:.1f} s")
+    learned = runs["learned"]
     emit({"task": task.name, "weights": str(args.weights), "best_adam": best,
-          "speedup_train": speedup(ref["train"], runs["learned"]["train"]),
-          "speedup_test": speedup(ref["test"], runs["learned"]["test"]),
-          "test_acc": runs["learned"]["test_acc"], "adam_test_acc": ref["test_acc"],
-          "diverged": runs["learned"]["diverged"], "device": str(args.device)})
+          "speedup_train": speedup(ref["train"], learned["train"]),
+          "speedup_test": speedup(ref["test"], learned["test"]),
+          "test_acc": learned["test_acc"], "adam_test_acc": ref["test_acc"],
+          "best_sgdm": best_sgd, "speedup_train_vs_sgdm": None if best_sgd is None else
+          speedup(runs[best_sgd]["train"], learned["train"]),
+          "final_train_loss": learned["train"][-1], "adam_final_train_loss": ref["train"][-1],
+          "diverged": learned["diverged"], "device": str(args.device)})
     return 0

@@ -251,10 +251,15 @@ def full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return evaluate(model, x, y)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 def train_curve(task: TaskFamily, make_optimizer: Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer],
-                seed: int, eval_every: int = 10, steps: Optional[int] = None, device="cpu") -> dict:
+                seed: int, eval_every: int = 10, steps: Optional[int] = None, device="cpu",
+                schedule: str = "constant") -> dict:
     """Train ``task``'s model at ``seed`` (its initialisation and batch order) with ``make_optimizer(model,
-    example_input)`` on the family's loss.
+    example_input)`` on the family's loss; ``schedule="cosine"`` decays the learning rate to zero over the steps
+    (a baseline that knows the horizon, as a learned rule can).
 
     Returns the full-batch training and test losses every ``eval_every`` steps (``None`` where not finite), final
     test accuracy (``None`` unless the family is classification), whether it diverged (final training loss not finite
@@ -263,16 +268,23 @@ def train_curve(task: TaskFamily, make_optimizer: Callable[[nn.Module, torch.Ten
     xtr, ytr, xte, yte = (t.to(device) for t in task.data())
     model = task.build(seed).to(device)
     opt = make_optimizer(model, xtr[:1])
+    n = steps or task.horizon
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: choose from {SCHEDULES}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / n))) \
+        if schedule == "cosine" else None
     g = torch.Generator().manual_seed(seed)
     clean = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no NaN)
     measure = lambda x, y: task.loss_and_accuracy(model, x, y)[0]  # noqa: E731
     train, test = [measure(xtr, ytr)], [measure(xte, yte)]
     t0 = time.perf_counter()
-    for step in range(1, (steps or task.horizon) + 1):
+    for step in range(1, n + 1):
         idx = torch.randint(len(xtr), (task.batch_size,), generator=g).to(device)
         opt.zero_grad()
         task.loss(model(xtr[idx]), ytr[idx]).backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if step % eval_every == 0:
             train.append(measure(xtr, ytr))
             test.append(measure(xte, yte))
@@ -301,5 +313,5 @@ def speedup(reference: list, curve: list) -> float:
     return 0.0 if n is None else max(n_ref, 1) / max(n, 1)
 
 
-__all__ = ["ADAM_LRS", "FAMILIES", "GRUClassifier", "META_SEED_BASE", "SGD_LRS", "TASKS", "TaskFamily", "full_loss",
-           "get_family", "majority_data", "mlp", "speedup", "steps_to_reach", "train_curve"]
+__all__ = ["ADAM_LRS", "FAMILIES", "GRUClassifier", "META_SEED_BASE", "SCHEDULES", "SGD_LRS", "TASKS", "TaskFamily",
+           "full_loss", "get_family", "majority_data", "mlp", "speedup", "steps_to_reach", "train_curve"]
