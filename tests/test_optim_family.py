@@ -288,3 +288,25 @@ def test_builtin_families_resolve():
     assert [tuple(p.shape) for p in fam.build(0).parameters()] == [(128, 64), (128,), (128, 128), (128,), (10, 128),
                                                                    (10,)]
     assert get_family("majority-gru") is TASKS["majority-gru"]
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """README's "Meta-train a learned optimizer for your own model": the task file and the script, with 2 outer steps
+    instead of a 30-minute budget."""
+    import re
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Meta-train a learned optimizer for your own model"):]
+    task_file, script = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    (tmp_path / "my_task.py").write_text(task_file)
+    budget = "MetaConfig(steps=None, budget_s=30 * 60)"
+    assert budget in script
+    script = script.replace(budget, "MetaConfig(steps=2, pairs=1)").replace('"runs/mine"', repr(str(tmp_path / "r")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_task", raising=False)
+    scope = {}
+    exec(compile(script, "README", "exec"), scope)
+    assert len(scope["history"]) == 2 and (tmp_path / "r" / "rule.safetensors").is_file()
+    assert scope["fam"].name == "my-regression" and scope["opt"].param_groups[0]["params"]
