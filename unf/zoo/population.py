@@ -154,6 +154,7 @@ class Population:
     channels_last: bool = False  # inputs with the member axis innermost (see _members_inner); set for conv nets
     step: int = 0
     columns: Optional[tuple] = None  # per-member lr, weight decay, is-Adam (see _columns)
+    batched: bool = True  # False once vmap met an op it cannot batch (aten::gru): members then run one by one
 
     def to(self, device: torch.device | str) -> "Population":
         """This population on ``device`` (parameters, buffers and optimizer state; train it on data there too).
@@ -282,12 +283,28 @@ def _forward(pop: Population, x: torch.Tensor, same_input: bool, train: bool, pa
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             return vmap(one, in_dims=(0, 0, None if same_input else 0), randomness="different")(params, buffers, x)
 
-    if pop.channels_last and not same_input:
-        try:
-            return run(_members_inner(x))
-        except RuntimeError:  # e.g. ``.view`` of a channels-last activation: keep the default layout from now on
-            pop.channels_last = False
-    return run(x)
+    def loop(x):  # one functional call per member: for models with an op that vmap has no batching rule for
+        n = len(next(iter(params.values()))) if params else len(x)
+        return torch.stack([functional_call(pop.base, ({k: v[i] for k, v in params.items()},
+                                                       {k: v[i] for k, v in buffers.items()}),
+                                            (x if same_input else x[i],)) for i in range(n)])
+
+    if not pop.batched:
+        return loop(x)
+    try:
+        if pop.channels_last and not same_input:
+            try:
+                return run(_members_inner(x))
+            except RuntimeError:  # e.g. ``.view`` of a channels-last activation: keep the default layout from now on
+                pop.channels_last = False
+        return run(x)
+    except RuntimeError as e:
+        if "Batching rule not implemented" not in str(e):
+            raise
+        pop.batched = False
+        warnings.warn(f"vmap cannot batch this population's model ({str(e).split('.')[0]}); its members run one "
+                      "by one from now on (same results, about N times one member's time)", stacklevel=3)
+        return loop(x)
 
 
 def _columns(pop: Population) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -317,19 +334,30 @@ def _update(pop: Population, members: slice, grad: torch.Tensor) -> None:
 
 
 def member_grads(pop: Population, x: torch.Tensor, y: torch.Tensor, members: slice = slice(None),
-                 params: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the members in ``members`` on their batches and its gradient.
+                 params: Optional[dict] = None, loss: Optional[Callable] = None, same_input: Optional[bool] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of the members in ``members`` on their batches and its gradient.
 
-    ``x``: ``[n, B, *features]`` (one batch per member) or ``[B, *features]`` (one batch for all); ``y`` likewise.
-    ``params``: name -> ``[n, *shape]`` (default: the members' own). Returns the losses ``[n]`` (detached) and the
-    gradients ``[n, D]`` in ``pop.flat``'s layout."""
+    ``x``: ``[n, B, *features]`` (one batch per member) or ``[B, *features]`` (one batch for all); ``y`` likewise;
+    ``same_input`` says which (default: one batch for all when ``y`` is 1-D, as class labels are). ``params``: name ->
+    ``[n, *shape]`` (default: the members' own). ``loss(output, target)``: one member's scalar loss, vmapped over the
+    members (default and ``F.cross_entropy``: cross-entropy, in one batched call). Returns the losses ``[n]``
+    (detached) and the gradients ``[n, D]`` in ``pop.flat``'s layout."""
     if params is None:
         params = {k: v[members] for k, v in pop.params.items()}
     params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    same = y.dim() == 1
+    same = y.dim() == 1 if same_input is None else same_input
     out = _forward(pop, x, same_input=same, train=True, params=params, members=members)
-    yy = y.expand(out.shape[0], -1) if same else y
-    losses = F.cross_entropy(out.transpose(1, 2), yy, reduction="none").mean(1)  # [n]
+    if loss is None or loss is F.cross_entropy:
+        yy = y.expand(out.shape[0], -1) if same else y
+        losses = F.cross_entropy(out.transpose(1, 2), yy, reduction="none").mean(1)  # [n]
+    else:
+        try:
+            losses = vmap(loss, in_dims=(0, None if same else 0))(out, y)
+        except RuntimeError:  # a loss vmap cannot batch (e.g. one that calls .item()): member by member
+            losses = torch.stack([loss(o, y if same else y[i]) for i, o in enumerate(out)])
+        if losses.shape != out.shape[:1]:
+            raise ValueError(f"the loss returned shape {tuple(losses.shape[1:])} per member; it must be a scalar")
     grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True, materialize_grads=True)
     return losses.detach(), torch.cat([g.reshape(len(g), -1) for g in grads], 1)
 
