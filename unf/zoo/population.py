@@ -309,11 +309,39 @@ def _update(pop: Population, members: slice, grad: torch.Tensor) -> None:
     if not pop.opt_state:
         pop.opt_state = {"m": torch.zeros_like(pop.flat), "v": torch.zeros_like(pop.flat)}
     p, m, v = pop.flat[members], pop.opt_state["m"][members], pop.opt_state["v"][members]
+    if _fused_adam_fits(pop, members, p, grad):
+        _fused_adam(p, grad, m, v, t, lr, wd)
+        return
     m.mul_(0.9).add_(torch.where(adam, 0.1 * grad, grad))
     v.copy_(torch.where(adam, 0.999 * v + 0.001 * grad * grad, v))
     eps = max(1e-8, torch.finfo(p.dtype).tiny)  # 1e-8 is 0 in half precision: 0 / 0 for a zero gradient
     adam_step = (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + eps)
     p.mul_(1 - lr * wd).sub_(lr * torch.where(adam, adam_step, m))
+
+
+def _fused_adam_fits(pop: Population, members: slice, p: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether the members' step can run on torch's fused Adam kernel: all of them Adam, float32/64 on CPU or CUDA,
+    contiguous rows (``pop.flat``'s rows always are), and the kernel present in this torch build."""
+    return (hasattr(torch, "_fused_adam_") and p.device.type in ("cpu", "cuda")
+            and p.dtype in (torch.float32, torch.float64) and grad.dtype == p.dtype and grad.is_contiguous()
+            and all(m.optimizer == "adam" for m in pop.members[members]))
+
+
+def _fused_adam(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, lr: torch.Tensor,
+                wd: torch.Tensor) -> None:
+    """Adam step ``t`` on rows ``p`` ``[n, D]`` with per-row ``lr`` and decoupled ``wd`` ``[n, 1]``, in place.
+
+    The step of the generic path costs about 20 elementwise passes over ``[n, D]``, half of a digits-MLP population
+    step (memory-bound: 256 x 3,466 floats do not stay in cache). torch's fused kernel makes one pass over ``grad``,
+    ``m`` and ``v``, but takes one learning rate for all rows; so it writes the unit-rate step ``-m_hat / (sqrt(v_hat)
+    + eps)`` into a zeroed buffer, which one ``addcmul_`` scales by each row's rate."""
+    step = torch.zeros_like(p)
+    steps = torch.full((), float(t), dtype=torch.float32, device=p.device)
+    torch._fused_adam_([step], [grad], [m], [v], [], [steps], lr=1.0, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                       eps=1e-8, amsgrad=False, maximize=False)
+    if bool((wd != 0).any()):
+        p.mul_(1 - lr * wd)
+    p.addcmul_(step, lr)
 
 
 def member_grads(pop: Population, x: torch.Tensor, y: torch.Tensor, members: slice = slice(None),
