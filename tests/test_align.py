@@ -221,3 +221,15 @@ def test_reset_bn_stats_restores_momentum_and_takes_labelled_batches():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     reset_bn_stats(net, [(torch.randn(8, 3), torch.zeros(8))])
     assert net[1].momentum == 0.1
+
+
+def test_signature_sort_matches_torch_sort_and_leaves_its_input():
+    """The signature start sorts slices with numpy on the CPU (much faster there): same values as torch.sort, for
+    non-contiguous input with ties, in both float dtypes, and the input is not sorted in place."""
+    from unf.align.matching import _sorted_rows
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 5, 7, dtype=dtype).round(decimals=1).transpose(1, 2)  # [2, 7, 5], ties, not contiguous
+        before = x.clone()
+        assert torch.equal(_sorted_rows(x), x.sort(dim=2).values)
+        assert torch.equal(x, before)

