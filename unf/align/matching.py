@@ -146,12 +146,12 @@ class _Matcher:
         inv = torch.argsort(self.perms[group], dim=1)
         sim = None
         for p in self.where[group]:
-            cur = _slices(self.current[p.name], p)
-            own = cur.gather(1, inv[:, :, None].expand(-1, -1, cur.shape[2]))  # place p un-permuted
-            term = torch.matmul(self.ref_slices[p], own.transpose(1, 2))
+            term = torch.matmul(self.ref_slices[p], _slices(self.current[p.name], p).transpose(1, 2))
             sim = term if sim is None else sim + term
         n_models, n = self.perms[group].shape
-        return sim.expand(n_models, n, n)
+        # place p un-permuted: unit j of ``other`` is row inv[j] of ``current``, so its column is inv[j] of the
+        # product (gathering the [n, n] product rather than the [n, rest] slices before it)
+        return sim.expand(n_models, n, n).gather(2, inv[:, None, :].expand(n_models, n, n))
 
     def update(self, group: str, new: torch.Tensor) -> None:
         """Set ``group``'s permutation; the tensors it acts on are re-permuted along its axes only, from their
