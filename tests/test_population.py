@@ -85,10 +85,18 @@ def test_adam_population_steps_match_a_per_model_loop(split, monkeypatch):
         ref = make()
         opt = torch.optim.AdamW(ref.parameters(), lr=m.lr, weight_decay=m.weight_decay)
         _assert_trains_like(pop, ref, opt, x, y, i)
+    # one rate and decay for all (AdamW's kernel on the parameters themselves)
+    same = [Member(seed=s, lr=5e-3, weight_decay=0.01) for s in range(3)]
+    pop_same = train_population(make_population(make, same), x, y, epochs=3, batch_size=64, seed=5)
+    for i, m in enumerate(same):
+        torch.manual_seed(m.seed)
+        ref = make()
+        _assert_trains_like(pop_same, ref, torch.optim.AdamW(ref.parameters(), lr=5e-3, weight_decay=0.01), x, y, i)
     monkeypatch.setattr(population, "_fused_adam_fits", lambda *args: False)
-    generic = train_population(make_population(make, members), x, y, epochs=3, batch_size=64, seed=5)
-    assert torch.allclose(generic.flat, pop.flat, atol=1e-6)
-    assert all(torch.allclose(generic.opt_state[k], pop.opt_state[k], atol=1e-7) for k in ("m", "v"))
+    for members, fused in ((members, pop), (same, pop_same)):
+        generic = train_population(make_population(make, members), x, y, epochs=3, batch_size=64, seed=5)
+        assert torch.allclose(generic.flat, fused.flat, atol=1e-6)
+        assert all(torch.allclose(generic.opt_state[k], fused.opt_state[k], atol=1e-7) for k in ("m", "v"))
 
 
 def test_update_is_pluggable(split):

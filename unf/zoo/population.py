@@ -454,10 +454,16 @@ def _fused_adam(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.T
 
     The step of the generic path costs about 20 elementwise passes over ``[n, D]``, half of a digits-MLP population
     step (memory-bound: 256 x 3,466 floats do not stay in cache). torch's fused kernel makes one pass over ``grad``,
-    ``m`` and ``v``, but takes one learning rate for all rows; so it writes the unit-rate step ``-m_hat / (sqrt(v_hat)
-    + eps)`` into a zeroed buffer, which one ``addcmul_`` scales by each row's rate."""
-    step = torch.zeros_like(p)
+    ``m`` and ``v``, but takes one learning rate for all rows; so, unless all rows share one rate and decay, it writes
+    the unit-rate step ``-m_hat / (sqrt(v_hat) + eps)`` into a zeroed buffer, which one ``addcmul_`` scales by each
+    row's rate."""
     steps = torch.full((), float(t), dtype=torch.float32, device=p.device)
+    if hasattr(torch, "_fused_adamw_") and bool((lr == lr[0]).all()) and bool((wd == wd[0]).all()):
+        # one rate and one decay for the whole block (a population over seeds): AdamW's kernel updates p itself
+        torch._fused_adamw_([p], [grad], [m], [v], [], [steps], lr=float(lr[0]), beta1=0.9, beta2=0.999,
+                            weight_decay=float(wd[0]), eps=1e-8, amsgrad=False, maximize=False)
+        return
+    step = torch.zeros_like(p)
     torch._fused_adam_([step], [grad], [m], [v], [], [steps], lr=1.0, beta1=0.9, beta2=0.999, weight_decay=0.0,
                        eps=1e-8, amsgrad=False, maximize=False)
     if bool((wd != 0).any()):
