@@ -103,3 +103,31 @@ def test_shufflenet_v2_is_sound_maximal_and_warns_about_nothing(name, groups, sm
     assert len(spec.groups) == groups
     assert sorted(n for n in spec.groups.values() if n < small[-1] + 1) == small
     assert _max_error(model, spec, x) <= 1e-10
+
+
+class PadToEven(nn.Module):
+    """Pads the token axis to an even length by an amount computed from the shape while tracing (as timm's Swin
+    does), so the rule cannot see it; the channel axis is padded by a literal 0."""
+
+    def __init__(self, permuted_tokens: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.tokens = nn.Linear(5, 5) if permuted_tokens else None
+
+    def forward(self, x):  # x: [B, 5, 3]
+        h = self.a(x)
+        if self.tokens is not None:  # mix tokens, so that the token axis is a group until the pad
+            h = self.tokens(h.transpose(1, 2)).transpose(1, 2)
+        pad = h.shape[1] % 2
+        return self.b(torch.nn.functional.pad(h, (0, 0, 0, pad)))
+
+
+def test_pad_by_a_traced_amount_keeps_channels_and_fixes_the_padded_axis():
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(PadToEven(False).double(), x)  # the padded axis was fixed already: no warning
+    assert list(spec.groups.values()) == [4]
+    model = PadToEven(True).double()
+    with pytest.warns(unf.UnprovenSymmetryWarning, match="padding by an amount computed at run time"):
+        spec = unf.spec_from_module(model, x)
+    assert list(spec.groups.values()) == [4]
+    assert _max_error(model, spec, x) <= 1e-12

@@ -440,6 +440,10 @@ def pad(ctx, x, pad, mode="constant", value=None):
     for k in range(len(pad) // 2):
         a = x.ndim - 1 - k
         left, right = pad[2 * k], pad[2 * k + 1]
+        if not (isinstance(left, int) and isinstance(right, int)):  # computed from shapes while tracing (timm Swin)
+            ctx.give_up("padding by an amount computed at run time", axes[a])
+            axes[a] = T.fixed(ctx.out_shape[a])
+            continue
         if left == 0 and right == 0:
             continue
         if mode == "constant" and left >= 0 and right >= 0:  # padding adds fixed blocks around the permuted axis
