@@ -131,3 +131,24 @@ def test_pad_by_a_traced_amount_keeps_channels_and_fixes_the_padded_axis():
         spec = unf.spec_from_module(model, x)
     assert list(spec.groups.values()) == [4]
     assert _max_error(model, spec, x) <= 1e-12
+
+
+class RollAndCumsum(nn.Module):
+    """Swin's cyclic shift (``torch.roll`` over positions) and a cumulative sum over positions (EdgeNeXt's position
+    encoding): channels keep their group, the positions axis is fixed on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [B, 5, 3]
+        h = torch.roll(self.a(x), shifts=2, dims=1)
+        return self.b(h.cumsum(1) + h.roll(-1, 1))
+
+
+def test_roll_and_cumsum_fix_positions_on_purpose():
+    model = RollAndCumsum().double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(model, x)
+    assert list(spec.groups.values()) == [4]
+    assert _max_error(model, spec, x) <= 1e-12

@@ -434,6 +434,35 @@ register_method_rule("split", "chunk", "unbind", "tensor_split")(_split)
 register_function_rule(torch.split, torch.chunk, torch.unbind, torch.tensor_split)(_split)
 
 
+def _roll(ctx, x, shifts, dims=None):
+    """``torch.roll``: a cyclic shift along ``dims`` (of the flattened tensor if ``dims`` is None). A permutation of
+    a rolled axis does not commute with the shift, so rolled axes are fixed on purpose (they are positions, as in
+    Swin's shifted windows); the other axes carry through."""
+    if dims is None:
+        ctx.fix(x, reason="roll of the flattened tensor")
+        return ctx.fixed_output()
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = {_norm_dim(d, x.ndim) for d in dims}
+    ctx.fix(*[x.axes[a] for a in rolled], reason="cyclic shift of positions")
+    return ctx.output([T.fixed(n) if a in rolled else t for a, (t, n) in enumerate(zip(x.axes, x.shape))])
+
+
+register_function_rule(torch.roll)(_roll)
+register_method_rule("roll")(_roll)
+
+
+def _cumulative(ctx, x, dim, *args, **kwargs):
+    """``cumsum``/``cumprod`` along ``dim``: prefix sums do not commute with a permutation of that axis, so it is
+    fixed on purpose (positions, as in sine position encodings built from a mask); the other axes carry through."""
+    d = _norm_dim(dim, x.ndim)
+    ctx.fix(x.axes[d], reason="cumulative sum or product along the axis")
+    return ctx.output([T.fixed(n) if a == d else t for a, (t, n) in enumerate(zip(x.axes, x.shape))])
+
+
+register_function_rule(torch.cumsum, torch.cumprod)(_cumulative)
+register_method_rule("cumsum", "cumprod")(_cumulative)
+
+
 @register_function_rule(F.pad)
 def pad(ctx, x, pad, mode="constant", value=None):
     axes = list(x.axes)

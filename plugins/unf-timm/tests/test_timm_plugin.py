@@ -82,8 +82,9 @@ MODELS = [
     # grouped convolutions of group width 8: per block the groups, and the within-group input and output widths;
     # stages of 1, 1, 4, 7 blocks; each stage's first block starts a new stream; stem conv
     ("regnetx_002", {}, 32, 1 + 13 * 3 + 4),
-    # per stage (1 block each) heads, Q/K, V, MLP width and the stage's stream
-    ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1)), 32, 4 * 5),
+    # per block (2 per stage; every second one shifts its windows with torch.roll) heads, Q/K, V and MLP width;
+    # one stream per stage
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(2, 2, 2, 2)), 32, 8 * 4 + 4),
 ]
 
 
