@@ -34,8 +34,8 @@ UNF_MAX_PARAMS = 5_000_000
 
 # timm name: (constructor overrides, input size, hand count, how the count is made)
 TIMM = {
-    "levit_128s": ({}, 64, 181, "stem 4; 2 per head (Q/K, V) over 82 heads; 11 MLP; 2 streams"),
-    "levit_conv_128s": ({}, 64, 181, "as levit_128s, 1x1 convolutions"),
+    "levit_128s": (dict(img_size=64), 64, 181, "stem 4; 2 per head (Q/K, V) over 82 heads; 11 MLP; 2 streams"),
+    "levit_conv_128s": (dict(img_size=64), 64, 181, "as levit_128s, 1x1 convolutions"),
     "resnet18": ({}, 64, 12, "stem; 2 per stage; 3 new streams"),
     "convnext_atto": ({}, 64, 16, "12 MLP widths, 4 streams"),
     "vit_tiny_patch16_224": (dict(img_size=64), 64, 49, "stream + 12 x (heads, Q/K, V, MLP)"),

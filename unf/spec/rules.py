@@ -451,18 +451,6 @@ register_function_rule(torch.roll)(_roll)
 register_method_rule("roll")(_roll)
 
 
-def _cumulative(ctx, x, dim, *args, **kwargs):
-    """``cumsum``/``cumprod`` along ``dim``: prefix sums do not commute with a permutation of that axis, so it is
-    fixed on purpose (positions, as in sine position encodings built from a mask); the other axes carry through."""
-    d = _norm_dim(dim, x.ndim)
-    ctx.fix(x.axes[d], reason="cumulative sum or product along the axis")
-    return ctx.output([T.fixed(n) if a == d else t for a, (t, n) in enumerate(zip(x.axes, x.shape))])
-
-
-register_function_rule(torch.cumsum, torch.cumprod)(_cumulative)
-register_method_rule("cumsum", "cumprod")(_cumulative)
-
-
 @register_function_rule(F.pad)
 def pad(ctx, x, pad, mode="constant", value=None):
     axes = list(x.axes)
