@@ -96,3 +96,24 @@ def test_timm_model_is_sound_and_maximal(name, kwargs, size, groups):
     spec = _spec(model, x)
     assert len(spec.groups) == groups
     assert unf.spec.symmetry_error(model, spec, x) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["levit", "convnext_atto", "swin_tiny_patch4_window7_224"])
+def test_weight_matching_recovers_a_permuted_copy_exactly(name):
+    """Alignment on the inferred spec undoes a random permutation exactly (LeViT: one Q/K and one V group per head,
+    interleaved in one projection)."""
+    from unf.align import weight_matching
+
+    torch.manual_seed(0)
+    if name == "levit":
+        model, size = _levit(False).eval(), 64
+    else:
+        kwargs = next(m[1] for m in MODELS if m[0] == name)
+        model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+        size = 32
+    spec = _spec(model, torch.randn(1, 3, size, size))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    permuted = spec.permute(sd, spec.sample_permutation(torch.Generator().manual_seed(1)))
+    assert any(not torch.equal(permuted[k], sd[k]) for k in sd)
+    back = spec.permute(permuted, weight_matching(spec, sd, permuted))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
