@@ -117,3 +117,14 @@ def test_weight_matching_recovers_a_permuted_copy_exactly(name):
     assert any(not torch.equal(permuted[k], sd[k]) for k in sd)
     back = spec.permute(permuted, weight_matching(spec, sd, permuted))
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_loading_the_plugin_does_not_import_timm():
+    """Rules are registered by class name: a user of unf without a timm model does not pay for importing timm."""
+    import subprocess
+    import sys
+    script = ("import sys, torch, unf; from unf.spec import registry; "
+              "unf.spec_from_module(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.randn(1, 2)); "
+              "assert 'timm.models.levit.Attention' in registry._named_module_rules, 'plugin not loaded'; "
+              "assert 'timm' not in sys.modules, 'timm was imported'")
+    subprocess.run([sys.executable, "-c", script], check=True)
