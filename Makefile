@@ -8,7 +8,7 @@ PYTHON ?= python
 
 install:
 	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install -q -e ".[test]" -e plugins/unf-torch-transformer -e plugins/unf-torchvision -e plugins/unf-transformers
+	$(PYTHON) -m pip install -q -e ".[test]" -e plugins/unf-torch-transformer -e plugins/unf-torchvision -e plugins/unf-transformers -e plugins/unf-timm
 
 demo: install
 	unf demo --out unf_demo

@@ -77,6 +77,36 @@ def test_user_rule_makes_a_custom_module_a_leaf():
     assert _invariance_error(model, spec, x) <= 1e-10
 
 
+class NamedScale(nn.Module):
+    """A module a plugin registers by dotted name, without importing its library."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_module_rule_registered_by_dotted_class_name():
+    model = nn.Sequential(nn.Linear(3, 6), NamedScale(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    name = f"{NamedScale.__module__}.{NamedScale.__qualname__}"
+
+    def scale_rule(ctx, x):
+        ctx.unify(x.axes[-1], ctx.param("s").axes[0])
+        return ctx.output(list(x.axes))
+
+    try:
+        unf.register_module_rule(name)(scale_rule)
+        assert registry.module_rule(model[1]) is scale_rule
+        spec = unf.spec_from_module(model, x, strict=True)
+    finally:
+        registry._named_module_rules.pop(name)
+    assert spec["1.s"].axes == spec["0.bias"].axes and spec.groups == {"0": 6}
+    assert _invariance_error(model, spec, x) <= 1e-10
+
+
 def test_subclass_overriding_forward_does_not_inherit_rule():
     class Weird(nn.Linear):
         def forward(self, x):

@@ -103,3 +103,87 @@ def test_shufflenet_v2_is_sound_maximal_and_warns_about_nothing(name, groups, sm
     assert len(spec.groups) == groups
     assert sorted(n for n in spec.groups.values() if n < small[-1] + 1) == small
     assert _max_error(model, spec, x) <= 1e-10
+
+
+class PadToEven(nn.Module):
+    """Pads the token axis to an even length by an amount computed from the shape while tracing (as timm's Swin
+    does), so the rule cannot see it; the channel axis is padded by a literal 0."""
+
+    def __init__(self, permuted_tokens: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.tokens = nn.Linear(5, 5) if permuted_tokens else None
+
+    def forward(self, x):  # x: [B, 5, 3]
+        h = self.a(x)
+        if self.tokens is not None:  # mix tokens, so that the token axis is a group until the pad
+            h = self.tokens(h.transpose(1, 2)).transpose(1, 2)
+        pad = h.shape[1] % 2
+        return self.b(torch.nn.functional.pad(h, (0, 0, 0, pad)))
+
+
+def test_pad_by_a_traced_amount_keeps_channels_and_fixes_the_padded_axis():
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(PadToEven(False).double(), x)  # the padded axis was fixed already: no warning
+    assert list(spec.groups.values()) == [4]
+    model = PadToEven(True).double()
+    with pytest.warns(unf.UnprovenSymmetryWarning, match="padding by an amount computed at run time"):
+        spec = unf.spec_from_module(model, x)
+    assert list(spec.groups.values()) == [4]
+    assert _max_error(model, spec, x) <= 1e-12
+
+
+class Roll(nn.Module):
+    """Swin's cyclic shift (``torch.roll`` over positions): channels keep their group, the positions axis is fixed
+    on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [B, 5, 3]
+        h = torch.roll(self.a(x), shifts=2, dims=1)
+        return self.b(h + h.roll(-1, 1))
+
+
+def test_roll_fixes_positions_on_purpose():
+    model = Roll().double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(model, x)
+    assert list(spec.groups.values()) == [4]
+    assert _max_error(model, spec, x) <= 1e-12
+
+
+class CachingScale(nn.Module):
+    """Scales by a buffer it caches in a Python dict on the first call, as timm's LeViT caches its attention biases
+    in eval mode; a leaf (it has a rule), so its forward runs only during shape propagation."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if "s" not in self.cache:
+            self.cache["s"] = self.scale * 2
+        return x * self.cache["s"]
+
+
+@unf.register_module_rule(CachingScale)
+def _caching_scale(ctx, x):
+    ctx.unify(x.axes[-1], ctx.param("scale").axes[0])
+    return ctx.output(list(x.axes))
+
+
+def test_shape_propagation_leaves_the_model_as_it_was():
+    """Shapes are propagated on meta tensors swapped into the model; afterwards its parameters, buffers and Python
+    attributes are the very objects they were, and it still runs."""
+    model = nn.Sequential(nn.Linear(3, 4), CachingScale(), nn.Linear(4, 2)).double()
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    x = torch.randn(2, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(model, x)
+    assert list(spec.groups.values()) == [4]
+    assert model[1].cache == {}
+    assert all(v is params[k] for k, v in model.state_dict(keep_vars=True).items())
+    assert all(v.device.type == "cpu" for v in params.values())
+    assert _max_error(model, spec, x) <= 1e-12

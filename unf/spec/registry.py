@@ -25,17 +25,21 @@ import torch.nn as nn
 ENTRY_POINT_GROUP = "unf.spec_rules"
 
 _module_rules: dict[type, Callable] = {}
+_named_module_rules: dict[str, Callable] = {}  # dotted class name -> rule
 _function_rules: dict[Callable, Callable] = {}
 _method_rules: dict[str, Callable] = {}
 _frontends: dict = {}  # type or dotted class name -> front end
 _plugins_loaded = False
 
 
-def register_module_rule(*module_types: type) -> Callable:
-    """Decorator: ``rule(ctx, *args, **kwargs)`` handles calls of these module types (they become leaves)."""
+def register_module_rule(*module_types) -> Callable:
+    """Decorator: ``rule(ctx, *args, **kwargs)`` handles calls of these module types (they become leaves).
+
+    A type may be given as its dotted name (``"timm.models.levit.Attention"``: module and qualified name), so that a
+    plugin need not import a heavy library when it is loaded, before any of its models is seen."""
     def deco(rule):
         for t in module_types:
-            _module_rules[t] = rule
+            (_named_module_rules if isinstance(t, str) else _module_rules)[t] = rule
         return rule
     return deco
 
@@ -94,6 +98,8 @@ def module_rule(module: nn.Module) -> Optional[Callable]:
     load_plugins()
     for cls in type(module).__mro__:
         rule = _module_rules.get(cls)
+        if rule is None and _named_module_rules:
+            rule = _named_module_rules.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             return rule if type(module).forward is cls.forward else None
     return None

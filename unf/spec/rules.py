@@ -434,12 +434,33 @@ register_method_rule("split", "chunk", "unbind", "tensor_split")(_split)
 register_function_rule(torch.split, torch.chunk, torch.unbind, torch.tensor_split)(_split)
 
 
+def _roll(ctx, x, shifts, dims=None):
+    """``torch.roll``: a cyclic shift along ``dims`` (of the flattened tensor if ``dims`` is None). A permutation of
+    a rolled axis does not commute with the shift, so rolled axes are fixed on purpose (they are positions, as in
+    Swin's shifted windows); the other axes carry through."""
+    if dims is None:
+        ctx.fix(x, reason="roll of the flattened tensor")
+        return ctx.fixed_output()
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = {_norm_dim(d, x.ndim) for d in dims}
+    ctx.fix(*[x.axes[a] for a in rolled], reason="cyclic shift of positions")
+    return ctx.output([T.fixed(n) if a in rolled else t for a, (t, n) in enumerate(zip(x.axes, x.shape))])
+
+
+register_function_rule(torch.roll)(_roll)
+register_method_rule("roll")(_roll)
+
+
 @register_function_rule(F.pad)
 def pad(ctx, x, pad, mode="constant", value=None):
     axes = list(x.axes)
     for k in range(len(pad) // 2):
         a = x.ndim - 1 - k
         left, right = pad[2 * k], pad[2 * k + 1]
+        if not (isinstance(left, int) and isinstance(right, int)):  # computed from shapes while tracing (timm Swin)
+            ctx.give_up("padding by an amount computed at run time", axes[a])
+            axes[a] = T.fixed(ctx.out_shape[a])
+            continue
         if left == 0 and right == 0:
             continue
         if mode == "constant" and left >= 0 and right >= 0:  # padding adds fixed blocks around the permuted axis

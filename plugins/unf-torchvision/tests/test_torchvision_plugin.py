@@ -109,3 +109,36 @@ def test_maxvit_is_sound_and_maximal():
     # width; stem conv, stem output, one stream per block (4), classifier hidden
     assert len(spec.groups) == 11 * (2 + 2 * 4) + 2 + 4 + 1
     assert _max_error(model, spec, x) <= 1e-10
+
+
+def _small_resnet():
+    from torchvision.models.resnet import BasicBlock, ResNet
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+
+
+def _small_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], stochastic_depth_prob=0.1, num_classes=10)
+
+
+def _small_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+    # two blocks per stage, so that the second one shifts its windows
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[2, 2],
+                           stochastic_depth_prob=0.1, num_classes=10)
+
+
+@pytest.mark.parametrize("build", [_small_resnet, _small_convnext, _small_swin], ids=["resnet", "convnext", "swin"])
+def test_weight_matching_recovers_a_permuted_copy_exactly(build):
+    """Alignment on the inferred spec undoes a random permutation of every group (BatchNorm statistics, depthwise
+    convolutions, heads and within-head groups included), exactly."""
+    from unf.align import weight_matching
+
+    torch.manual_seed(0)
+    model = build().eval()
+    spec = _spec(model, torch.randn(1, 3, 32, 32))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    permuted = spec.permute(sd, spec.sample_permutation(torch.Generator().manual_seed(1)))
+    assert any(not torch.equal(permuted[k], sd[k]) for k in sd)
+    back = spec.permute(permuted, weight_matching(spec, sd, permuted))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)

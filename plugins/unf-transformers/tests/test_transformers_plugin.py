@@ -302,7 +302,7 @@ def test_fused_qkv_viewed_as_three_keeps_separate_qk_and_v_groups(monkeypatch):
     assert unf.spec.symmetry_error(model, spec, x) <= 1e-10
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-mlm", "vit"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-mlm", "vit", "resnet", "swin"])
 def test_specs_work_downstream_alignment_and_unf_layers(family):
     """weight_matching recovers a permuted copy exactly; UNFLinear builds on the spec and is equivariant on it."""
     from unf.align import weight_matching
@@ -311,7 +311,8 @@ def test_specs_work_downstream_alignment_and_unf_layers(family):
     build, inputs, _ = FAMILIES[family]
     torch.manual_seed(0)
     model = build().eval()
-    spec = _spec(model, inputs().float() if family == "vit" else inputs())
+    x = inputs()
+    spec = _spec(model, x.float() if x.is_floating_point() else x)  # images: the model's float32
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     permuted = spec.permute(sd, spec.sample_permutation(torch.Generator().manual_seed(1)))
     back = spec.permute(permuted, weight_matching(spec, sd, permuted))
