@@ -257,6 +257,18 @@ def test_cli_meta_trains_and_evaluates_a_task_file(tmp_path, capsys):
     assert ev["best_sgdm"] in ("sgdm lr=0.1", "sgdm lr=0.1 cosine") and ev["speedup_train_vs_sgdm"] >= 0
 
 
+def test_cli_budget_alone_stops_meta_training(tmp_path, capsys):
+    """``--budget-min`` without ``--steps``: the run ends once the budget is spent (a few steps here, not 2,000)."""
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    out = tmp_path / "run"
+    assert main(["lopt", "meta-train", "--task", f"{task}:family", "--out", str(out), "--variant", "mlp", "--pairs",
+                 "1", "--unroll", "2", "--budget-min", "0.001", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 1 <= row["steps"] < 2000 and row["minutes"] >= 0.001
+    assert json.loads((out / "run.json").read_text())["config"]["budget_s"] == pytest.approx(0.06)
+
+
 @pytest.mark.parametrize("ref, needles", [
     ("{tmp}/missing.py:family", ["--task", "task file", "does not exist"]),
     ("{task}:not_a_family", ["--task", "returned Linear, not a unf.optim.TaskFamily"]),
