@@ -77,6 +77,29 @@ def base_networks(k: int, data: str = "digits", widths=(32, 32), epochs: int = 4
     return spec, ws, accs, d, make
 
 
+@torch.no_grad()
+def data_error_by_t(flow, zoo, ts=(0.1, 0.3, 0.5, 0.7, 0.9), n: int = 256, seed: int = 0) -> dict:
+    """Per time ``t``: the field's mean squared error of its clean-weights estimate ``x_t + (1 - t) v`` against the
+    target (standardised coordinates, independent noise), over that of the zoo's mean (what a collapsed field
+    predicts). Below 1: the field knows more than the mean at that noise level."""
+    from unf.weights import WeightSpace
+
+    g = torch.Generator().manual_seed(seed)
+    x1 = flow.standardizer.to_std(zoo).flatten()
+    x1 = x1[torch.randint(len(x1), (n,), generator=g)]
+    mean = flow.standardizer.to_std(zoo).flatten().mean(0)
+    out = {}
+    flow.velocity.eval()
+    for t in ts:
+        x0 = flow.source.draw(torch.randn(x1.shape, generator=g))
+        xt = (1 - t) * x0 + t * x1
+        tt = torch.full((n,), t)
+        v = flow.velocity(WeightSpace.from_flat(zoo.spec, xt), tt, None).flatten()
+        est = xt + (1 - t) * v
+        out[str(t)] = float((est - x1).square().mean() / (mean - x1).square().mean())
+    return out
+
+
 def run(args) -> None:
     from unf.flow import FlowConfig, train_flow
     from unf.flow.novelty import agreement, aligned_l2, stacked_logits
@@ -116,6 +139,7 @@ def run(args) -> None:
         float(torch.stack([aligned_l2(spec, WeightSpace(spec, {n: t[labels == j] for n, t in zoo.items()}),
                                       WeightSpace(spec, {n: t[j:j + 1] for n, t in base.items()}), candidates=1)
                            for j in range(k)]).median())
+    by_t = data_error_by_t(flow, zoo) if cfg.canonicalize == "none" else None  # canonical data is not at hand
     raw = torch.cdist(gen.flatten().double(), zoo.flatten().double())  # [num, copies]
     zraw = torch.cdist(zoo.flatten().double(), zoo.flatten().double())
     zraw.fill_diagonal_(float("inf"))
@@ -139,19 +163,21 @@ def run(args) -> None:
            "raw_l2_nearest_copy_median": float(raw.min(1).values.median()), "copy_raw_l2_median": copy_scale,
            "share_per_base": [float((near == j).float().mean()) for j in range(k)],
            "acc_per_base": [float(acc[near == j].mean()) if (near == j).any() else None for j in range(k)],
-           "num_samples": args.num, **provenance(), "code": code_version(), "threads": torch.get_num_threads(),
+           "data_error_vs_mean_by_t": by_t, "num_samples": args.num, **provenance(), "code": code_version(), "threads": torch.get_num_threads(),
            "loadavg_start": list(os.getloadavg())}
     append_jsonl(results, row)
     print(json.dumps({x: row[x] for x in ("name", "sample_test_acc_mean", "sample_agreement_median",
                                            "aligned_l2_median", "independent_aligned_l2", "hit_fraction",
-                                           "new_fraction", "share_per_base", "final_loss", "train_seconds")}))
+                                           "new_fraction", "share_per_base", "final_loss", "train_seconds",
+                                           "data_error_vs_mean_by_t")}))
 
 
 def table(args) -> None:
     rows = load_jsonl(Path(args.results), key=lambda r: r["name"])
     print("| run | params | steps | loss (last 100) | sample acc mean / median | base acc | agreement samples / zoo "
-          "| aligned L2 median (independent nets) | hit | new | share per base | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| aligned L2 median (independent nets) | hit | new | share per base | data error / mean's at t=0.5, 0.9 "
+          "| train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['parameters']:,} | {r['steps']} | {r['loss_last100']:.4f} | "
               f"{r['sample_test_acc_mean']:.3f} / {r['sample_test_acc_median']:.3f} | "
@@ -159,7 +185,12 @@ def table(args) -> None:
               f"{r['sample_agreement_median']:.3f} / {r['zoo_agreement_median']:.3f} | "
               f"{r['aligned_l2_median']:.2f} ({r['independent_aligned_l2']:.2f}) | {r['hit_fraction']:.2f} | "
               f"{r['new_fraction']:.2f} | {', '.join(f'{s:.2f}' for s in r['share_per_base'])} | "
-              f"{r['train_seconds']:.0f} |")
+              f"{_by_t(r)} | {r['train_seconds']:.0f} |")
+
+
+def _by_t(r) -> str:
+    e = r.get("data_error_vs_mean_by_t")
+    return "-" if not e else f"{e['0.5']:.2f}, {e['0.9']:.2f}"
 
 
 def main(argv=None) -> None:
