@@ -167,15 +167,20 @@ class _MembersAsGroups(torch.autograd.Function):
         n = info.batch_size
         weight = weight.movedim(in_dims[1], 0) if in_dims[1] is not None else weight.expand(n, *weight.shape)
         bias = bias.movedim(in_dims[2], 0) if in_dims[2] is not None else bias.expand(n, *bias.shape)
-        if in_dims[0] is None:  # one input for all members (evaluation): each group reads it
-            x = x.unsqueeze(-4).expand(*x.shape[:-3], n, *x.shape[-3:])
+        groups = n * conv.groups
+        if in_dims[0] is None and conv.groups == 1:  # one input for all (evaluation): one convolution, N * C_out maps
+            groups = 1
+            unbatched = x.dim() == 3
         else:
-            x = x.movedim(in_dims[0], -4)
-        unbatched = x.dim() == 4  # each member sees one image [C, H, W]
-        x = x.reshape(*x.shape[:-4], -1, *x.shape[-2:])  # [B, N * C, H, W]: channels-last if the members are inner
+            if in_dims[0] is None:  # one input for all, grouped convolution: each member's groups read a copy
+                x = x.unsqueeze(-4).expand(*x.shape[:-3], n, *x.shape[-3:])
+            else:
+                x = x.movedim(in_dims[0], -4)
+            unbatched = x.dim() == 4  # each member sees one image [C, H, W]
+            x = x.reshape(*x.shape[:-4], -1, *x.shape[-2:])  # [B, N * C, H, W]: channels-last if members are inner
         x = x.unsqueeze(0) if unbatched else x
         w, b = weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1)
-        args = (list(conv.stride), list(conv.padding), list(conv.dilation), n * conv.groups)
+        args = (list(conv.stride), list(conv.padding), list(conv.dilation), groups)
         if _fused_conv_relu_available(x):
             out = _ConvReLUFn.apply(x, w, b, *args)
         else:  # elsewhere the same fold, with autograd's own convolution and ReLU
