@@ -251,10 +251,12 @@ def test_fused_convolutions_train_and_evaluate_like_plain_models(split):
     assert not mixed.fused  # the blend of activations is not a ReLU: nothing to fuse
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_convolution_outside_vmap_and_off_onednn_matches_conv_relu(dtype):
-    """Outside vmap the fused module is relu(conv); float64 (no oneDNN epilogue) folds the same way under vmap."""
-    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).to(dtype)
+@pytest.mark.parametrize("dtype,groups,dilation", [(torch.float32, 1, 1), (torch.float64, 1, 1),
+                                                    (torch.float32, 2, 2), (torch.float64, 2, 1)])
+def test_fused_convolution_outside_vmap_and_off_onednn_matches_conv_relu(dtype, groups, dilation):
+    """Outside vmap the fused module is relu(conv); under vmap, per-member or shared input, in float32 (oneDNN's
+    epilogue) and float64 (the same fold with autograd's own ops), grouped and dilated, it equals each member's own."""
+    conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=groups, dilation=dilation).to(dtype)
     fused = population._ConvReLU(conv)
     x = torch.randn(4, 2, 7, 7, dtype=dtype, requires_grad=True)
     out = fused(x)
@@ -264,17 +266,19 @@ def test_fused_convolution_outside_vmap_and_off_onednn_matches_conv_relu(dtype):
     want = torch.autograd.grad(F.relu(conv(x)), (x, conv.weight, conv.bias), g)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
     # under vmap: three members with their own weights, members innermost in memory (the population's layout)
-    w = torch.randn(3, 3, 2, 3, 3, dtype=dtype, requires_grad=True)
-    b = torch.randn(3, 3, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 4, 2 // groups, 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(3, 4, dtype=dtype, requires_grad=True)
     xs = population._members_inner(torch.randn(3, 4, 2, 7, 7, dtype=dtype))
 
     def one(w, b, x):
         return torch.func.functional_call(fused, {"weight": w, "bias": b}, (x,))
 
-    out = torch.func.vmap(one)(w, b, xs)
-    want = torch.stack([F.relu(F.conv2d(xs[i], w[i], b[i], 2, 1)) for i in range(3)])
-    assert torch.allclose(out, want, atol=1e-5)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (w, b), g)
-    ref = torch.autograd.grad(want, (w, b), g)
-    assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(got, ref))
+    for x_dim, inputs in ((0, xs), (None, xs[0]), (0, xs[:, 0])):  # per member, shared, one image per member
+        out = torch.func.vmap(one, in_dims=(0, 0, x_dim))(w, b, inputs)
+        want = torch.stack([F.relu(F.conv2d(inputs if x_dim is None else inputs[i], w[i], b[i], 2, 1, dilation,
+                                            groups)) for i in range(3)])
+        assert torch.allclose(out, want, atol=1e-5), x_dim
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (w, b), g)
+        ref = torch.autograd.grad(want, (w, b), g)
+        assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(got, ref)), x_dim

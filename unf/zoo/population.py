@@ -167,15 +167,20 @@ class _MembersAsGroups(torch.autograd.Function):
         n = info.batch_size
         weight = weight.movedim(in_dims[1], 0) if in_dims[1] is not None else weight.expand(n, *weight.shape)
         bias = bias.movedim(in_dims[2], 0) if in_dims[2] is not None else bias.expand(n, *bias.shape)
-        if in_dims[0] is None:  # one input for all members (evaluation): each group reads it
-            x = x.unsqueeze(-4).expand(*x.shape[:-3], n, *x.shape[-3:])
+        groups = n * conv.groups
+        if in_dims[0] is None and conv.groups == 1:  # one input for all (evaluation): one convolution, N * C_out maps
+            groups = 1
+            unbatched = x.dim() == 3
         else:
-            x = x.movedim(in_dims[0], -4)
-        unbatched = x.dim() == 4  # each member sees one image [C, H, W]
-        x = x.reshape(*x.shape[:-4], -1, *x.shape[-2:])  # [B, N * C, H, W]: channels-last if the members are inner
+            if in_dims[0] is None:  # one input for all, grouped convolution: each member's groups read a copy
+                x = x.unsqueeze(-4).expand(*x.shape[:-3], n, *x.shape[-3:])
+            else:
+                x = x.movedim(in_dims[0], -4)
+            unbatched = x.dim() == 4  # each member sees one image [C, H, W]
+            x = x.reshape(*x.shape[:-4], -1, *x.shape[-2:])  # [B, N * C, H, W]: channels-last if members are inner
         x = x.unsqueeze(0) if unbatched else x
         w, b = weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1)
-        args = (list(conv.stride), list(conv.padding), list(conv.dilation), n * conv.groups)
+        args = (list(conv.stride), list(conv.padding), list(conv.dilation), groups)
         if _fused_conv_relu_available(x):
             out = _ConvReLUFn.apply(x, w, b, *args)
         else:  # elsewhere the same fold, with autograd's own convolution and ReLU
@@ -448,7 +453,7 @@ def _update(pop: Population, members: slice, grad: torch.Tensor) -> None:
         pop.opt_state = {"m": torch.zeros_like(pop.flat), "v": torch.zeros_like(pop.flat)}
     p, m, v = pop.flat[members], pop.opt_state["m"][members], pop.opt_state["v"][members]
     if _fused_adam_fits(pop, members, p, grad):
-        _fused_adam(p, grad, m, v, t, lr, wd)
+        _fused_adam(p, grad, m, v, t, lr, wd, pop.members[members])
         return
     m.mul_(0.9).add_(torch.where(adam, 0.1 * grad, grad))
     v.copy_(torch.where(adam, 0.999 * v + 0.001 * grad * grad, v))
@@ -466,7 +471,7 @@ def _fused_adam_fits(pop: Population, members: slice, p: torch.Tensor, grad: tor
 
 
 def _fused_adam(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, lr: torch.Tensor,
-                wd: torch.Tensor) -> None:
+                wd: torch.Tensor, members: Sequence[Member]) -> None:
     """Adam step ``t`` on rows ``p`` ``[n, D]`` with per-row ``lr`` and decoupled ``wd`` ``[n, 1]``, in place.
 
     The step of the generic path costs about 20 elementwise passes over ``[n, D]``, half of a digits-MLP population
@@ -475,15 +480,16 @@ def _fused_adam(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.T
     the unit-rate step ``-m_hat / (sqrt(v_hat) + eps)`` into a zeroed buffer, which one ``addcmul_`` scales by each
     row's rate."""
     steps = torch.full((), float(t), dtype=torch.float32, device=p.device)
-    if hasattr(torch, "_fused_adamw_") and bool((lr == lr[0]).all()) and bool((wd == wd[0]).all()):
+    # decided from the members' hyperparameters on the host: no device synchronisation per step
+    if hasattr(torch, "_fused_adamw_") and len({(x.lr, x.weight_decay) for x in members}) == 1:
         # one rate and one decay for the whole block (a population over seeds): AdamW's kernel updates p itself
-        torch._fused_adamw_([p], [grad], [m], [v], [], [steps], lr=float(lr[0]), beta1=0.9, beta2=0.999,
-                            weight_decay=float(wd[0]), eps=1e-8, amsgrad=False, maximize=False)
+        torch._fused_adamw_([p], [grad], [m], [v], [], [steps], lr=members[0].lr, beta1=0.9, beta2=0.999,
+                            weight_decay=members[0].weight_decay, eps=1e-8, amsgrad=False, maximize=False)
         return
     step = torch.zeros_like(p)
     torch._fused_adam_([step], [grad], [m], [v], [], [steps], lr=1.0, beta1=0.9, beta2=0.999, weight_decay=0.0,
                        eps=1e-8, amsgrad=False, maximize=False)
-    if bool((wd != 0).any()):
+    if any(x.weight_decay != 0 for x in members):
         p.mul_(1 - lr * wd)
     p.addcmul_(step, lr)
 
