@@ -30,13 +30,18 @@ def _random_ws(spec, n, dtype=torch.float32, seed=0):
                               for k in spec.float_names})
 
 
-@pytest.mark.parametrize("fold_max,prediction", [(0, "velocity"), (4, "velocity"), (4, "data")])
-def test_unf_velocity_is_equivariant(spec, fold_max, prediction):
+@pytest.mark.parametrize("fold_max,prediction,unit_hidden", [(0, "velocity", 0), (4, "velocity", 0), (4, "data", 0),
+                                                            (2, "data", 8)])
+def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden):
     torch.manual_seed(0)
-    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction).double()
-    with torch.no_grad():  # the output layer starts at zero: make it non-trivial
+    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction,
+                    unit_hidden=unit_hidden).double()
+    with torch.no_grad():  # the output layer (and each unit MLP's last layer) starts at zero: make it non-trivial
         for p in v.out.parameters():
             p.normal_()
+        for block in v.blocks:
+            for p in (block.unit.parameters() if block.unit is not None else []):
+                p.normal_(std=0.3)
     x = _random_ws(spec, 3, torch.float64)
     t = torch.rand(3, dtype=torch.float64)
     c = torch.tensor([[1], [0], [3]])
