@@ -416,6 +416,65 @@ def test_canonicalisation_reference_is_chosen_by_training_accuracy_only():
         assert reference_index([{"test_acc": b} for b in (0.5, 0.99)]) == 0  # not the best test accuracy
 
 
+def test_selection_never_keeps_an_ineligible_snapshot_and_survives_resume(spec, tmp_path):
+    """A ``select`` returning ``{"score", "eligible"}``: the best ELIGIBLE snapshot is kept (a collapsed field's
+    higher accuracy does not count), a resumed run keeps the choice, and with none eligible the last one is
+    returned without ``selected_step``."""
+    ws, _, _ = _two_mode_zoo(spec, n=8)
+    cfg = dict(velocity="mlp", velocity_config=dict(hidden=8, layers=2, emb=8), batch_size=4, checkpoint_every=2,
+               seed=2)
+    results = [{"score": 0.5, "eligible": True, "agreement": 0.8}, {"score": 0.9, "eligible": False, "agreement": 1.0},
+               {"score": 0.4, "eligible": True, "agreement": 0.7}]
+    calls = []
+
+    def select(flow):
+        calls.append(1)
+        return results[len(calls) - 1]
+
+    best, hist = train_flow(ws, None, FlowConfig(steps=6, select_every=2, **cfg), out=tmp_path / "sel",
+                            select=select)
+    assert best.info["selected_step"] == 2 and best.info["selected_score"] == 0.5
+    assert [h.get("eligible") for h in hist] == [None, True, None, False, None, True]
+    assert [h.get("select_agreement") for h in hist if "select" in h] == [0.8, 1.0, 0.7]
+    plain, _ = train_flow(ws, None, FlowConfig(steps=2, **cfg))  # the kept field is the EMA of step 2
+    a, b = best.velocity.state_dict(), plain.velocity.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # resumed from step 4 (the ineligible best score is in the log): step 2 stays the choice
+    train_flow(ws, None, FlowConfig(steps=4, select_every=2, **cfg), out=tmp_path / "res",
+               select=lambda f, it=iter(results): next(it))
+    rest = iter(results[2:])
+    again, _ = train_flow(ws, None, FlowConfig(steps=6, select_every=2, **cfg), out=tmp_path / "res",
+                          select=lambda f: next(rest))
+    assert again.info["selected_step"] == 2
+    none, _ = train_flow(ws, None, FlowConfig(steps=4, select_every=2, **cfg),
+                         select=lambda f: {"score": 1.0, "eligible": False})
+    assert "selected_step" not in none.info
+
+
+def test_agreement_guard_marks_a_collapsed_field_ineligible():
+    """With the training networks as ``reference``, a field whose samples are all one network (a zero data
+    prediction: every sample is the zoo's mean) agrees with itself everywhere and is not eligible; the training
+    networks' own agreement is the level."""
+    from unf.flow import Source, build_velocity
+    from unf.flow import evaluate
+    from unf.zoo.builtin import mlp
+
+    torch.manual_seed(0)
+    spec = spec_from_module(mlp(), torch.randn(2, 64))
+    ws = WeightSpace.from_module(spec, [mlp() for _ in range(8)])
+    velocity = build_velocity("mlp", spec, **FlowConfig(velocity="mlp").velocity_kwargs([]))  # output starts at 0
+    flow = WeightFlow(spec, velocity, Standardizer.fit(ws), Conditioning.fit([{}] * 8, []), {}, Source())
+    out = evaluate.train_split_scorer(mlp, {"activation": "relu"}, "digits-flat", 0, num=5, nfe=2, solver="euler",
+                                      reference=ws)(flow)
+    assert out["agreement"] == 1.0 and out["reference_agreement"] < 0.97 and out["eligible"] is False
+    plain = evaluate.train_split_scorer(mlp, {"activation": "relu"}, "digits-flat", 0, num=5, nfe=2,
+                                        solver="euler")(flow)
+    assert plain == out["score"]  # the same samples, the same accuracy
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.train_split_scorer(mlp, {"activation": "relu"}, "digits-flat", 0, reference=WeightSpace(
+            spec, {n: t[:1] for n, t in ws.items()}))
+
+
 def test_selection_score_never_reads_the_test_split(monkeypatch):
     """``train_split_scorer`` is the training-split accuracy of the flow's samples, and is unchanged when the test
     split is replaced by NaN inputs and impossible labels."""

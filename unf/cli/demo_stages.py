@@ -185,7 +185,9 @@ def generate(run: DemoRun, tick) -> dict:
     factory = model_factory(info_)
     cfg = FlowConfig(velocity="mlp", steps=size["flow_steps"], batch_size=64, lr=5e-4, seed=run.seed,
                      canonicalize="reference", select_every=size["flow_select_every"])  # data prediction: the default
-    select = train_split_scorer(factory, meta[0], "digits-flat", 0, num=size["flow_select_num"], seed=run.seed)
+    # the most accurate snapshot among those whose samples are as diverse as the training networks
+    select = train_split_scorer(factory, meta[0], "digits-flat", 0, num=size["flow_select_num"], seed=run.seed,
+                                reference=zoo.weight_space(train_rows))
     start = time.perf_counter()
     flow, history = train_flow(zoo.weight_space(train_rows), meta, cfg, device=run.device,
                                reference=reference_index(meta), select=select)

@@ -161,7 +161,7 @@ def run_train(args) -> int:
         from unf.flow.evaluate import train_split_scorer
 
         select = train_split_scorer(model_factory(zoo.manifest.get("info", {})), meta[0], data_name, split_seed,
-                                    num=args.select_num or 100, seed=args.seed)
+                                    num=args.select_num or 100, seed=args.seed, reference=ws)
     with user_error("--out", (CheckpointError, OSError)):
         flow, history = train_flow(ws, meta, cfg, out=args.out, device=args.device, progress=args.progress,
                                    info=run_info, reference=reference, select=select)
@@ -169,6 +169,9 @@ def run_train(args) -> int:
         atomic_write(Path(args.out) / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history)))
         chosen = (f"; kept step {flow.info['selected_step']} (training-split accuracy of its samples "
                   f"{flow.info['selected_score']:.4f})" if "selected_step" in flow.info else "")
+        if cfg.select_every and "selected_step" not in flow.info:
+            warn("no snapshot's samples were as diverse as the training networks (agreement within 0.03 of "
+                 "theirs): kept the last one; train longer or check the samples' agreement in `unf flow eval`")
         info(f"final loss {history[-1]['loss']:.4f}{chosen}; flow in {Path(args.out) / 'flow.safetensors'}")
         emit({"out": args.out, "velocity": cfg.velocity, "parameters": flow.info["velocity_parameters"],
               "selected_step": flow.info.get("selected_step"),
@@ -253,6 +256,8 @@ def run_eval(args) -> int:
                      f"{s['derivedness']['q50']:.3f}")
             if "l2" in s:
                 line += f"  aligned L2 median {s['l2']['q50']:.3f}"
+        if "agreement" in s:  # within the set: samples that all agree on everything are one network, many times
+            line += f"  agreement median {s['agreement']['q50']:.3f}"
         info(line)
     emit({"dir": args.dir, "zoo": args.zoo, **result})
     return 0

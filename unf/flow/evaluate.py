@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .. import data as datasets
 from ..weights import WeightSpace
 from ..zoo.store import Zoo
-from .novelty import novelty_report, probe_set, stacked_logits, summarize, take
+from .novelty import agreement, novelty_report, probe_set, stacked_logits, summarize, take
 from .zoo import build_network, has_batchnorm, model_factory, recalibrate_bn, select_rows
 
 
@@ -62,18 +62,40 @@ def evaluate_networks(factory: Callable[..., nn.Module], ws: WeightSpace, rows: 
 
 def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: str, split_seed: int, num: int = 100,
                        nfe: int = 20, solver: str = "heun", seed: int = 0,
-                       condition: Optional[Mapping] = None) -> Callable:
+                       condition: Optional[Mapping] = None, reference: Optional[WeightSpace] = None,
+                       margin: float = 0.03) -> Callable:
     """A ``select`` score for :func:`unf.flow.train_flow`: the mean accuracy of ``num`` networks sampled from a
     flow (seed ``seed``), on the TRAINING split of ``data`` -- the split the zoo's networks were trained on, so
-    choosing a checkpoint by it looks at no test data. ``row``: metadata of the architecture (activation)."""
+    choosing a checkpoint by it looks at no test data. ``row``: metadata of the architecture (activation).
+
+    ``reference`` (the flow's training networks, zoo coordinates): the score becomes ``{"score", "agreement",
+    "reference_agreement", "eligible"}``, and a snapshot is eligible only if the median agreement of its samples with
+    each other on the training inputs is at most the training networks' own (up to ``num`` of them) plus ``margin``.
+    A field that collapses onto one network is accurate but not a generator; selection then never keeps it."""
     split = datasets.load(data, seed=split_seed)
     model = build_network(factory, row)
 
-    def score(flow) -> float:
+    def predictions(ws: WeightSpace) -> torch.Tensor:
+        return stacked_logits(model, ws.spec, ws, split.x_train).argmax(2)
+
+    ref_agreement = None
+    if reference is not None:
+        if reference.batch_size < 2:
+            raise ValueError(f"reference has {reference.batch_size} network; agreement needs at least 2")
+        pick = torch.randperm(reference.batch_size, generator=torch.Generator().manual_seed(seed))[:num]
+        ref = WeightSpace(reference.spec, {n: t[pick] for n, t in reference.items()})
+        ref_agreement = float(agreement(predictions(ref)).median())
+
+    def score(flow):
         ws, _ = flow.sample(num, nfe=nfe, solver=solver, condition=condition, seed=seed)
         ws = recalibrated(factory, ws, [row] * num, split.x_train)
-        logits = stacked_logits(model, ws.spec, ws, split.x_train)
-        return float((logits.argmax(2) == split.y_train).double().mean())
+        pred = predictions(ws)
+        acc = float((pred == split.y_train).double().mean())
+        if ref_agreement is None:
+            return acc
+        agree = float(agreement(pred).median()) if num > 1 else 1.0
+        return {"score": acc, "agreement": agree, "reference_agreement": ref_agreement,
+                "eligible": agree <= ref_agreement + margin}
 
     return score
 

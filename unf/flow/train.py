@@ -147,7 +147,10 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     ``select`` (with ``cfg.select_every > 0``): a score of a flow, higher is better, computed on training data
     only (``unf flow train`` uses the accuracy of sampled networks on the zoo's training split). The flow returned
     and saved is then the EMA snapshot with the best score, not the last: a flow's samples can get worse while its
-    loss still falls (BENCHMARKS.md). The scores are in the log (``"select"``), so a resumed run keeps its best."""
+    loss still falls (BENCHMARKS.md). The scores are in the log (``"select"``), so a resumed run keeps its best.
+    ``select`` may also return a mapping with ``"score"`` and ``"eligible"`` (and more, logged too): only eligible
+    snapshots are kept (``unf flow train``: those whose samples are as diverse as the training networks); with none
+    eligible the last one is returned, without ``selected_step``."""
     cfg = cfg or FlowConfig()
     dist, rank, world = dist_info()
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -199,7 +202,7 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
                      total=cfg.steps)
     if cfg.select_every and select is None:
         raise ValueError("select_every > 0 needs a select function")
-    scored = [h for h in history if "select" in h]
+    scored = [h for h in history if "select" in h and h.get("eligible", True)]
     best = max(scored, key=lambda h: h["select"]) if scored else None
     best_state = None  # the best EMA weights of this process's run (a resumed run reads them from the flow file)
 
@@ -226,10 +229,16 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
         history.append({"step": step + 1, "loss": value, "grad_norm": float(norm),
                         "seconds": time.perf_counter() - start})
         if cfg.select_every and (step + 1) % cfg.select_every == 0:
-            score = float(select(snapshot(ema.module)))
+            result = select(snapshot(ema.module))
             velocity.train()
+            if isinstance(result, Mapping):
+                history[-1].update({f"select_{k}": v for k, v in result.items() if k not in ("score", "eligible")})
+                history[-1]["eligible"] = eligible = bool(result["eligible"])
+                score = float(result["score"])
+            else:
+                score, eligible = float(result), True
             history[-1]["select"] = score
-            if best is None or score > best["select"]:
+            if eligible and (best is None or score > best["select"]):
                 best = history[-1]
                 best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
                 if out is not None and rank == 0:
