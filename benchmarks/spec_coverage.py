@@ -1,7 +1,7 @@
 """One coverage table of inferred specs across torchvision, timm and Hugging Face transformers (issue 14, item 5).
 
     python benchmarks/spec_coverage.py [--libraries torchvision,timm,transformers] [--models levit_128s,gpt2-lm]
-                                       [--out benchmarks/results/spec_coverage.jsonl]
+                                       [--full-size] [--out benchmarks/results/spec_coverage.jsonl]
 
 Per model: parameters, the group count derived by hand (``-`` where a spec cannot express the whole symmetry, named
 in the note), groups found, fully fixed tensors, UnprovenSymmetryWarnings, soundness (worst relative output change
@@ -82,6 +82,19 @@ def cases(libraries: list[str]):
     return out
 
 
+def full_size_cases():
+    """BERT-base and GPT-2 small at full size (float64 as the rest, input ids 1x16; hand count 1 + 4 x 12 = 49
+    each)."""
+    import transformers as tr
+    import transformers_specs as hf
+
+    ids = lambda: torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))  # noqa: E731
+    return [("transformers", "bert-base-full", lambda: (tr.BertForMaskedLM(tr.BertConfig()).double().eval(), ids()),
+             49, "full size", hf.soundness),
+            ("transformers", "gpt2-small-full", lambda: (tr.GPT2LMHeadModel(tr.GPT2Config()).double().eval(), ids()),
+             49, "full size", hf.soundness)]
+
+
 def unf_runs(model, spec) -> str:
     """``yes`` if ``UNFLinear(spec, 1, 1)`` builds and runs one forward on the model's weights (float32)."""
     from transformers_specs import unf_runs as run  # one definition (it does not need transformers itself)
@@ -93,10 +106,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--libraries", default="torchvision,timm,transformers")
     ap.add_argument("--models", default="", help="comma-separated names (default: all of the libraries)")
+    ap.add_argument("--full-size", action="store_true", help="add BERT-base and GPT-2 small at full size")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "spec_coverage.jsonl"))
     args = ap.parse_args()
     plugins = load_plugins()
-    todo = cases(args.libraries.split(","))
+    todo = cases(args.libraries.split(",")) + (full_size_cases() if args.full_size else [])
     if args.models:
         keep = set(args.models.split(","))
         todo = [c for c in todo if c[1] in keep]
