@@ -1,6 +1,7 @@
 """Speed peer: weight matching with the PyPI package ``rebasin`` (snimu's Git Re-Basin, traced with ``torchview``).
 
-    python benchmarks/rebasin_peer.py [--repeats 3] [--json out.json]
+    python benchmarks/rebasin_peer.py [--repeats 3] [--cases resnet20x4 ...] [--json out.json]
+        [--out benchmarks/results/rebasin_peer.jsonl]
 
 Install without touching the installed torch (every package with ``--no-deps``)::
 
@@ -54,7 +55,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
+from results_io import append_jsonl  # noqa: E402
+from timing import code_version, provenance  # noqa: E402
 
 try:
     import rebasin  # noqa: F401
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--no-grad", action="store_true", help="run rebasin under torch.no_grad()")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rebasin_peer.jsonl"),
+                        help="append one JSON line per case (both libraries, their ratio, provenance) here")
     args = parser.parse_args(argv)
 
     if PermutationCoordinateDescent is None:
@@ -284,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_fmt(r), flush=True)
         u = time_unf(*make_case(name), repeats=args.repeats)
         results.append({"case": name, "library": "unf", **u})
+        append_jsonl(args.out, {**provenance(), "code": code_version(), "threads": torch.get_num_threads(),
+                                "case": name, "repeats": args.repeats, "rebasin_version": rebasin_version(),
+                                "rebasin": r, "unf": u,
+                                "unf_over_rebasin": u["total_s"] / r["total_s"] if "total_s" in r else None})
         print(f"{'  unf':<28}total {u['total_s']:.3f}s (spec {u['construct_s']:.3f} + match {u['match_s']:.3f} + "
               f"apply {u['apply_s']:.4f})  first run {u['cold_total_s']:.3f}s  groups={u['n_groups']} "
               f"sizes={u['group_sizes']}\n{'':<28}max|dy| eval={u['max_abs_diff_eval']:.2e} "

@@ -221,3 +221,38 @@ def test_reset_bn_stats_restores_momentum_and_takes_labelled_batches():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     reset_bn_stats(net, [(torch.randn(8, 3), torch.zeros(8))])
     assert net[1].momentum == 0.1
+
+
+def test_signature_sort_matches_torch_sort_and_leaves_its_input():
+    """The signature start sorts slices with numpy on the CPU (much faster there): same values as torch.sort, for
+    non-contiguous input with ties, in both float dtypes, and the input is not sorted in place."""
+    from unf.align.matching import _sorted_rows
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 5, 7, dtype=dtype).round(decimals=1).transpose(1, 2)  # [2, 7, 5], ties, not contiguous
+        before = x.clone()
+        assert torch.equal(_sorted_rows(x), x.sort(dim=2).values)
+        assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer", "mlp"])
+def test_descent_stops_at_a_fixed_point_of_every_group(name):
+    """The descent skips a group none of whose neighbours changed since its visit; that is only sound if, at the
+    end, no group's own assignment (all others held) improves the objective. Checked from the identity start, which
+    needs several sweeps, for two models at once."""
+    from unf.align.assignment import solve_assignment
+    from unf.align.matching import _Matcher, match_batched
+
+    a, _, spec = build(name, 0)
+    ref = _stack(spec, a.state_dict(), torch.float64)
+    oth = _stack(spec, [build(name, s)[0].state_dict() for s in (1, 2)], torch.float64)
+    perms, sweeps = match_batched(spec, ref, oth, 100, 0, start="identity", heads=False)
+    assert 1 < sweeps < 100
+    state = _Matcher(spec, ref, oth, dict(perms))
+    for g in spec.groups:
+        if not state.where[g] or state.repeated(g):
+            continue
+        sim = state.similarity(g)
+        best = sim.gather(2, solve_assignment(sim)[:, :, None]).sum((1, 2))
+        held = sim.gather(2, perms[g][:, :, None]).sum((1, 2))
+        assert torch.all(best <= held + 1e-6 * held.abs().clamp_min(1e-6)), (name, g)

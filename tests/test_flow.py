@@ -30,13 +30,18 @@ def _random_ws(spec, n, dtype=torch.float32, seed=0):
                               for k in spec.float_names})
 
 
-@pytest.mark.parametrize("fold_max,prediction", [(0, "velocity"), (4, "velocity"), (4, "data")])
-def test_unf_velocity_is_equivariant(spec, fold_max, prediction):
+@pytest.mark.parametrize("fold_max,prediction,unit_hidden", [(0, "velocity", 0), (4, "velocity", 0), (4, "data", 0),
+                                                            (2, "data", 8)])
+def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden):
     torch.manual_seed(0)
-    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction).double()
-    with torch.no_grad():  # the output layer starts at zero: make it non-trivial
+    v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction,
+                    unit_hidden=unit_hidden).double()
+    with torch.no_grad():  # the output layer (and each unit MLP's last layer) starts at zero: make it non-trivial
         for p in v.out.parameters():
             p.normal_()
+        for block in v.blocks:
+            for p in (block.unit.parameters() if block.unit is not None else []):
+                p.normal_(std=0.3)
     x = _random_ws(spec, 3, torch.float64)
     t = torch.rand(3, dtype=torch.float64)
     c = torch.tensor([[1], [0], [3]])
@@ -134,6 +139,30 @@ def test_ot_pairing_is_the_optimal_permutation():
     x0 = x1[perm] + 0.01 * torch.randn(6, 4, generator=g)  # the optimal pairing undoes perm
     idx = ot_pairing(x0, x1)
     assert torch.equal(x0[idx], x0[torch.argsort(perm)])
+
+
+def test_align_target_moves_targets_within_their_orbit_towards_the_noise(spec):
+    """Equivariant OT coupling: each target network is replaced by the member of its permutation orbit nearest its
+    noise sample -- the same function (outputs equal to float tolerance), never farther from the noise."""
+    from unf.flow.model import Source
+    from unf.flow.novelty import stacked_logits
+    from unf.flow.train import _batch
+
+    data = _random_ws(spec, 10, seed=3)
+    cfg = FlowConfig(ot=False, align_target=True, batch_size=6)
+    xt, t, _, v = _batch(data, None, cfg, step=5, world=1, rank=0, source=Source())
+    x1 = xt.flatten() + (1 - t)[:, None] * v.flatten()  # x_t = (1 - t) x0 + t x1 and v = x1 - x0
+    x0 = x1 - v.flatten()
+    idx = torch.randint(10, (6,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 5))
+    orig = data.flatten()[idx]
+    assert (x1 - orig).abs().amax() > 1e-3  # permuted: not the zoo's own coordinates
+    x = torch.randn(7, 3)
+    moved = stacked_logits(tiny(), spec, WeightSpace.from_flat(spec, x1), x)
+    torch.testing.assert_close(moved, stacked_logits(tiny(), spec, WeightSpace.from_flat(spec, orig), x),
+                               rtol=1e-4, atol=1e-4)
+    assert ((x1 - x0).norm(dim=1) <= (orig - x0).norm(dim=1) + 1e-4).all()
+    with pytest.raises(ValueError, match="choose one"):
+        train_flow(data, None, FlowConfig(align_source=True, align_target=True, steps=1))
 
 
 def test_align_source_recovers_a_permuted_target(spec):

@@ -120,6 +120,18 @@ def test_tensor_statistics_match_torch_quantile_in_any_size_and_precision():
         q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=flat.dtype), dim=2).permute(1, 2, 0)
         assert torch.allclose(got[:, i, :, 2:], q, atol=1e-12)
         assert torch.allclose(got[:, i, :, 1], flat.var(2, unbiased=False), atol=1e-12)
+    # the gradient is torch.quantile's too (the order statistics are gathered after a sort without autograd)
+    leaves = {n: t.detach().requires_grad_() for n, t in ws.items()}
+    probe = torch.randn(3, 7 * 2 * len(leaves), dtype=torch.float64)
+    ours = torch.autograd.grad((tensor_statistics(unf.WeightSpace(spec, leaves)) * probe).sum(), list(leaves.values()))
+    ref = []
+    for t in leaves.values():
+        flat = t.flatten(2)
+        q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=flat.dtype), dim=2).permute(1, 2, 0)
+        ref += [flat.mean(2, keepdim=True), flat.var(2, unbiased=False, keepdim=True), q]
+    theirs = torch.autograd.grad((torch.cat(ref, 2).flatten(1) * probe).sum(), list(leaves.values()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     half = tensor_statistics(ws.to(dtype=torch.float16))
     assert half.dtype == torch.float32 and torch.allclose(half, tensor_statistics(ws).float(), atol=2e-2)
     # torch.quantile refuses inputs over 2^24 entries; a 4096x4097 layer must still work

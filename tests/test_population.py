@@ -57,19 +57,46 @@ def test_adam_member_matches_torch_adamw(split):
     _assert_trains_like(pop, ref, torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01), x, y)
 
 
-def _assert_trains_like(pop, ref, opt, x, y):
-    """The single member of ``pop`` (trained 3 epochs of 64, seed 5) equals ``ref`` trained by ``opt`` on the same
-    batches: train_population's batch order for a one-member population."""
-    order_gen = torch.Generator().manual_seed(5 * 1_000_003 + 0)
-    subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:64]
+def _assert_trains_like(pop, ref, opt, x, y, i=0):
+    """Member ``i`` of ``pop`` (trained 3 epochs of 64, seed 5) equals ``ref`` trained by ``opt`` on the same
+    batches: train_population's batch order for that member."""
+    seed = pop.members[i].seed
+    order_gen = torch.Generator().manual_seed(5 * 1_000_003 + seed)
+    subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:64]
     for _ in range(3):
         idx = subset[torch.randperm(64, generator=order_gen)]
         opt.zero_grad()
         F.cross_entropy(ref(x[idx]), y[idx]).backward()
         opt.step()
-    sd = pop.state_dicts()[0]
+    sd = pop.state_dicts()[i]
     for k, v in ref.state_dict().items():
         assert torch.allclose(sd[k], v, atol=1e-5), k
+
+
+def test_adam_population_steps_match_a_per_model_loop(split, monkeypatch):
+    """An all-Adam population takes torch's fused kernel with each member's own rate and decoupled weight decay:
+    every member equals its own torch.optim.AdamW loop, and the generic (unfused) step gives the same result."""
+    members = [Member(seed=s, lr=lr, weight_decay=wd)
+               for s, lr, wd in ((0, 1e-3, 0.0), (1, 5e-3, 0.01), (2, 2e-2, 0.0))]
+    x, y = split.x_train[:64], split.y_train[:64]
+    pop = train_population(make_population(make, members), x, y, epochs=3, batch_size=64, seed=5)
+    for i, m in enumerate(members):
+        torch.manual_seed(m.seed)
+        ref = make()
+        opt = torch.optim.AdamW(ref.parameters(), lr=m.lr, weight_decay=m.weight_decay)
+        _assert_trains_like(pop, ref, opt, x, y, i)
+    # one rate and decay for all (AdamW's kernel on the parameters themselves)
+    same = [Member(seed=s, lr=5e-3, weight_decay=0.01) for s in range(3)]
+    pop_same = train_population(make_population(make, same), x, y, epochs=3, batch_size=64, seed=5)
+    for i, m in enumerate(same):
+        torch.manual_seed(m.seed)
+        ref = make()
+        _assert_trains_like(pop_same, ref, torch.optim.AdamW(ref.parameters(), lr=5e-3, weight_decay=0.01), x, y, i)
+    monkeypatch.setattr(population, "_fused_adam_fits", lambda *args: False)
+    for members, fused in ((members, pop), (same, pop_same)):
+        generic = train_population(make_population(make, members), x, y, epochs=3, batch_size=64, seed=5)
+        assert torch.allclose(generic.flat, fused.flat, atol=1e-6)
+        assert all(torch.allclose(generic.opt_state[k], fused.opt_state[k], atol=1e-7) for k in ("m", "v"))
 
 
 def test_update_is_pluggable(split):
@@ -200,3 +227,58 @@ def test_bad_hyperparameters():
         Member(activation="swish")
     with pytest.raises(ValueError, match="train_fraction"):
         Member(train_fraction=0)
+
+
+def test_fused_convolutions_train_and_evaluate_like_plain_models(split):
+    """With one activation, ReLU, each convolution of the digits CNN runs its members as the groups of one oneDNN
+    convolution with the bias and ReLU inside: every member still equals its own torch.optim.AdamW loop on the plain
+    model, and evaluation (one input for all members) equals the plain model's."""
+    members = [Member(seed=s, lr=lr) for s, lr in ((0, 1e-3), (1, 4e-3), (2, 1e-2))]
+    x, y = split.x_train[:64], split.y_train[:64]
+    pop = make_population(lambda: builtin.cnn(population=True), members)
+    assert len(pop.fused) == 3 and pop.channels_last
+    train_population(pop, x, y, epochs=3, batch_size=64, seed=5)
+    for i, m in enumerate(members):
+        torch.manual_seed(m.seed)
+        ref = builtin.cnn()
+        _assert_trains_like(pop, ref, torch.optim.AdamW(ref.parameters(), lr=m.lr, weight_decay=0.0), x, y, i)
+    _, acc = evaluate_population(pop, split.x_test, split.y_test)
+    for sd, a in zip(pop.state_dicts(), acc):
+        net = builtin.cnn(population=True)
+        net.load_state_dict(sd)
+        assert evaluate(net, split.x_test, split.y_test)[1] == pytest.approx(a.item(), abs=1e-6)
+    mixed = make_population(lambda: builtin.cnn(population=True), members + [Member(seed=3, activation="tanh")])
+    assert not mixed.fused  # the blend of activations is not a ReLU: nothing to fuse
+
+
+@pytest.mark.parametrize("dtype,groups,dilation", [(torch.float32, 1, 1), (torch.float64, 1, 1),
+                                                    (torch.float32, 2, 2), (torch.float64, 2, 1)])
+def test_fused_convolution_outside_vmap_and_off_onednn_matches_conv_relu(dtype, groups, dilation):
+    """Outside vmap the fused module is relu(conv); under vmap, per-member or shared input, in float32 (oneDNN's
+    epilogue) and float64 (the same fold with autograd's own ops), grouped and dilated, it equals each member's own."""
+    conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=groups, dilation=dilation).to(dtype)
+    fused = population._ConvReLU(conv)
+    x = torch.randn(4, 2, 7, 7, dtype=dtype, requires_grad=True)
+    out = fused(x)
+    assert torch.allclose(out, F.relu(conv(x)))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+    want = torch.autograd.grad(F.relu(conv(x)), (x, conv.weight, conv.bias), g)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    # under vmap: three members with their own weights, members innermost in memory (the population's layout)
+    w = torch.randn(3, 4, 2 // groups, 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    xs = population._members_inner(torch.randn(3, 4, 2, 7, 7, dtype=dtype))
+
+    def one(w, b, x):
+        return torch.func.functional_call(fused, {"weight": w, "bias": b}, (x,))
+
+    for x_dim, inputs in ((0, xs), (None, xs[0]), (0, xs[:, 0])):  # per member, shared, one image per member
+        out = torch.func.vmap(one, in_dims=(0, 0, x_dim))(w, b, inputs)
+        want = torch.stack([F.relu(F.conv2d(inputs if x_dim is None else inputs[i], w[i], b[i], 2, 1, dilation,
+                                            groups)) for i in range(3)])
+        assert torch.allclose(out, want, atol=1e-5), x_dim
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (w, b), g)
+        ref = torch.autograd.grad(want, (w, b), g)
+        assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(got, ref)), x_dim

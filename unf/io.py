@@ -33,16 +33,17 @@ def atomic_write(path: PathLike, write) -> None:
         raise
 
 
-def load_factory(ref: str) -> Callable:
+def load_factory(ref: str, kind: str = "model") -> Callable:
     """``path/to/file.py:name`` or ``package.module:name`` -> the callable ``name`` (a model factory, e.g. a zoo
-    manifest's ``info.architecture``). Raises ``ValueError`` saying what is wrong with ``ref``."""
+    manifest's ``info.architecture``). Raises ``ValueError`` saying what is wrong with ``ref``; ``kind`` names what
+    the callable makes, in those messages."""
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
-        raise ValueError(f"model reference {ref!r} must look like 'file.py:factory' or 'package.module:factory'")
+        raise ValueError(f"{kind} reference {ref!r} must look like 'file.py:factory' or 'package.module:factory'")
     if target.endswith(".py") or "/" in target:
         path = Path(target)
         if not path.is_file():
-            raise ValueError(f"model file {str(path)!r} does not exist")
+            raise ValueError(f"{kind} file {str(path)!r} does not exist")
         name = f"unf_user_model_{abs(hash(str(path.resolve())))}"
         mod_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(mod_spec)
@@ -52,14 +53,14 @@ def load_factory(ref: str) -> Callable:
             mod_spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[name]
-            raise ValueError(f"model file {str(path)!r} failed to import ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{kind} file {str(path)!r} failed to import ({type(e).__name__}: {e})") from e
         finally:
             sys.path.pop(0)
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ValueError(f"model module {target!r} cannot be imported ({e})") from e
+            raise ValueError(f"{kind} module {target!r} cannot be imported ({e})") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         names = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))

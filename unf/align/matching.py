@@ -55,12 +55,22 @@ def permute_batched(spec: WeightSpaceSpec, name: str, x: torch.Tensor, perms: Ma
                     skip: Optional[Place] = None) -> torch.Tensor:
     """Permute ``x`` (``[N, *shape]``, one tensor of N models) by per-model permutations ``perms[g]: [N, n]``."""
     n_models = x.shape[0]
-    rows = torch.arange(n_models, device=x.device)[:, None]
     for axis in range(x.dim() - 1):
         idx = _axis_index(spec, name, axis, perms, n_models, skip)
         if idx is not None:
-            x = x.movedim(axis + 1, 1)[rows, idx].movedim(1, axis + 1)
+            x = _take(x, axis, idx)
     return x
+
+
+def _take(x: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, *shape]`` with axis ``axis`` of model ``m`` reordered by ``idx[m]`` (``idx``: ``[N, size]``).
+
+    One model (a pair's matching) indexes that axis directly: on a ResNet-20 x4 conv weight this was 13x faster
+    for the output axis (no ``movedim`` and copy back) and 2x for the input axis than per-model advanced indexing."""
+    if x.shape[0] == 1:
+        return x[(slice(None),) * (axis + 1) + (idx[0],)]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x.movedim(axis + 1, 1)[rows, idx].movedim(1, axis + 1)
 
 
 def _slices(x: torch.Tensor, p: Place) -> torch.Tensor:
@@ -76,7 +86,20 @@ def unit_signatures(spec: WeightSpaceSpec, group: str, tensors: Mapping[str, tor
     """``[N, n, features]``: per unit of ``group``, its slices in every place, each sorted -- unchanged by any
     permutation of the other axes, so comparable before anything else is aligned."""
     where = places(spec, list(tensors))[group] if where is None else where
-    return torch.cat([_slices(tensors[p.name], p).sort(dim=2).values for p in where], dim=2)
+    return torch.cat([_sorted_rows(_slices(tensors[p.name], p)) for p in where], dim=2)
+
+
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, n, k]`` sorted along its last axis (values only).
+
+    On the CPU numpy's sort (vectorised, x86-simd-sort on AVX-512) was 16-20x faster than ``torch.sort`` on the slices
+    of a ResNet-20 x4 (``[1, 256, 2304]``: 2.8 against 46 ms), where sorting took 60 % of ``weight_matching``. The
+    sorted values are the same either way, so the result is too."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
+        return x.sort(dim=2).values
+    out = x.contiguous().numpy().copy()  # sort a copy: the slices may be the caller's tensor
+    out.sort(axis=2)
+    return torch.from_numpy(out)
 
 
 def signature_init(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
@@ -123,17 +146,26 @@ class _Matcher:
         inv = torch.argsort(self.perms[group], dim=1)
         sim = None
         for p in self.where[group]:
-            cur = _slices(self.current[p.name], p)
-            own = cur.gather(1, inv[:, :, None].expand(-1, -1, cur.shape[2]))  # place p un-permuted
-            term = torch.matmul(self.ref_slices[p], own.transpose(1, 2))
+            term = torch.matmul(self.ref_slices[p], _slices(self.current[p.name], p).transpose(1, 2))
             sim = term if sim is None else sim + term
         n_models, n = self.perms[group].shape
-        return sim.expand(n_models, n, n)
+        # place p un-permuted: unit j of ``other`` is row inv[j] of ``current``, so its column is inv[j] of the
+        # product (gathering the [n, n] product rather than the [n, rest] slices before it)
+        return sim.expand(n_models, n, n).gather(2, inv[:, None, :].expand(n_models, n, n))
 
     def update(self, group: str, new: torch.Tensor) -> None:
+        """Set ``group``'s permutation; the tensors it acts on are re-permuted along its axes only, from their
+        current order (a composed index per axis: the same values as permuting ``other`` anew, fewer gathers)."""
+        old = dict(self.perms)
         self.perms[group] = new
+        n_models = new.shape[0]
         for name in {p.name for p in self.where[group]}:
-            self.current[name] = permute_batched(self.spec, name, self.other[name], self.perms)
+            x = self.current[name]
+            for axis in sorted({p.axis for p in self.where[group] if p.name == name}):
+                was = _axis_index(self.spec, name, axis, old, n_models)
+                now = _axis_index(self.spec, name, axis, self.perms, n_models)
+                x = _take(x, axis, torch.argsort(was, dim=1).gather(1, now))
+            self.current[name] = x
 
     def repeated(self, group: str) -> bool:
         """Does the group act more than once on some tensor (then its similarity is only a linearisation)?"""
@@ -181,11 +213,22 @@ def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], 
              for g, n in spec.groups.items()}
     state = _Matcher(spec, reference, other, perms)
     free = [g for g in spec.groups if g not in frozen and state.where[g]]
+    # A group's similarity depends only on the permutations of the groups sharing a tensor with it (its own included
+    # where it acts twice on a tensor). When none of them changed since its last visit, the assignment would come out
+    # the same and be rejected again: skip it (on ResNet-20 x4 this is the whole last sweep, and most of the late ones).
+    touches = {g: {h for h, ps in state.where.items() if {p.name for p in ps} & {p.name for p in state.where[g]}}
+               for g in free}
+    version = dict.fromkeys(spec.groups, 0)
+    seen: dict[str, tuple] = {}
     rng = np.random.default_rng(seed)
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         changed = False
         for g in rng.permutation(free):
+            inputs = tuple(version[h] for h in sorted(touches[g]))
+            if seen.get(g) == inputs:
+                continue
+            seen[g] = inputs
             sim = state.similarity(g)
             new = solve_assignment(sim)
             if state.repeated(g):  # the similarity is a linearisation: judge the step by the exact objective
@@ -196,6 +239,9 @@ def match_batched(spec: WeightSpaceSpec, reference: Mapping[str, torch.Tensor], 
             better = new_score > old_score + 1e-6 * old_score.abs().clamp_min(1e-6)
             if better.any():
                 state.update(g, torch.where(better[:, None], new, perms[g]))
+                version[g] += 1
+                if not state.repeated(g):  # its similarity ignores its own permutation: the same next time
+                    seen[g] = tuple(version[h] for h in sorted(touches[g]))
                 changed = True
         if not changed:
             break

@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--no-ot", action="store_true", help="independent coupling instead of minibatch OT")
     p.add_argument("--align-source", action="store_true",
                    help="permute each noise sample towards its target (weight matching)")
+    p.add_argument("--align-target", action="store_true",
+                   help="permute each target network towards its noise sample (equivariant OT flow matching; "
+                        "works with either --source)")
     p.add_argument("--source", choices=("normal", "gaussian"), default="normal",
                    help="normal: N(0, I) (default); gaussian: the per-entry Gaussian of the (canonicalised) zoo, "
                         "a source whose hidden units are told apart")
@@ -94,6 +97,8 @@ def run_train(args) -> int:
     if args.select_num is not None and not args.select_every:
         raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
                         "without --select-every K (K > 0)")
+    if args.align_source and args.align_target:
+        raise UserError("--align-source and --align-target both remove the symmetry's path length: choose one")
     check_output(args.out, "--out", directory=True)
     init_distributed(str(args.device))
     _, rank, _ = dist_info()
@@ -123,6 +128,7 @@ def run_train(args) -> int:
                      lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
                      canonicalize=(args.canonicalize if args.canonicalize != "auto" else
                                    "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
+                     align_target=args.align_target,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
                      velocity_config={} if args.prediction is None else {"prediction": args.prediction})
     reference = 0

@@ -8,51 +8,100 @@ from .common import (UserError, add_command, add_group, at_least, emit, info, po
                      user_error)
 
 
+TASK_HELP = ("a built-in task family ({names}) or FILE.py:FN, where FN() returns a unf.optim.TaskFamily (your model, "
+             "data, loss, batch size and horizon)")
+
+
 def register(sub) -> None:
+    from ..optim.tasks import ADAM_LRS, FAMILIES, SGD_LRS, TASKS
+
+    names = ", ".join(sorted({**TASKS, **FAMILIES}))
     grp = add_group(sub, "lopt", help="learned optimizers: meta-train one, evaluate one against tuned Adam",
                     example="unf lopt meta-train --out runs/lopt --steps 2000\n"
+                            "unf lopt meta-train --task my_task.py:family --out runs/mine --budget-min 30\n"
                             "unf lopt eval --weights runs/lopt/rule.safetensors --task breast-cancer-mlp")
     p = add_command(grp, "meta-train", run=run_meta_train, seed=True,
-                    help="meta-train a learned rule with (persistent) evolution strategies; resumable; "
-                         "under torchrun the perturbations are split over the processes",
+                    help="meta-train a learned rule with (persistent) evolution strategies, on a task family or on "
+                         "the MLP task mix; resumable; under torchrun the perturbations are split over the processes",
                     example="unf lopt meta-train --out runs/lopt --variant unf --steps 2000\n"
+                            "unf lopt meta-train --task digits-mlp --out runs/digits --budget-min 60\n"
+                            "unf lopt meta-train --task my_task.py:family --out runs/mine --budget-min 30\n"
                             "torchrun --nproc-per-node 2 -m unf.cli lopt meta-train --out runs/lopt")
     p.add_argument("--out", required=True, help="run directory: checkpoint.safetensors, rule.safetensors, "
                                                 "log.jsonl, run.json (an existing run resumes)")
+    p.add_argument("--task", default=None, help=TASK_HELP.format(names=names) + "; every inner task is that family "
+                   "at a new seed (default: the MLP task mix of --datasets/--widths)")
+    p.add_argument("--budget-min", type=positive_float, default=None,
+                   help="stop after this many minutes of meta-training, counted over resumes (with no --steps: "
+                        "the budget alone decides)")
     p.add_argument("--variant", choices=["unf", "deepsets", "mlp", "unf-exact"], default="unf",
-                   help="update network; unf-exact: per-term coefficients for one architecture (needs --widths and "
-                        "one --datasets)")
-    p.add_argument("--widths", default=None, help="fix the tasks' hidden widths, e.g. 64,64 (default: random)")
-    p.add_argument("--datasets", default="digits-flat,iris,wine", help="comma-separated task datasets")
-    p.add_argument("--steps", type=at_least(1), default=2000, help="outer (meta) steps")
+                   help="update network; unf-exact: per-term coefficients for one architecture (needs --task, or "
+                        "--widths and one --datasets)")
+    p.add_argument("--widths", default=None, help="MLP mix: fix the tasks' hidden widths, e.g. 64,64 (default: "
+                                                  "random)")
+    p.add_argument("--datasets", default=None, help="MLP mix: comma-separated task datasets (default "
+                                                    "digits-flat,iris,wine)")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="outer (meta) steps (default: 2000, or unlimited with --budget-min)")
     p.add_argument("--pairs", type=at_least(1), default=8, help="antithetic perturbation pairs per step")
     p.add_argument("--sigma", type=positive_float, default=0.01, help="perturbation scale")
     p.add_argument("--unroll", type=at_least(1), default=10, help="inner steps per truncation")
-    p.add_argument("--max-horizon", type=at_least(1), default=200, help="longest inner training (steps)")
-    p.add_argument("--min-horizon", type=at_least(1), default=50, help="shortest inner training (steps)")
+    p.add_argument("--max-horizon", type=at_least(1), default=None, help="MLP mix: longest inner training (steps; "
+                                                                         "default 200)")
+    p.add_argument("--min-horizon", type=at_least(1), default=None, help="MLP mix: shortest inner training (steps; "
+                                                                         "default 50)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
 
-    from ..optim.tasks import ADAM_LRS, TASKS
-
     grid = ",".join(f"{v:g}" for v in ADAM_LRS)
+    sgd_grid = ",".join(f"{v:g}" for v in SGD_LRS)
     p = add_command(grp, "eval", run=run_eval, seed=True, device=True,
-                    help="train a held-out task with a learned optimizer (its defaults) and with Adam over a grid "
-                         "of learning rates; report the speed-up over the best Adam",
-                    example="unf lopt eval --weights default --task digits-cnn --seed 1 --json")
-    p.add_argument("--weights", default="default", help="'default' (shipped) or a weights file (.safetensors)")
-    p.add_argument("--task", choices=sorted(TASKS), default="breast-cancer-mlp")
+                    help="train a task at a seed never meta-trained on with a learned optimizer (its defaults), "
+                         "and with Adam and SGD+momentum over grids of learning rates, constant and with cosine "
+                         "decay to zero over the horizon; report the speed-up over the better tuned Adam",
+                    example="unf lopt eval --weights default --task digits-cnn --seed 1 --json\n"
+                            "unf lopt eval --weights runs/mine --task my_task.py:family --seed 0")
+    p.add_argument("--weights", default="default", help="'default' (shipped), a weights file (.safetensors) or a "
+                                                        "meta-train run directory (its rule.safetensors)")
+    p.add_argument("--task", default="breast-cancer-mlp", help=TASK_HELP.format(names=names))
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the task's horizon)")
     p.add_argument("--adam-lrs", default=grid, help=f"comma-separated Adam learning rates (default {grid})")
+    p.add_argument("--sgd-lrs", default=sgd_grid, help="comma-separated learning rates of SGD with momentum 0.9 "
+                                                       f"(default {sgd_grid}; 'none': no SGD baseline)")
+    p.add_argument("--schedules", default="constant,cosine",
+                   help="baseline learning-rate schedules, comma-separated: constant, cosine (decay to zero over "
+                        "the steps); the reference is the best Adam over all of them")
+
+
+def _family(ref: str):
+    """``--task`` -> a TaskFamily; anything wrong is one user error naming --task."""
+    from ..optim.tasks import get_family
+
+    with user_error("--task", types=(ValueError, TypeError)):
+        family = get_family(ref)
+        family.data()  # a lazy family's data is loaded (and checked) now, before any work
+        return family
 
 
 def run_meta_train(args) -> int:
     from ..io import atomic_write
     from ..optim.meta import CheckpointError, MetaConfig, checkpoint_history, init_distributed, meta_train
 
-    if not args.unroll <= args.min_horizon <= args.max_horizon:
-        raise UserError(f"need --unroll ({args.unroll}) <= --min-horizon ({args.min_horizon}) <= --max-horizon "
-                        f"({args.max_horizon})")
+    mix_only = [o for o, v in (("--widths", args.widths), ("--datasets", args.datasets),
+                               ("--min-horizon", args.min_horizon), ("--max-horizon", args.max_horizon))
+                if v is not None]
+    if args.task is not None and mix_only:
+        raise UserError(f"{', '.join(mix_only)}: the MLP task mix's options; with --task the family fixes the model, "
+                        "data and horizon")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+    min_h, max_h = args.min_horizon or 50, args.max_horizon or 200
+    family = _family(args.task) if args.task is not None else None
+    if family is None and not args.unroll <= min_h <= max_h:
+        raise UserError(f"need --unroll ({args.unroll}) <= --min-horizon ({min_h}) <= --max-horizon ({max_h})")
+    if family is not None and args.unroll > family.horizon:
+        raise UserError(f"--unroll {args.unroll}: longer than --task {args.task}'s horizon ({family.horizon})")
     init_distributed("cpu")
     import torch.distributed as dist
 
@@ -63,17 +112,21 @@ def run_meta_train(args) -> int:
             raise ValueError
     except ValueError:
         raise UserError(f"--widths {args.widths!r}: comma-separated positive integers, e.g. 64,64") from None
+    datasets = args.datasets if args.datasets is not None else "digits-flat,iris,wine"
+    budget = None if args.budget_min is None else 60.0 * args.budget_min
+    steps = args.steps if args.steps is not None or budget is not None else 2000
+    if family is not None:  # the family fixes the horizon; the mix's fields (unused) only need to stay valid
+        min_h, max_h = max(args.unroll, 50), max(args.unroll, 200)
     with user_error("--variant/--widths/--datasets", types=(ValueError,)):
-        cfg = MetaConfig(steps=args.steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
-                         max_horizon=args.max_horizon, min_horizon=args.min_horizon, estimator=args.estimator,
+        cfg = MetaConfig(steps=steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
+                         max_horizon=max_h, min_horizon=min_h, estimator=args.estimator,
                          outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
-                         datasets=tuple(d for d in args.datasets.split(",") if d))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out}: exists and is not a directory")
+                         datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget)
+        if family is None:
+            cfg.check_mix()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        rec = json.dumps(run_record(config=cfg.__dict__), indent=1)
+        rec = json.dumps(run_record(config=cfg.__dict__, task=None if family is None else family.name), indent=1)
         atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(rec))
     with user_error("--out", types=(CheckpointError,)):
         done = checkpoint_history(out)
@@ -92,16 +145,18 @@ def run_meta_train(args) -> int:
             bar.refresh()
 
     with user_error("--out", types=(CheckpointError,)):
-        rule, history = meta_train(cfg, out=out, log=on_step)
+        rule, history = meta_train(cfg, family, out=out, log=on_step)
     if rank == 0:
         bar.close()
         log.close()
         last = history[-20:]
         mean = sum(h["meta_loss"] for h in last) / max(1, len(last))
-        info(f"meta-trained {args.variant} rule for {len(history)} steps; mean meta-loss of the last "
-             f"{len(last)}: {mean:.4f}; weights: {out / 'rule.safetensors'}")
-        emit({"out": str(out), "steps": len(history), "meta_loss_last20": mean,
-              "alpha": float(rule.log_alpha.detach().exp())})
+        minutes = sum(h["seconds"] for h in history) / 60
+        info(f"meta-trained {args.variant} rule on {family.name if family else 'the MLP task mix'} for "
+             f"{len(history)} steps ({minutes:.1f} min); mean meta-loss of the last {len(last)}: {mean:.4f}; "
+             f"weights: {out / 'rule.safetensors'}")
+        emit({"out": str(out), "task": None if family is None else family.name, "steps": len(history),
+              "minutes": minutes, "meta_loss_last20": mean, "alpha": float(rule.log_alpha.detach().exp())})
     return 0
 
 
@@ -109,46 +164,79 @@ def _log_row(h: dict) -> dict:
     return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds")}
 
 
-def run_eval(args) -> int:
+def _lrs(text: str, option: str, allow_none: bool = False) -> list:
+    """A comma-separated list of positive learning rates (``none``: empty, where allowed)."""
     import math
 
+    if allow_none and text.strip().lower() == "none":
+        return []
+    try:
+        lrs = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise UserError(f"{option}: give at least one positive learning rate")
+    return lrs
+
+
+def run_eval(args) -> int:
     import torch
 
     from ..optim import UNFOptimizer, load_rule
-    from ..optim.tasks import TASKS, speedup, train_curve
+    from ..optim.tasks import META_SEED_BASE, SCHEDULES, speedup, train_curve
 
-    try:
-        lrs = [float(v) for v in args.adam_lrs.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--adam-lrs {args.adam_lrs!r}: comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
-    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-        raise UserError("--adam-lrs: give at least one positive learning rate")
+    adam_lrs = _lrs(args.adam_lrs, "--adam-lrs")
+    sgd_lrs = _lrs(args.sgd_lrs, "--sgd-lrs", allow_none=True)
+    schedules = [v.strip() for v in args.schedules.split(",") if v.strip()]
+    if not schedules or any(v not in SCHEDULES for v in schedules):
+        raise UserError(f"--schedules {args.schedules!r}: comma-separated, from {', '.join(SCHEDULES)}")
+    if args.seed >= META_SEED_BASE:
+        raise UserError(f"--seed {args.seed}: evaluation seeds are below 2**30 (meta-training draws its seeds from "
+                        "[2**30, 2**31), so that a rule is tested on initialisations it never saw)")
+    weights = args.weights
+    if Path(weights).is_dir():  # a meta-train run directory
+        weights = Path(weights) / "rule.safetensors"
+        if not weights.is_file():
+            raise UserError(f"--weights {args.weights}: a directory without rule.safetensors (not a finished "
+                            "meta-train run)")
     with user_error("--weights", types=(OSError, ValueError, RuntimeError)):
-        rule = load_rule(args.weights)
-    task = TASKS[args.task]
+        rule = load_rule(weights)
+    task = _family(args.task)
+    makers = {"adam": lambda lr: lambda m, x: torch.optim.Adam(m.parameters(), lr=lr),
+              "sgdm": lambda lr: lambda m, x: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)}
+    jobs = [(opt, lr, sch) for opt, lrs in (("adam", adam_lrs), ("sgdm", sgd_lrs)) for sch in schedules
+            for lr in lrs]
     runs = {}
-    bar = progress(total=len(lrs) + 1, desc=args.task, unit="run")  # the Adam grid, then the learned optimizer
-    for lr in lrs:
-        bar.set_postfix_str(f"Adam lr={lr:g}")
-        runs[f"adam lr={lr:g}"] = train_curve(task, lambda m, x: torch.optim.Adam(m.parameters(), lr=lr), args.seed,
-                                              steps=args.steps, device=args.device)
+    bar = progress(total=len(jobs) + 1, desc=args.task, unit="run")  # the baselines' grids, then the learned rule
+    for opt, lr, sch in jobs:
+        name = f"{opt} lr={lr:g}" + ("" if sch == "constant" else f" {sch}")
+        bar.set_postfix_str(name)
+        runs[name] = train_curve(task, makers[opt](lr), args.seed, steps=args.steps, device=args.device,
+                                 schedule=sch)
         bar.update(1)
-    best = min(runs, key=lambda k: min((v for v in runs[k]["train"] if v is not None), default=float("inf")))
+    lowest = lambda k: min((v for v in runs[k]["train"] if v is not None), default=float("inf"))  # noqa: E731
+    best = min((k for k in runs if k.startswith("adam")), key=lowest)
+    best_sgd = min((k for k in runs if k.startswith("sgdm")), key=lowest, default=None)
     bar.set_postfix_str("learned")
     runs["learned"] = train_curve(task, lambda m, x: UNFOptimizer.for_model(m, x, weights=rule), args.seed,
                                   steps=args.steps, device=args.device)
     bar.update(1)
     bar.close()
     ref = runs[best]
-    for name in (best, "learned"):
+    for name in [best, *([best_sgd] if best_sgd else []), "learned"]:
         r = runs[name]
         final = r["train"][-1]
-        info(f"{args.task} {name:>14}: final train loss {final if final is None else round(final, 4)}, "
-             f"test acc {r['test_acc']:.3f}, train-loss speed-up vs {best} {speedup(ref['train'], r['train']):.2f}x, "
+        acc = "" if r["test_acc"] is None else f"test acc {r['test_acc']:.3f}, "
+        info(f"{args.task} {name:>22}: final train loss {final if final is None else round(final, 4)}, "
+             f"{acc}train-loss speed-up vs {best} {speedup(ref['train'], r['train']):.2f}x, "
              f"test-loss {speedup(ref['test'], r['test']):.2f}x, {r['seconds']:.1f} s")
-    emit({"task": args.task, "weights": str(args.weights), "best_adam": best,
-          "speedup_train": speedup(ref["train"], runs["learned"]["train"]),
-          "speedup_test": speedup(ref["test"], runs["learned"]["test"]),
-          "test_acc": runs["learned"]["test_acc"], "adam_test_acc": ref["test_acc"],
-          "diverged": runs["learned"]["diverged"], "device": str(args.device)})
+    learned = runs["learned"]
+    emit({"task": task.name, "weights": str(args.weights), "best_adam": best,
+          "speedup_train": speedup(ref["train"], learned["train"]),
+          "speedup_test": speedup(ref["test"], learned["test"]),
+          "test_acc": learned["test_acc"], "adam_test_acc": ref["test_acc"],
+          "best_sgdm": best_sgd, "speedup_train_vs_sgdm": None if best_sgd is None else
+          speedup(runs[best_sgd]["train"], learned["train"]),
+          "final_train_loss": learned["train"][-1], "adam_final_train_loss": ref["train"][-1],
+          "diverged": learned["diverged"], "device": str(args.device)})
     return 0

@@ -6,6 +6,9 @@
 - ``align_source``: permute each noise sample's hidden units towards its target by weight matching (``unf.align``).
   The source N(0, I) is invariant under the spec's permutations, so this leaves the source distribution unchanged
   while removing path length that only reflects the symmetry.
+- ``align_target``: the other way round, as equivariant OT flow matching does (Klein, Kraemer, Noe 2023): permute each
+  target network towards its noise sample. A permuted network computes the same function, so the targets stay in the
+  zoo's orbits; unlike ``align_source`` this keeps any source (also one whose entries are told apart).
 """
 from __future__ import annotations
 
@@ -29,12 +32,17 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 
 def align_source(x0: WeightSpace, x1: WeightSpace, max_iter: int = 10, seed: int = 0) -> WeightSpace:
-    """``x0`` (noise, ``[B, 1]``) with each sample permuted to best match the target ``x1[b]``, by batched weight
-    matching over every float tensor (:func:`unf.align.matching.match_batched`, as ``unf.align.weight_matching``:
-    an exact permuted copy is recovered)."""
+    """``x0`` (``[B, 1]``) with each sample permuted to best match ``x1[b]``, by batched weight matching over every
+    float tensor (:func:`unf.align.matching.match_batched`, as ``unf.align.weight_matching``: an exact permuted copy
+    is recovered). Used both ways: noise towards targets, and (``align_target``) targets towards noise."""
     spec = x0.spec
     ref = {n: x1[n][:, 0].float() for n in spec.float_names}
     oth = {n: x0[n][:, 0].float() for n in spec.float_names}
     perms, _ = match_batched(spec, ref, oth, max_iter=max_iter, seed=seed)
     out = {n: permute_batched(spec, n, x0[n][:, 0], perms)[:, None] for n in spec.float_names}
     return WeightSpace(spec, out, x0.extras)
+
+
+def align_target(x1: WeightSpace, x0: WeightSpace, max_iter: int = 10, seed: int = 0) -> WeightSpace:
+    """``x1`` (targets, ``[B, 1]``) with each network permuted towards its noise sample ``x0[b]``."""
+    return align_source(x1, x0, max_iter, seed)

@@ -25,7 +25,7 @@ from ..distributed import dist_info
 from ..io import atomic_write
 from ..weights import WeightSpace
 from .canonical import canonicalize
-from .coupling import align_source, ot_pairing
+from .coupling import align_source, align_target, ot_pairing
 from .model import Conditioning, Source, Standardizer, WeightFlow
 from .velocity import build_velocity, num_parameters
 
@@ -47,6 +47,7 @@ class FlowConfig:
     ema: float = 0.999
     ot: bool = True
     align_source: bool = False
+    align_target: bool = False  # permute each target towards its noise (equivariant OT flow matching)
     canonicalize: str = "none"  # "none", "reference", "barycentre"
     condition: list = field(default_factory=list)  # metadata columns to condition on
     cond_drop: float = 0.1  # probability of dropping each condition (so unconditioned sampling works)
@@ -120,6 +121,9 @@ def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, ste
     x0 = WeightSpace.from_flat(data.spec, noise)
     if cfg.align_source:
         x0 = align_source(x0, x1, seed=step)
+    if cfg.align_target:
+        x1 = align_target(x1, x0, seed=step)
+        flat1 = x1.flatten()
     t = t.to(dev, dtype)
     tt = t[:, None]
     xt_flat = (1 - tt) * x0.flatten() + tt * flat1
@@ -160,6 +164,8 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     data = standardizer.to_std(train).to(device)
     if cfg.source not in ("normal", "gaussian"):
         raise ValueError(f"source {cfg.source!r}: choose 'normal' or 'gaussian'")
+    if cfg.align_source and cfg.align_target:
+        raise ValueError("align_source and align_target both remove the symmetry's path length: choose one")
     if cfg.source == "gaussian" and cfg.align_source:
         raise ValueError("align_source permutes source samples, which only keeps a permutation-invariant source "
                          "(source='normal') unchanged")

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
-from ..nn import Layout, Pointwise, PositionalEncoding, UNFLinear, WSNorm
+from ..nn import Layout, Pointwise, PositionalEncoding, UNFLinear, UnitMLP, WSNorm
 from ..nn.layout import DEFAULT_FOLD_MAX
 
 
@@ -100,19 +100,22 @@ class VelocityField(nn.Module):
 class _FiLMBlock(nn.Module):
     """``x + Linear(act(FiLM(Norm(x), e)))``: the residual branch of a ``UNFNet`` block, modulated by ``e``."""
 
-    def __init__(self, layout: Layout, channels: int, emb: int, scale: float):
+    def __init__(self, layout: Layout, channels: int, emb: int, scale: float, unit_hidden: int = 0):
         super().__init__()
         self.names = layout.spec.float_names
         self.norm = WSNorm(layout.spec, channels)
         self.act = Pointwise("silu")
         self.linear = UNFLinear(layout, channels, channels, gain=math.sqrt(2.0) * scale)
+        self.unit = UnitMLP(layout, channels, unit_hidden) if unit_hidden else None
         self.film = nn.Linear(emb, 2 * len(self.names) * channels)
         nn.init.zeros_(self.film.weight)  # start as the plain block
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: WeightSpace, e: torch.Tensor) -> WeightSpace:
         scale, shift = self.film(e).view(len(e), 2, len(self.names), -1).unbind(1)  # [B, T, C] each
-        return self.linear(self.act(self.norm(x, scale, shift)), residual=x)
+        z = self.act(self.norm(x, scale, shift))
+        out = self.linear(z, residual=x)
+        return out if self.unit is None else out + self.unit(z)
 
 
 CHUNK_ENTRIES = 1 << 23  # hidden-state floats per chunk when sampling (32 MiB in float32)
@@ -123,23 +126,25 @@ class UNFVelocity(VelocityField):
     residual UNF blocks, output projection (zero-initialised: the field starts at 0).
 
     Parameters grow with ``hidden^2`` and the number of basis terms, not with the network's size: for the digits
-    MLP (3,466 weights) ``hidden=32, depth=3`` has ~1/50 of the MLP field's parameters."""
+    MLP (3,466 weights) ``hidden=32, depth=3`` has ~1/50 of the MLP field's parameters. ``unit_hidden > 0`` adds to
+    every block a :class:`~unf.nn.unit.UnitMLP` of that width (a memory of unit prototypes; its parameters grow with
+    the fixed entries a unit touches)."""
 
     kind = "unf"
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, depth: int = 3, emb: int = 64,
                  vocab: Sequence[int] = (), pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX,
-                 prediction: str = "velocity", min_gap: float = 0.05):
+                 prediction: str = "velocity", min_gap: float = 0.05, unit_hidden: int = 0):
         super().__init__()
         self._set_prediction(prediction, min_gap)
         self.config = dict(hidden=hidden, depth=depth, emb=emb, vocab=list(vocab), pos_dim=pos_dim,
-                           fold_max=fold_max, prediction=prediction, min_gap=min_gap)
+                           fold_max=fold_max, prediction=prediction, min_gap=min_gap, unit_hidden=unit_hidden)
         self.layout = Layout(spec, fold_max)
         self.embed = Embedding(emb, vocab)
         self.pos = PositionalEncoding(self.layout, pos_dim) if pos_dim and self.layout.pseudo_groups() else None
         self.inp = UNFLinear(self.layout, 1 + (pos_dim if self.pos is not None else 0), hidden)
         scale = 1.0 / math.sqrt(max(depth, 1))
-        self.blocks = nn.ModuleList([_FiLMBlock(self.layout, hidden, emb, scale) for _ in range(depth)])
+        self.blocks = nn.ModuleList([_FiLMBlock(self.layout, hidden, emb, scale, unit_hidden) for _ in range(depth)])
         self.out_norm = WSNorm(spec, hidden)
         self.act = Pointwise("silu")
         self.out = UNFLinear(self.layout, hidden, 1)

@@ -159,12 +159,14 @@ def tensor_statistics(ws: WeightSpace) -> torch.Tensor:
         flat = t.flatten(2)  # [B, C, N]
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
-        srt = flat.sort(dim=2).values
         pos = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64) * (flat.shape[2] - 1)
         lo, frac = pos.floor().long(), (pos - pos.floor()).to(device=flat.device, dtype=flat.dtype)
-        hi = (lo + 1).clamp_max(flat.shape[2] - 1).to(flat.device)
-        lo = lo.to(flat.device)
-        quant = srt[..., lo] + (srt[..., hi] - srt[..., lo]) * frac  # [B, C, 5]
+        hi = (lo + 1).clamp_max(flat.shape[2] - 1)
+        # sort without autograd and gather the 10 order statistics: the same values and gradients, but the backward
+        # scatters into 10 entries per row instead of the whole sorted tensor
+        order = flat.detach().argsort(dim=2)[..., torch.cat([lo, hi]).to(flat.device)]
+        picked = flat.gather(2, order)
+        quant = picked[..., :5] + (picked[..., 5:] - picked[..., :5]) * frac  # [B, C, 5]
         mean = flat.mean(2, keepdim=True)
         var = torch.linalg.vector_norm(flat - mean, dim=2, keepdim=True).square() / flat.shape[2]  # not torch.var: slow
         feats += [mean, var, quant]

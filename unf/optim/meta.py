@@ -13,9 +13,16 @@ Meta-loss: the mean over the unroll of the log of the training loss divided by t
 [1e-3, ``loss_clip``] (non-finite values count as the clip): the log weighs reaching a low loss as much as the first
 drop. Outer optimizer: Adam with gradient-norm clipping.
 
-Tasks (:func:`sample_task`): MLPs with 1-3 hidden layers of width 16-128 and a random activation, on digits, iris or
-wine (never breast cancer), random batch size, initialisation scale and horizon (log-uniform between ``min_horizon``
-and ``max_horizon``).
+Tasks: with a :class:`~unf.optim.tasks.TaskFamily` (``meta_train(cfg, family)``), every inner task is that family
+at a new seed, drawn from ``[META_SEED_BASE, 2**31)`` (evaluation seeds are below it). Without one, the MLP task mix
+(:func:`sample_task`): MLPs with 1-3 hidden layers of width 16-128 and a random activation, on digits, iris or wine
+(never breast cancer), random batch size, initialisation scale and horizon (log-uniform between ``min_horizon`` and
+``max_horizon``). The inner models of a task are one :class:`~unf.zoo.population.Population` run with ``torch.func``
+(vmap); a model with an op that vmap cannot batch (``aten::gru`` has no batching rule, so a GRU) runs member by member
+(same results, about ``2 * pairs + 1`` times one model's time; a warning says so).
+
+Budget: ``MetaConfig(budget_s=...)`` stops after that many seconds of outer steps, counted over resumes (the seconds
+of the steps a checkpoint holds); ``steps`` may then be ``None``.
 
 Under ``torchrun`` the perturbation pairs are split over ranks and the gradient is summed with ``all_reduce``: the
 result equals one process's for the same seed, up to float rounding.
@@ -31,11 +38,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from ..distributed import dist_info, init_distributed  # noqa: F401  (init_distributed: re-exported)
 from ..weights import segment_sizes
 from .rule import LearnedRule, RuleConfig, flat_step, segment_index
+from .tasks import META_SEED_BASE, TaskFamily
 
 DATASETS = ("digits-flat", "iris", "wine")
 ACTIVATIONS = ("relu", "tanh", "gelu")
@@ -43,8 +52,9 @@ ACTIVATIONS = ("relu", "tanh", "gelu")
 
 @dataclass
 class MetaConfig:
-    """Settings of a meta-training run (stored in its checkpoints)."""
-    steps: int = 2000  # outer steps
+    """Settings of a meta-training run (stored in its checkpoints). ``max_horizon``, ``min_horizon``, ``datasets``
+    and ``widths`` describe the MLP task mix; with a task family, the family fixes model, data and horizon."""
+    steps: Optional[int] = 2000  # outer steps (None: until the budget is spent)
     pairs: int = 8  # antithetic pairs per outer step
     sigma: float = 0.01
     unroll: int = 10
@@ -59,22 +69,31 @@ class MetaConfig:
     rule: dict = field(default_factory=dict)  # RuleConfig fields
     datasets: tuple = DATASETS
     widths: Optional[tuple] = None  # fix the tasks' hidden widths (variant "unf-exact" needs one architecture)
+    budget_s: Optional[float] = None  # stop after this many seconds of meta-training, counted over resumes
 
     def __post_init__(self):
-        if self.sigma <= 0 or self.pairs < 1 or self.steps < 1:
+        if self.steps is None and self.budget_s is None:
+            raise ValueError("give steps, a budget_s, or both")
+        if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
+            raise ValueError(f"budget_s {self.budget_s} must be a positive number of seconds")
+        if self.sigma <= 0 or self.pairs < 1 or (self.steps is not None and self.steps < 1):
             raise ValueError(f"need sigma > 0 ({self.sigma}), pairs >= 1 ({self.pairs}) and steps >= 1 ({self.steps})")
         self.datasets = tuple(self.datasets)
         self.widths = tuple(self.widths) if self.widths is not None else None
         unknown = [d for d in self.datasets if d not in DATASETS]
         if unknown or not self.datasets:
             raise ValueError(f"datasets {unknown or '()'}: choose from {DATASETS}")
-        if self.rule.get("variant") == "unf-exact" and (self.widths is None or len(self.datasets) != 1):
-            raise ValueError("variant 'unf-exact' learns for one architecture: give widths and exactly one dataset")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
         if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
             raise ValueError(f"need 1 <= unroll ({self.unroll}) <= min_horizon ({self.min_horizon}) <= max_horizon "
                              f"({self.max_horizon})")
+
+    def check_mix(self) -> None:
+        """The checks that concern the MLP task mix only (meta-training without a family runs them)."""
+        if self.rule.get("variant") == "unf-exact" and (self.widths is None or len(self.datasets) != 1):
+            raise ValueError("variant 'unf-exact' learns for one architecture: give widths and exactly one dataset "
+                             "(or meta-train on a task family)")
 
 
 @dataclass
@@ -93,6 +112,41 @@ class Task:
 
         act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[self.activation]
         return mlp(in_features, self.widths, classes, act)
+
+    def family(self) -> TaskFamily:
+        """This MLP on its dataset as a task family (cross-entropy; the model factory seeds like ``build_member``)."""
+        from .. import data
+        from .tasks import _embedded, _seeded
+
+        split = data.load(self.dataset)
+        make = lambda: self.make_model(split.x_train.shape[1], int(split.y_train.max()) + 1)  # noqa: E731
+        return TaskFamily(_seeded(make), _embedded(self.dataset), F.cross_entropy, self.batch_size, self.horizon,
+                          name=f"mlp-mix:{self.dataset}")
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FamilyTask:
+    """One inner problem of a task family: the family at ``seed`` (its initialisation and batch order)."""
+    task_family: TaskFamily
+    seed: int
+    init_scale: float = 1.0
+
+    @property
+    def horizon(self) -> int:
+        return self.task_family.horizon
+
+    @property
+    def batch_size(self) -> int:
+        return self.task_family.batch_size
+
+    def family(self) -> TaskFamily:
+        return self.task_family
+
+    def record(self) -> dict:
+        return {"family": self.task_family.name, "seed": self.seed, "horizon": self.horizon}
 
 
 def sample_task(gen: torch.Generator, cfg: MetaConfig) -> Task:
@@ -136,19 +190,27 @@ def _task_spec(task: Task):
     return _model_spec(task.make_model(split.x_train.shape[1], int(split.y_train.max()) + 1), split.x_train)
 
 
+def _family_seed(gen: torch.Generator) -> int:
+    """A meta-training seed of a family: in ``[META_SEED_BASE, 2**31)``, never an evaluation seed."""
+    return META_SEED_BASE + int(torch.randint(2 ** 31 - META_SEED_BASE, (), generator=gen))
+
+
 class _Inner:
     """The inner training state of one task: ``n`` members (last: unperturbed), their optimizer state and noise."""
 
-    def __init__(self, task: Task, cfg: MetaConfig, rule: LearnedRule, n_pairs: int, dim: int):
-        from .. import data
-        from ..zoo.population import Member, make_population
+    def __init__(self, task: Task | FamilyTask, cfg: MetaConfig, rule: LearnedRule, n_pairs: int, dim: int):
+        from ..zoo.population import Member, _prime_allocator, make_population
 
         self.task, self.t = task, 0
-        split = data.load(task.dataset)
-        self.x, self.y = split.x_train, split.y_train
-        make = lambda: task.make_model(self.x.shape[1], int(self.y.max()) + 1)  # noqa: E731
+        family = task.family()
+        self.loss = family.loss
+        self.x, self.y = family.data()[:2]
+        make = lambda: family.model(task.seed)  # noqa: E731  (build_member seeds the global RNG first)
         self.pop = make_population(make, [Member(seed=task.seed, init_scale=task.init_scale)] * (2 * n_pairs + 1))
-        self.spec = _model_spec(make(), self.x)
+        # the rule's activations on 17 stacked members are 5-20 MB each: without this every step page-faults them in
+        # anew (a PES step of the digits-MLP family 1.2x slower in CPU time)
+        _prime_allocator(self.pop.flat.device)
+        self.spec = family.spec()
         self.plan = rule.plan(self.spec)
         n, dim_w = self.pop.flat.shape
         self.m, self.v = self.pop.flat.new_zeros(n, len(rule.config.decays), dim_w), torch.zeros_like(self.pop.flat)
@@ -166,7 +228,7 @@ class _Inner:
         total = torch.zeros(self.pop.flat.shape[0])
         for _ in range(steps):
             idx = torch.randint(len(self.x), (self.task.batch_size,), generator=self.gen)
-            losses, grad = member_grads(self.pop, self.x[idx], self.y[idx])
+            losses, grad = member_grads(self.pop, self.x[idx], self.y[idx], loss=self.loss, same_input=True)
             if self.loss0 is None:
                 self.loss0 = float(losses[-1])
             self.t += 1
@@ -190,18 +252,31 @@ class _Inner:
                 t.copy_(t[-1:].expand_as(t))
 
 
-def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional[LearnedRule] = None,
-               progress: bool = False, checkpoint_every: int = 10, log=None) -> tuple[LearnedRule, list[dict]]:
-    """Meta-train a rule (``rule`` or a new one from ``cfg.rule``); checkpoints to ``out`` and resumes from there.
+def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Optional[str | Path] = None,
+               rule: Optional[LearnedRule] = None, progress: bool = False, checkpoint_every: int = 10, log=None
+               ) -> tuple[LearnedRule, list[dict]]:
+    """Meta-train a rule (``rule`` or a new one from ``cfg.rule``) on ``family`` at new seeds, or on the MLP task mix
+    without one; checkpoints to ``out`` and resumes from there (refusing a checkpoint of other settings or another
+    family). Stops after ``cfg.steps`` outer steps or ``cfg.budget_s`` seconds, whichever comes first.
 
     Returns the rule and the per-step log (``{"step", "meta_loss", "grad_norm", "task", "seconds"}``). At the end
     ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads."""
+    if family is not None and not isinstance(family, TaskFamily):
+        raise TypeError(f"meta_train: family must be a unf.optim.TaskFamily, got {type(family).__name__} (the run "
+                        "directory is out=...)")
+    if family is None:
+        cfg.check_mix()
+    elif cfg.unroll > family.horizon:
+        raise ValueError(f"unroll ({cfg.unroll}) is longer than task family {family.name!r}'s horizon "
+                         f"({family.horizon})")
+    identity = None if family is None else {"name": family.name, "spec_hash": family.fingerprint()}
     dist, rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     if rule is None:
         spec = None
         if cfg.rule.get("variant") == "unf-exact":
-            spec = _task_spec(sample_task(torch.Generator().manual_seed(cfg.seed), cfg))
+            spec = family.spec() if family is not None else \
+                _task_spec(sample_task(torch.Generator().manual_seed(cfg.seed), cfg))
         rule = LearnedRule(RuleConfig(**cfg.rule), spec=spec)
     names = [n for n, _ in rule.named_parameters()]
     shapes = [p.shape for p in rule.parameters()]
@@ -211,22 +286,26 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
     start = 0
     out = Path(out) if out is not None else None
     if out is not None and (out / "checkpoint.safetensors").is_file():
-        history = load_checkpoint(out, cfg, theta, opt)
+        history = load_checkpoint(out, cfg, theta, opt, family=identity)
         start = len(history)
     saved = start
+    elapsed = sum(h["seconds"] for h in history)  # the budget counts the steps the checkpoint holds
+    over = lambda: cfg.budget_s is not None and elapsed >= cfg.budget_s  # noqa: E731
     my_pairs = list(range(rank, cfg.pairs, world))
     task_gen = torch.Generator()
     inner: Optional[_Inner] = None
-    steps_iter = range(start, cfg.steps)
+    bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        steps_iter = tqdm(steps_iter, desc="meta-training", unit="step", initial=start, total=cfg.steps)
-    for step in steps_iter:
+        bar = tqdm(desc="meta-training", unit="step", initial=start, total=cfg.steps)
+    step = start
+    while (cfg.steps is None or step < cfg.steps) and not over():
         t0 = time.perf_counter()
         if inner is None or inner.t >= inner.task.horizon:
             task_gen.manual_seed(cfg.seed * 7919 + step)  # a task depends only on (seed, step it starts at)
-            inner = _Inner(sample_task(task_gen, cfg), cfg, rule, len(my_pairs), theta.numel())
+            task = sample_task(task_gen, cfg) if family is None else FamilyTask(family, _family_seed(task_gen))
+            inner = _Inner(task, cfg, rule, len(my_pairs), theta.numel())
         eps = torch.stack([_noise(cfg, step, i, theta.numel()) for i in my_pairs]) if my_pairs else \
             theta.new_zeros(0, theta.numel())
         signs = torch.cat([torch.ones(len(my_pairs)), -torch.ones(len(my_pairs)), torch.zeros(1)])
@@ -242,7 +321,9 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
             direction = inner.xi
         else:
             direction = eps
-        losses = inner.unroll(rule, stacked, cfg.unroll, cfg.loss_clip, cfg.log_loss)
+        # a family's horizon need not be a multiple of the unroll: the task's last truncation is shorter
+        losses = inner.unroll(rule, stacked, min(cfg.unroll, inner.task.horizon - inner.t), cfg.loss_clip,
+                              cfg.log_loss)
         k = len(my_pairs)
         grad = es_gradient(losses[:k], losses[k:2 * k], direction, cfg.sigma, cfg.pairs)
         if cfg.estimator == "es":
@@ -255,14 +336,26 @@ def meta_train(cfg: MetaConfig, out: Optional[str | Path] = None, rule: Optional
         theta.grad = grad
         opt.step()
         theta.grad = None
+        seconds = time.perf_counter() - t0
+        if dist is not None and cfg.budget_s is not None:  # every rank stops at one step: rank 0's clock counts
+            t = torch.tensor([seconds], dtype=torch.float64)
+            dist.broadcast(t, 0)
+            seconds = float(t)
         history.append({"step": step + 1, "meta_loss": float(losses[-1]), "grad_norm": float(gnorm),
-                        "task": asdict(inner.task), "seconds": time.perf_counter() - t0})
+                        "task": inner.task.record(), "seconds": seconds})
+        elapsed += seconds
+        step += 1
         if log is not None:
             log(history[-1])
+        if bar is not None:
+            bar.update(1)
         done = inner.t >= inner.task.horizon
-        if out is not None and rank == 0 and done and (step + 1 - saved >= checkpoint_every or step + 1 == cfg.steps):
-            save_checkpoint(out, cfg, theta, opt, history)
-            saved = step + 1
+        last = step == cfg.steps or over()
+        if out is not None and rank == 0 and done and (step - saved >= checkpoint_every or last):
+            save_checkpoint(out, cfg, theta, opt, history, family=identity)
+            saved = step
+    if bar is not None:
+        bar.close()
     _assign(rule, theta)
     if out is not None and rank == 0:
         rule.save(out / "rule.safetensors")
@@ -273,9 +366,11 @@ class CheckpointError(ValueError):
     """A run directory's checkpoint cannot be resumed (damaged, or written with other settings)."""
 
 
-def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam, history: list) -> None:
-    """``out/checkpoint.safetensors``: meta-parameters and outer Adam state, settings and log in its metadata; written
-    atomically, at task boundaries only (a task depends on (seed, step), so a resumed run continues exactly)."""
+def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam, history: list,
+                    family: Optional[dict] = None) -> None:
+    """``out/checkpoint.safetensors``: meta-parameters and outer Adam state, settings, the task family (``{"name",
+    "spec_hash"}``, or none: the MLP mix) and log in its metadata; written atomically, at task boundaries only (a
+    task depends on (seed, step), so a resumed run continues exactly)."""
     from safetensors.torch import save_file
 
     from ..io import atomic_write
@@ -286,7 +381,7 @@ def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.
     if st:
         tensors.update(exp_avg=st["exp_avg"].clone(), exp_avg_sq=st["exp_avg_sq"].clone(),
                        adam_step=torch.as_tensor(st["step"], dtype=torch.float64).reshape(1))
-    meta = {"config": json.dumps(asdict(cfg)), "history": json.dumps(history)}
+    meta = {"config": json.dumps(asdict(cfg)), "history": json.dumps(history), "family": json.dumps(family)}
     atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -310,11 +405,20 @@ def checkpoint_history(out: str | Path) -> list:
     return _read_checkpoint(out)[0]["history"] if (out / "checkpoint.safetensors").is_file() else []
 
 
-def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam) -> list:
-    """Restore ``theta`` and ``opt`` from ``out``; returns the log. Refuses a checkpoint made with other settings."""
+def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam,
+                    family: Optional[dict] = None) -> list:
+    """Restore ``theta`` and ``opt`` from ``out``; returns the log. Refuses a checkpoint made with other settings or
+    for another task family (``family``: ``{"name", "spec_hash"}`` as :func:`save_checkpoint` records it)."""
     meta, tensors = _read_checkpoint(out)
     path = out / "checkpoint.safetensors"
-    same = lambda c: {k: v for k, v in c.items() if k != "steps"}  # noqa: E731 (a run may be extended)
+    theirs = json.loads(meta.get("family", "null"))
+    if theirs != family:
+        what = lambda f: "the MLP task mix" if f is None else \
+            f"task family {f['name']!r} (spec hash {f['spec_hash']})"  # noqa: E731
+        raise CheckpointError(f"{path} was meta-trained on {what(theirs)}, not on {what(family)}; use another --out "
+                              "or the same task to resume")
+    # steps and budget may change: a run may be extended
+    same = lambda c: {k: v for k, v in c.items() if k not in ("steps", "budget_s")}  # noqa: E731
     if same(meta["config"]) != same(json.loads(json.dumps(asdict(cfg)))):
         raise CheckpointError(f"{path} was written with other settings ({json.dumps(meta['config'])}); use another "
                               "--out or the same settings to resume")
@@ -334,6 +438,5 @@ def _assign(rule: LearnedRule, theta: torch.Tensor) -> None:
         vector_to_parameters(theta.clone(), rule.parameters())
 
 
-__all__ = ["CheckpointError", "DATASETS", "MetaConfig", "Task", "checkpoint_history", "es_gradient",
-           "init_distributed", "load_checkpoint", "meta_train", "sample_task",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "DATASETS", "FamilyTask", "MetaConfig", "Task", "checkpoint_history", "es_gradient",
+           "init_distributed", "load_checkpoint", "meta_train", "sample_task", "save_checkpoint"]

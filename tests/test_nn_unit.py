@@ -1,0 +1,83 @@
+"""UnitMLP: a per-unit MLP over everything a unit touches; equivariant on every architecture of the spec suite."""
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import unf
+from unf.nn import Layout
+from unf.nn.unit import UnitMLP
+
+sys.path.insert(0, os.path.dirname(__file__))
+from architectures import ARCHITECTURES, require_plugins  # noqa: E402
+
+TOL = 1e-10
+
+
+def _spec(name):
+    require_plugins(name)
+    model, x = ARCHITECTURES[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return unf.spec_from_module(model, x)
+
+
+def _ws(spec, batch=2, channels=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return unf.WeightSpace(spec, {n: torch.randn(batch, channels, *spec[n].shape, generator=g, dtype=torch.float64)
+                                  for n in spec.float_names})
+
+
+def _randomised(module):
+    torch.manual_seed(0)
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.3)  # the last layer starts at zero: give it weights so that the test can fail
+    return module.double()
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("fold_max", [0, 4])
+def test_unit_mlp_is_equivariant(name, fold_max):
+    spec = _spec(name)
+    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=8, max_features=10 ** 6))
+    assert len(layer.mlps) == len(spec.groups)  # every group has its MLP: the check below can fail
+    ws = _ws(spec)
+    out = layer(ws)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        p = spec.sample_permutation(gen)
+        moved = layer(ws.permute(p))
+        ref = out.permute(p)
+        for n in spec.float_names:
+            assert (moved[n] - ref[n]).abs().max() <= TOL * ref[n].abs().max().clamp_min(1), n
+
+
+def test_a_unit_sees_and_writes_its_whole_row_of_fixed_weights():
+    """MLP 5-4-3: hidden unit i's output at input position j depends on its input weight at another position j'
+    (a mean over the fixed axis could not tell positions apart), and not on another unit's."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    spec = unf.spec_from_module(model, torch.randn(2, 5))
+    layout = Layout(spec, 0)
+    layer = _randomised(UnitMLP(layout, 1, hidden=16))
+    w1 = next(n for n in spec.float_names if spec[n].shape == (4, 5))
+    ws = _ws(spec, batch=1, channels=1)
+    base = layer(ws)[w1]
+    bumped = unf.WeightSpace(spec, {n: t.clone() for n, t in ws.items()})
+    bumped[w1][0, 0, 2, 4] += 1.0  # unit 2, input 4
+    diff = (layer(bumped)[w1] - base).abs()[0, 0]
+    assert diff[2, 0] > 1e-6  # the same unit, another input position: changed
+    # other units change only through the means over units that the last layer's unit axis is averaged by
+    assert diff[2, 0] > 10 * diff[0, 0]
+
+
+def test_unit_mlp_starts_at_zero_and_names_bad_input():
+    spec = _spec("mlp")
+    layer = UnitMLP(Layout(spec), 2).double()
+    with torch.no_grad():
+        out = layer(_ws(spec))
+    assert all(float(out[n].abs().max()) == 0.0 for n in spec.float_names)
+    with pytest.raises(ValueError, match="expects 2 channels"):
+        layer(_ws(spec, channels=3))

@@ -1,0 +1,324 @@
+"""Task families (issue 29): a user's own model, data and loss meta-trained on; seeds, budget, resume, the per-member
+fallback where vmap cannot batch, and the ``unf lopt --task FILE.py:FN`` command line."""
+import json
+import math
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from test_cli import _user_error  # noqa: E402  (tests/ is on sys.path under pytest)
+from unf.cli import main
+from unf.optim import LearnedRule, MetaConfig, RuleConfig, TaskFamily, meta_train, train_curve
+from unf.optim import meta
+from unf.optim.meta import CheckpointError, FamilyTask, _Inner
+from unf.optim.tasks import META_SEED_BASE, TASKS, GRUClassifier, get_family
+from unf.zoo.population import Member, make_population, member_grads
+
+
+class TwoLayer(nn.Module):
+    """A user-style model: its own class and forward, not an ``nn.Sequential``."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, hidden), nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def _regression_data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 1, generator=g)
+    x = torch.randn(256, 5, generator=g)
+    y = torch.sin(x @ w) + 0.05 * torch.randn(256, 1, generator=g)
+    return x[:192], y[:192], x[192:], y[192:]
+
+
+def _regression_family(hidden: int = 16, name: str = "user-regression", horizon: int = 8) -> TaskFamily:
+    def model(seed):
+        torch.manual_seed(seed)
+        return TwoLayer(hidden)
+    return TaskFamily(model, _regression_data, F.mse_loss, batch_size=32, horizon=horizon, name=name)
+
+
+SMALL_RULE = dict(hidden=4, depth=1, hyper_hidden=4)
+
+
+def test_user_family_meta_trains_and_lowers_its_meta_loss():
+    """A rule started with a far too small step (alpha 1e-5) learns larger ones on the user's family, and its
+    meta-loss on a seed never meta-trained on (an evaluation seed) falls."""
+    family = _regression_family()
+    cfg = MetaConfig(steps=12, pairs=4, sigma=0.05, unroll=4, outer_lr=0.1, estimator="es",
+                     rule=dict(SMALL_RULE, alpha=1e-5))
+    rule, history = meta_train(cfg, family)
+    assert len(history) == 12 and float(rule.log_alpha.detach()) > math.log(1e-5) + 0.5
+    seeds = {h["task"]["seed"] for h in history}
+    assert len(seeds) == 12 // 2 and all(META_SEED_BASE <= s < 2 ** 31 for s in seeds)  # a new seed per task
+    assert {h["task"]["family"] for h in history} == {"user-regression"}
+    scores = []
+    for r in (LearnedRule(RuleConfig(**cfg.rule)), rule):
+        inner = _Inner(FamilyTask(family, seed=3), cfg, r, 0, 1)
+        scores.append(float(inner.unroll(r, None, 8, cfg.loss_clip)[-1]))
+    assert scores[1] < scores[0]
+
+
+def test_family_losses_and_gradients_match_plain_models():
+    """member_grads with the family's loss (vmapped) gives each member's own loss and gradient."""
+    family = _regression_family()
+    x, y = family.data()[:2]
+    pop = make_population(TwoLayer, [Member(seed=s) for s in (1, 2, 3)])  # build_member seeds the RNG
+    losses, grads = member_grads(pop, x[:32], y[:32], loss=family.loss, same_input=True)
+    for i, s in enumerate((1, 2, 3)):
+        torch.manual_seed(s)
+        m = family.model(s)
+        loss = F.mse_loss(m(x[:32]), y[:32])
+        g = torch.autograd.grad(loss, list(m.parameters()))
+        assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert torch.allclose(grads[i], torch.cat([t.flatten() for t in g]), atol=1e-6)
+
+
+def test_gru_members_run_one_by_one_with_the_same_results():
+    """vmap has no batching rule for aten::gru: the population warns once and loops over its members."""
+    family = TASKS["majority-gru"]
+    x, y = family.data()[:2]
+    pop = make_population(GRUClassifier, [Member(seed=s) for s in (1, 2)])  # build_member seeds the RNG
+    with pytest.warns(UserWarning, match="one by one"):
+        losses, grads = member_grads(pop, x[:16], y[:16], loss=family.loss, same_input=True)
+    assert not pop.batched
+    for i, s in enumerate((1, 2)):
+        m = family.build(s)
+        loss = F.cross_entropy(m(x[:16]), y[:16])
+        g = torch.autograd.grad(loss, list(m.parameters()))
+        assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert torch.allclose(grads[i], torch.cat([t.flatten() for t in g]), atol=1e-6)
+    cfg = MetaConfig(steps=1, pairs=1, unroll=2, rule=SMALL_RULE)
+    with pytest.warns(UserWarning, match="one by one"):
+        _, history = meta_train(cfg, TaskFamily(family.model, family.data, F.cross_entropy, 16, 4, name="gru"))
+    assert math.isfinite(history[0]["meta_loss"])
+
+
+class _Clock:
+    """A stand-in for ``time`` in unf.optim.meta: every reading is 0.5 s after the last (one step: 0.5 s)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.5
+        return self.now
+
+
+def _theta(rule):
+    return torch.cat([p.detach().flatten() for p in rule.parameters()])
+
+
+def test_budget_stops_meta_training_and_counts_over_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(meta, "time", types.SimpleNamespace(perf_counter=_Clock().perf_counter))
+    family = _regression_family(horizon=4)  # unroll 2: a task is 2 outer steps
+    cfg = lambda budget: MetaConfig(steps=None, budget_s=budget, pairs=2, unroll=2, rule=SMALL_RULE)  # noqa: E731
+    _, hist = meta_train(cfg(1.75), family, out=tmp_path, checkpoint_every=1)
+    assert len(hist) == 4 and all(h["seconds"] == 0.5 for h in hist)  # stops once 1.75 s are spent
+    _, again = meta_train(cfg(1.75), family, out=tmp_path, checkpoint_every=1)
+    assert len(again) == 4  # the budget was spent before: nothing more
+    resumed, longer = meta_train(cfg(3.0), family, out=tmp_path, checkpoint_every=1)
+    assert len(longer) == 6  # a larger budget extends the run, counting the 2 s already spent
+    whole, _ = meta_train(cfg(3.0), family)
+    assert torch.equal(_theta(resumed), _theta(whole))  # and continues exactly
+    with pytest.raises(ValueError, match="steps, a budget_s"):
+        MetaConfig(steps=None)
+    with pytest.raises(ValueError, match="budget_s"):
+        MetaConfig(budget_s=-1.0)
+
+
+def test_resume_is_bit_identical_and_refuses_another_family(tmp_path):
+    family = _regression_family(horizon=6)  # unroll 4: a task is 2 truncations, the last one 2 steps
+    cfg = MetaConfig(steps=6, pairs=2, unroll=4, rule=SMALL_RULE)
+    full, _ = meta_train(cfg, family)
+    meta_train(MetaConfig(**{**cfg.__dict__, "steps": 2}), family, out=tmp_path, checkpoint_every=1)
+    resumed, hist = meta_train(cfg, family, out=tmp_path, checkpoint_every=1)
+    assert len(hist) == 6 and torch.equal(_theta(full), _theta(resumed))
+    with pytest.raises(CheckpointError, match="task family 'user-regression'.*not on task family 'other'"):
+        meta_train(cfg, _regression_family(horizon=6, name="other"), out=tmp_path)
+    with pytest.raises(CheckpointError, match="spec hash"):  # same name, another architecture
+        meta_train(cfg, _regression_family(hidden=8, horizon=6), out=tmp_path)
+    with pytest.raises(CheckpointError, match="not on the MLP task mix"):
+        meta_train(cfg, out=tmp_path)
+    with pytest.raises(TypeError, match="out="):  # the old positional out= is caught
+        meta_train(cfg, tmp_path)
+
+
+def test_fingerprint_names_what_the_rule_depends_on():
+    a, b = _regression_family(), _regression_family()
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != _regression_family(hidden=8).fingerprint()
+    assert a.fingerprint() != _regression_family(horizon=9).fingerprint()
+
+
+def test_exact_variant_on_a_family_learns_for_its_architecture():
+    family = _regression_family()
+    cfg = MetaConfig(steps=1, pairs=1, unroll=4, rule=dict(SMALL_RULE, variant="unf-exact"))
+    rule, _ = meta_train(cfg, family)
+    assert rule.spec == family.spec()
+
+
+def test_train_curve_uses_the_family_loss_and_reports_accuracy_for_classification_only():
+    family = _regression_family()
+    r = train_curve(family, lambda m, x: torch.optim.Adam(m.parameters(), lr=3e-2), seed=0, eval_every=20,
+                    steps=100)
+    assert r["test_acc"] is None and r["train"][-1] < 0.5 * r["train"][0]
+    x = family.data()[0]
+    torch.manual_seed(0)
+    with torch.no_grad():  # the curve starts at the family's loss of the seed's initialisation
+        assert r["train"][0] == pytest.approx(float(F.mse_loss(family.model(0)(x), family.data()[1])), rel=1e-6)
+    c = train_curve(TASKS["breast-cancer-mlp"], lambda m, x: torch.optim.Adam(m.parameters()), seed=0, steps=5)
+    assert 0 <= c["test_acc"] <= 1
+
+
+def test_cosine_schedule_decays_the_rate_to_zero_over_the_steps():
+    opts = []
+
+    def make(m, x):
+        opts.append(torch.optim.SGD(m.parameters(), lr=0.1))
+        return opts[-1]
+
+    family = _regression_family()
+    const = train_curve(family, make, seed=0, steps=20, eval_every=20)
+    cos = train_curve(family, make, seed=0, steps=20, eval_every=20, schedule="cosine")
+    assert opts[0].param_groups[0]["lr"] == 0.1 and opts[1].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert const["train"][0] == cos["train"][0] and const["train"][-1] != cos["train"][-1]
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        train_curve(family, make, seed=0, steps=2, schedule="linear")
+
+
+def test_bad_families_are_named():
+    x, y = torch.randn(10, 5), torch.randn(10, 1)
+    with pytest.raises(ValueError, match="'bad'.*x_train has 10 rows and y_train 9"):
+        TaskFamily(TwoLayer, (x, y[:9], x, y), F.mse_loss, 4, 10, name="bad")
+    with pytest.raises(ValueError, match="x_test is a list"):
+        TaskFamily(TwoLayer, (x, y, [1], y), F.mse_loss, 4, 10, name="bad")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        TaskFamily(TwoLayer, (x, y, x, y), F.mse_loss, 0, 10)
+    lazy = TaskFamily(TwoLayer, lambda: (x, y), F.mse_loss, 4, 10, name="lazy")
+    with pytest.raises(ValueError, match="'lazy'.*got tuple of length 2"):
+        lazy.data()
+    broken = TaskFamily(TwoLayer, lambda: open("/nonexistent/unf-data"), F.mse_loss, 4, 10, name="broken")
+    with pytest.raises(ValueError, match="'broken': loading its data failed"):
+        broken.data()
+    with pytest.raises(TypeError, match=r"model\(0\) returned int"):
+        TaskFamily(lambda seed: 3, (x, y, x, y), F.mse_loss, 4, 10).build(0)
+    with pytest.raises(ValueError, match="longer than task family"):
+        meta_train(MetaConfig(steps=1, unroll=20, rule=SMALL_RULE), _regression_family(horizon=8))
+
+
+TASK_FILE = """\
+import torch, torch.nn as nn, torch.nn.functional as F
+from unf.optim import TaskFamily
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return x[:150], y[:150], x[150:], y[150:]
+
+
+def family():
+    return TaskFamily(lambda seed: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), data,
+                      F.cross_entropy, batch_size=16, horizon=4)
+
+
+def not_a_family():
+    return nn.Linear(2, 2)
+"""
+
+
+def test_cli_meta_trains_and_evaluates_a_task_file(tmp_path, capsys):
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    out = tmp_path / "run"
+    argv = ["lopt", "meta-train", "--task", f"{task}:family", "--out", str(out), "--variant", "mlp", "--pairs", "1",
+            "--unroll", "2", "--json"]
+    assert main([*argv, "--steps", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["steps"] == 2 and row["task"] == f"{task.resolve()}:family"
+    assert json.loads((out / "run.json").read_text())["task"] == row["task"]
+    assert main([*argv, "--steps", "4"]) == 0  # resumes
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
+    # the same directory with another task is refused, naming --out and the family it was written for
+    _user_error(capsys, [*argv[:2], "--task", "digits-mlp", *argv[4:], "--steps", "6"], "--out", "family")
+    assert main(["lopt", "eval", "--task", f"{task}:family", "--weights", str(out), "--adam-lrs", "1e-2",
+                 "--sgd-lrs", "0.1", "--seed", "1", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["task"] == row["task"] and 0 <= ev["test_acc"] <= 1
+    assert ev["best_adam"] in ("adam lr=0.01", "adam lr=0.01 cosine")  # the better of constant and cosine
+    assert ev["best_sgdm"] in ("sgdm lr=0.1", "sgdm lr=0.1 cosine") and ev["speedup_train_vs_sgdm"] >= 0
+
+
+def test_cli_budget_alone_stops_meta_training(tmp_path, capsys):
+    """``--budget-min`` without ``--steps``: the run ends once the budget is spent (a few steps here, not 2,000)."""
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    out = tmp_path / "run"
+    assert main(["lopt", "meta-train", "--task", f"{task}:family", "--out", str(out), "--variant", "mlp", "--pairs",
+                 "1", "--unroll", "2", "--budget-min", "0.001", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 1 <= row["steps"] < 2000 and row["minutes"] >= 0.001
+    assert json.loads((out / "run.json").read_text())["config"]["budget_s"] == pytest.approx(0.06)
+
+
+@pytest.mark.parametrize("ref, needles", [
+    ("{tmp}/missing.py:family", ["--task", "task file", "does not exist"]),
+    ("{task}:not_a_family", ["--task", "returned Linear, not a unf.optim.TaskFamily"]),
+    ("{task}:nothing", ["--task", "has no callable 'nothing'"]),
+    ("{broken}:family", ["--task", "failed to import", "SyntaxError"]),
+    ("no-such-family", ["--task", "not a built-in family", "digits-mlp"]),
+])
+@pytest.mark.parametrize("command", ["meta-train", "eval"])
+def test_cli_refuses_a_bad_task(tmp_path, capsys, ref, needles, command):
+    (tmp_path / "my_task.py").write_text(TASK_FILE)
+    (tmp_path / "broken.py").write_text("def family(:\n")
+    ref = ref.format(tmp=tmp_path, task=tmp_path / "my_task.py", broken=tmp_path / "broken.py")
+    extra = ["--out", str(tmp_path / "run")] if command == "meta-train" else []
+    _user_error(capsys, ["lopt", command, "--task", ref, *extra], *needles)
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_cli_task_and_mix_options_exclude_each_other(tmp_path, capsys):
+    _user_error(capsys, ["lopt", "meta-train", "--task", "digits-mlp", "--widths", "8", "--out", str(tmp_path / "r")],
+                "--widths", "with --task")
+    _user_error(capsys, ["lopt", "eval", "--seed", str(2 ** 30)], "--seed", "below 2**30")
+    _user_error(capsys, ["lopt", "eval", "--schedules", "linear"], "--schedules")
+    _user_error(capsys, ["lopt", "eval", "--sgd-lrs", "0"], "--sgd-lrs", "positive")
+
+
+def test_builtin_families_resolve():
+    fam = get_family("digits-mlp")
+    assert (fam.batch_size, fam.horizon) == (64, 1000)
+    assert [tuple(p.shape) for p in fam.build(0).parameters()] == [(128, 64), (128,), (128, 128), (128,), (10, 128),
+                                                                   (10,)]
+    assert get_family("majority-gru") is TASKS["majority-gru"]
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """README's "Meta-train a learned optimizer for your own model": the task file and the script, with 2 outer steps
+    instead of a 30-minute budget."""
+    import re
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Meta-train a learned optimizer for your own model"):]
+    task_file, script = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    (tmp_path / "my_task.py").write_text(task_file)
+    budget = "MetaConfig(steps=None, budget_s=30 * 60)"
+    assert budget in script
+    script = script.replace(budget, "MetaConfig(steps=2, pairs=1)").replace('"runs/mine"', repr(str(tmp_path / "r")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_task", raising=False)
+    scope = {}
+    exec(compile(script, "README", "exec"), scope)
+    assert len(scope["history"]) == 2 and (tmp_path / "r" / "rule.safetensors").is_file()
+    assert scope["fam"].name == "my-regression" and scope["opt"].param_groups[0]["params"]
