@@ -192,3 +192,24 @@ def test_shape_propagation_leaves_the_model_as_it_was():
     assert all(v is params[k] for k, v in model.state_dict(keep_vars=True).items())
     assert all(v.device.type == "cpu" for v in params.values())
     assert _max_error(model, spec, x) <= 1e-12
+
+
+class RepeatPerSample(nn.Module):
+    """A learned vector repeated once per sample by a count computed while tracing (``pos.repeat(B, 1)``, as timm's
+    XCiT repeats its position encoding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.pos = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) + self.pos.repeat(x.shape[0], 1)))
+
+
+def test_repeat_by_a_traced_count_keeps_the_groups():
+    model = RepeatPerSample().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(model, x)
+    assert list(spec.groups.values()) == [4] and spec["pos"].axes[1] == spec["a.bias"].axes[0]
+    assert _max_error(model, spec, x) <= 1e-12
