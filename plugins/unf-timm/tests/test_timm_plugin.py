@@ -138,3 +138,18 @@ def test_loading_the_plugin_does_not_import_timm():
               "assert 'timm.models.levit.Attention' in registry._named_module_rules, 'plugin not loaded'; "
               "assert 'timm' not in sys.modules, 'timm was imported'")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.parametrize("name, kwargs, size", [("mobilevit_xxs", {}, 64), ("efficientvit_m0", dict(img_size=64), 64)])
+def test_models_torch_fx_cannot_trace_go_through_the_aten_front_end(name, kwargs, size):
+    """MobileViT and EfficientViT (MSRA) branch on traced values; the ATen front end of unf-transformers runs their
+    forward for real. Sound, no warnings, and the model works as before afterwards."""
+    pytest.importorskip("unf_transformers")
+    torch.manual_seed(0)
+    model = _nonzero(timm.create_model(name, pretrained=False, num_classes=5, **kwargs)).double().eval()
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    y = model(x)
+    spec = _spec(model, x)
+    assert len(spec.groups) > 10
+    assert unf.spec.symmetry_error(model, spec, x) <= 1e-10
+    assert torch.equal(model(x), y)
