@@ -1,9 +1,11 @@
 """Spec rules for timm modules whose symmetry the core rules cannot state: LeViT's attention (q, k and v interleaved
-within each head of one projection) and DropPath (in train mode).
+within each head of one projection) and DropPath (in train mode); and a front end for the timm models torch.fx
+cannot trace (the ATen trace of ``unf-transformers``).
 
-Everything else in the timm models tried (ResNet, ConvNeXt, ViT, DeiT, EfficientNet, MobileNetV3, RegNet, Swin) is
-traced through by torch.fx and handled by the core rules; relative-position tables indexed by an index buffer need no
-rule either (the core fixes the indexed axis on purpose).
+Everything else in the timm models tried (ResNet, ConvNeXt, ViT, DeiT, EfficientNet, MobileNetV3, RegNet, Swin, Mixer,
+ResMLP, PoolFormer, PVT-v2) is traced through by torch.fx and handled by the core rules; relative-position tables
+indexed by an index buffer need no rule either (the core fixes the indexed axis on purpose). Classes are named by
+dotted name, so loading the plugin does not import timm.
 """
 from __future__ import annotations
 
