@@ -153,3 +153,17 @@ def test_models_torch_fx_cannot_trace_go_through_the_aten_front_end(name, kwargs
     assert len(spec.groups) > 10
     assert unf.spec.symmetry_error(model, spec, x) <= 1e-10
     assert torch.equal(model(x), y)
+
+
+def test_unf_linear_is_equivariant_on_the_levit_spec():
+    """The per-head groups (q/k and v of each head interleaved in one projection) work downstream: UNFLinear builds
+    on the spec and commutes with its permutations."""
+    from unf.nn import UNFLinear
+
+    torch.manual_seed(0)
+    model = _levit(False).eval()
+    spec = _spec(model, torch.randn(1, 3, 64, 64))
+    layer, ws = UNFLinear(spec, 1, 1), unf.WeightSpace.from_module(spec, [model])
+    p = spec.sample_permutation(torch.Generator().manual_seed(2))
+    a, b = layer(ws.permute(p)), layer(ws).permute(p)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
