@@ -29,7 +29,7 @@ from unf.spec.registry import load_plugins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import append_jsonl  # noqa: E402
-from timing import code_version, provenance, timed_spec  # noqa: E402
+from timing import code_version, provenance, timed_spec, unf_linear_runs as unf_runs  # noqa: E402
 
 UNF_MAX_PARAMS = 5_000_000
 
@@ -104,13 +104,6 @@ def nonzero_init(model) -> None:
     for p in model.parameters():
         if p.is_floating_point() and p.numel() > 1 and not p.any():
             p.normal_(0, 0.02)
-
-
-def unf_runs(model, spec) -> str:
-    """``yes`` if ``UNFLinear(spec, 1, 1)`` builds and runs one forward on the model's weights (float32)."""
-    from transformers_specs import unf_runs as run  # one definition (it does not need transformers itself)
-
-    return run(model, spec)
 
 
 def main() -> None:
