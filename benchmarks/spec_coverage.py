@@ -1,7 +1,7 @@
 """One coverage table of inferred specs across torchvision, timm and Hugging Face transformers (issue 14, item 5).
 
     python benchmarks/spec_coverage.py [--libraries torchvision,timm,transformers] [--models levit_128s,gpt2-lm]
-                                       [--out benchmarks/results/spec_coverage.jsonl]
+                                       [--full-size] [--out benchmarks/results/spec_coverage.jsonl]
 
 Per model: parameters, the group count derived by hand (``-`` where a spec cannot express the whole symmetry, named
 in the note), groups found, fully fixed tensors, UnprovenSymmetryWarnings, soundness (worst relative output change
@@ -9,7 +9,8 @@ over three sampled permutations, float64, eval mode), spec time (wall and CPU se
 a first call in the process has paid torch's one-time set-up), and whether ``UNFLinear(spec, 1, 1)`` builds and runs
 one forward on the model's weights (models up to 5M parameters, default ``fold_max``).
 
-Random weights from each library's own constructor, nothing downloaded. The torchvision and transformers models and
+Random weights from each library's own constructor, nothing downloaded; parameters a constructor sets to zero
+(classifier heads, residual scales) get small random values, so that no output is constant. The torchvision and transformers models and
 their hand counts are those of ``torchvision_specs.py`` and ``transformers_specs.py``; the timm models are listed here
 (hand counts derived as in ``plugins/unf-timm/tests``). Needs the plugins installed (``make install``). A summary line
 at the end counts sound, maximal and <= 2 s models. Each row is appended to ``--out`` as a JSON line.
@@ -28,7 +29,7 @@ from unf.spec.registry import load_plugins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import append_jsonl  # noqa: E402
-from timing import code_version, provenance, timed_spec  # noqa: E402
+from timing import code_version, provenance, timed_spec, unf_linear_runs as unf_runs  # noqa: E402
 
 UNF_MAX_PARAMS = 5_000_000
 
@@ -82,21 +83,38 @@ def cases(libraries: list[str]):
     return out
 
 
-def unf_runs(model, spec) -> str:
-    """``yes`` if ``UNFLinear(spec, 1, 1)`` builds and runs one forward on the model's weights (float32)."""
-    from transformers_specs import unf_runs as run  # one definition (it does not need transformers itself)
+def full_size_cases():
+    """BERT-base and GPT-2 small at full size (float64 as the rest, input ids 1x16; hand count 1 + 4 x 12 = 49
+    each)."""
+    import transformers as tr
+    import transformers_specs as hf
 
-    return run(model, spec)
+    ids = lambda: torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))  # noqa: E731
+    return [("transformers", "bert-base-full", lambda: (tr.BertForMaskedLM(tr.BertConfig()).double().eval(), ids()),
+             49, "full size", hf.soundness),
+            ("transformers", "gpt2-small-full", lambda: (tr.GPT2LMHeadModel(tr.GPT2Config()).double().eval(), ids()),
+             49, "full size", hf.soundness)]
+
+
+@torch.no_grad()
+def nonzero_init(model) -> None:
+    """Give parameters that their constructor sets to zero (classifier heads of torchvision's ViT, timm's Mixer and
+    ResMLP, zero-init residual scales) small random values: with a zero head the output is constant and the soundness
+    check would be vacuous. The spec does not depend on the values."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.numel() > 1 and not p.any():
+            p.normal_(0, 0.02)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--libraries", default="torchvision,timm,transformers")
     ap.add_argument("--models", default="", help="comma-separated names (default: all of the libraries)")
+    ap.add_argument("--full-size", action="store_true", help="add BERT-base and GPT-2 small at full size")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "spec_coverage.jsonl"))
     args = ap.parse_args()
     plugins = load_plugins()
-    todo = cases(args.libraries.split(","))
+    todo = cases(args.libraries.split(",")) + (full_size_cases() if args.full_size else [])
     if args.models:
         keep = set(args.models.split(","))
         todo = [c for c in todo if c[1] in keep]
@@ -112,6 +130,7 @@ def main() -> None:
     for lib, name, build, hand, note, sound_fn in todo:
         torch.manual_seed(0)
         model, x = build()
+        nonzero_init(model)
         params = sum(p.numel() for p in model.parameters())
         cpu = time.process_time()
         spec, wall, n_warn, fixed = timed_spec(model, x)

@@ -135,3 +135,18 @@ def timed_spec(model, x) -> tuple:
         elapsed = time.perf_counter() - t
     n_warn = sum(issubclass(w.category, unf.UnprovenSymmetryWarning) for w in caught)
     return spec, elapsed, n_warn, sum(not ts.permuted for ts in spec.values())
+
+
+def unf_linear_runs(model, spec) -> str:
+    """``"yes"`` if ``UNFLinear(spec, 1, 1)`` builds and runs one forward on ``model``'s weights (in float32; the model
+    is put back in float64 afterwards), else ``"no (ErrorType)"``: a table row reports it and goes on."""
+    import unf
+    from unf.nn import UNFLinear
+
+    try:
+        UNFLinear(spec, 1, 1)(unf.WeightSpace.from_module(spec, [model.float()]))
+        return "yes"
+    except Exception as e:  # report, do not stop the table
+        return f"no ({type(e).__name__})"
+    finally:
+        model.double()

@@ -21,16 +21,20 @@ from unf.spec.registry import load_plugins
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import timed_spec  # noqa: E402
 
-MODELS = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
-          "maxvit_t", "swin_t", "swin_v2_t"]
-# group counts derived by hand (plugins/unf-torchvision/tests, tests/test_spec_unproven.py)
-HAND = {"shufflenet_v2_x0_5": 30, "shufflenet_v2_x1_0": 31, "efficientnet_b0": 40, "efficientnet_v2_s": 75,
-        "convnext_tiny": 22, "maxvit_t": 117, "swin_t": 52, "swin_v2_t": 76}
+MODELS = ["resnet18", "resnet50", "mobilenet_v3_small", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0",
+          "efficientnet_v2_s", "convnext_tiny", "maxvit_t", "swin_t", "swin_v2_t", "vit_b_16"]
+# group counts derived by hand (plugins/unf-torchvision/tests, tests/test_spec_unproven.py; the first three and
+# vit_b_16 here): resnet18: stem + 2 per stage + 3 new streams; resnet50: stem + per bottleneck 2 inner widths
+# (3 + 4 + 6 + 3 blocks) + 4 new streams; mobilenet_v3_small: stem, 10 expanded widths, 9 squeeze widths, 5 new
+# streams, last conv, classifier hidden; vit_b_16: stream + 12 x (heads, Q/K, V, MLP)
+HAND = {"resnet18": 12, "resnet50": 1 + 2 * 16 + 4, "mobilenet_v3_small": 1 + 10 + 9 + 5 + 2,
+        "shufflenet_v2_x0_5": 30, "shufflenet_v2_x1_0": 31, "efficientnet_b0": 40, "efficientnet_v2_s": 75,
+        "convnext_tiny": 22, "maxvit_t": 117, "swin_t": 52, "swin_v2_t": 76, "vit_b_16": 49}
 
 
 def build(name: str, image_size: int = 64) -> tuple:
     """``(model, input)``: random weights from torchvision's constructor, float64, eval mode; input 1x3xSxS."""
-    size = 224 if name == "maxvit_t" else image_size  # MaxViT's partitions need 224 (its default)
+    size = 224 if name in ("maxvit_t", "vit_b_16") else image_size  # their default; MaxViT's partitions need it
     model = getattr(torchvision.models, name)().double().eval()
     return model, torch.randn(1, 3, size, size, dtype=torch.float64)
 

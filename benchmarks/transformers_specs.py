@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 import transformers as tr
 
-import unf
-from unf.nn import UNFLinear
 from unf.spec.registry import load_plugins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import timed_spec  # noqa: E402
+from timing import timed_spec, unf_linear_runs as unf_runs  # noqa: E402
 
 H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 KV = dict(H, num_key_value_heads=2)
@@ -126,16 +124,6 @@ def soundness(model, spec, x, n=3) -> float:
             torch.Generator().manual_seed(s))))
         worst = max(worst, ((out(other) - y).abs().max() / y.abs().max()).item())
     return worst
-
-
-def unf_runs(model, spec) -> str:
-    try:
-        UNFLinear(spec, 1, 1)(unf.WeightSpace.from_module(spec, [model.float()]))
-        return "yes"
-    except Exception as e:  # report, do not stop the table
-        return f"no ({type(e).__name__})"
-    finally:
-        model.double()
 
 
 def main() -> None:

@@ -180,10 +180,36 @@ def test_shape_propagation_leaves_the_model_as_it_was():
     attributes are the very objects they were, and it still runs."""
     model = nn.Sequential(nn.Linear(3, 4), CachingScale(), nn.Linear(4, 2)).double()
     params = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    cache, hooks = model[1].cache, model[1]._forward_hooks
+    handle = model[1].register_forward_hook(lambda mod, args, out: None)
     x = torch.randn(2, 3, dtype=torch.float64)
-    spec = _infer_without_warnings(model, x)
+    with pytest.warns(unf.UnprovenSymmetryWarning, match="has forward hooks"):
+        spec = unf.spec_from_module(model, x)
     assert list(spec.groups.values()) == [4]
-    assert model[1].cache == {}
+    assert model[1].cache is cache and cache == {} and model[1]._forward_hooks is hooks
+    handle.remove()  # from the dict the module still holds
+    assert not model[1]._forward_hooks
     assert all(v is params[k] for k, v in model.state_dict(keep_vars=True).items())
     assert all(v.device.type == "cpu" for v in params.values())
+    assert _max_error(model, spec, x) <= 1e-12
+
+
+class RepeatPerSample(nn.Module):
+    """A learned vector repeated once per sample by a count computed while tracing (``pos.repeat(B, 1)``, as timm's
+    XCiT repeats its position encoding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.pos = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) + self.pos.repeat(x.shape[0], 1)))
+
+
+def test_repeat_by_a_traced_count_keeps_the_groups():
+    model = RepeatPerSample().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    spec = _infer_without_warnings(model, x)
+    assert list(spec.groups.values()) == [4] and spec["pos"].axes[1] == spec["a.bias"].axes[0]
     assert _max_error(model, spec, x) <= 1e-12

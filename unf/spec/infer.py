@@ -222,15 +222,23 @@ class _FakeShapeProp(ShapeProp):
 
 @contextlib.contextmanager
 def _restoring_module_state(gm: fx.GraphModule):
-    """Every submodule's attributes as they were before (dicts and lists one level deep: a cache filled in place)."""
-    saved = [(m, {k: (copy.copy(v) if type(v) in (dict, list, OrderedDict) else v) for k, v in vars(m).items()})
+    """Every submodule's attributes as they were before: the same objects, and dicts and lists with the same contents
+    (a cache filled in place). Identity matters: a hook's handle removes it from the very dict it was added to."""
+    containers = (dict, list, OrderedDict)
+    saved = [(m, {k: (v, copy.copy(v) if type(v) in containers else None) for k, v in vars(m).items()})
              for m in gm.modules()]
     try:
         yield
     finally:
         for m, attrs in saved:
             vars(m).clear()
-            vars(m).update(attrs)
+            for k, (v, contents) in attrs.items():
+                if isinstance(v, dict):
+                    v.clear()
+                    v.update(contents)
+                elif isinstance(v, list):
+                    v[:] = contents
+                vars(m)[k] = v
 
 
 def _meta_propagate(gm: fx.GraphModule, inputs: tuple) -> None:

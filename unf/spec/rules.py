@@ -281,11 +281,17 @@ def _expand(ctx, x, *args, **kwargs):
 
 @register_method_rule("repeat")
 def _repeat(ctx, x, *reps):
-    if len(reps) == 1 and isinstance(reps[0], (tuple, list)):
-        reps = reps[0]
-    lead = len(reps) - x.ndim
-    axes = [T.fixed(r) for r in reps[:lead]]
-    axes += [t if r == 1 else T.product([T.fixed(r), t]) for t, r in zip(x.axes, reps[lead:])]
+    """``x.repeat(*reps)``: axis ``i`` becomes ``reps[i]`` copies of itself. The counts are read from the shapes, since
+    a count computed while tracing (``pos.repeat(B, 1, 1, 1)``, timm's XCiT) reaches the rule as no number."""
+    out_shape = _shape_of(ctx)
+    if out_shape is None:
+        ctx.give_up("repeat with an unknown output shape", x)
+        return ctx.fixed_output()
+    lead = len(out_shape) - x.ndim
+    axes = [T.fixed(n) for n in out_shape[:lead]]
+    for t, m, n in zip(x.axes, x.shape, out_shape[lead:]):
+        r = n // m if m else 1
+        axes.append(t if r == 1 else T.product([T.fixed(r), t]))
     return ctx.output(axes)
 
 

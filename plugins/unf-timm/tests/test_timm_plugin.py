@@ -28,11 +28,21 @@ def test_plugin_is_registered_by_entry_point():
     assert registry.module_rule(timm.layers.DropPath(0.1)) is not None
 
 
+@torch.no_grad()
+def _nonzero(model):
+    """Parameters their constructor sets to zero (LeViT's BatchNorm scale after each attention and MLP, heads) get
+    random values: with them at zero the branches add nothing and a soundness check could not see them."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.numel() > 1 and not p.any():
+            p.normal_(0, 0.5)
+    return model
+
+
 def _levit(use_conv: bool, drop_path_rate: float = 0.0) -> Levit:
     # stages of width 32 and 48, key_dim 8, 2 and 3 heads, one block each; the downsampling attention between them
     # has 32 // 8 = 4 heads
-    return Levit(img_size=64, embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3), num_classes=5,
-                 use_conv=use_conv, drop_path_rate=drop_path_rate)
+    return _nonzero(Levit(img_size=64, embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3), num_classes=5,
+                          use_conv=use_conv, drop_path_rate=drop_path_rate))
 
 
 # stem convolutions 4; per attention 2 groups per head (q/k and v within that head): 2 * (2 + 4 + 3); per block and
@@ -91,7 +101,7 @@ MODELS = [
 @pytest.mark.parametrize("name, kwargs, size, groups", MODELS, ids=[m[0] for m in MODELS])
 def test_timm_model_is_sound_and_maximal(name, kwargs, size, groups):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).double().eval()
+    model = _nonzero(timm.create_model(name, pretrained=False, num_classes=5, **kwargs)).double().eval()
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
     spec = _spec(model, x)
     assert len(spec.groups) == groups
@@ -128,3 +138,32 @@ def test_loading_the_plugin_does_not_import_timm():
               "assert 'timm.models.levit.Attention' in registry._named_module_rules, 'plugin not loaded'; "
               "assert 'timm' not in sys.modules, 'timm was imported'")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.parametrize("name, kwargs, size", [("mobilevit_xxs", {}, 64), ("efficientvit_m0", dict(img_size=64), 64)])
+def test_models_torch_fx_cannot_trace_go_through_the_aten_front_end(name, kwargs, size):
+    """MobileViT and EfficientViT (MSRA) branch on traced values; the ATen front end of unf-transformers runs their
+    forward for real. Sound, no warnings, and the model works as before afterwards."""
+    pytest.importorskip("unf_transformers")
+    torch.manual_seed(0)
+    model = _nonzero(timm.create_model(name, pretrained=False, num_classes=5, **kwargs)).double().eval()
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    y = model(x)
+    spec = _spec(model, x)
+    assert len(spec.groups) > 10
+    assert unf.spec.symmetry_error(model, spec, x) <= 1e-10
+    assert torch.equal(model(x), y)
+
+
+def test_unf_linear_is_equivariant_on_the_levit_spec():
+    """The per-head groups (q/k and v of each head interleaved in one projection) work downstream: UNFLinear builds
+    on the spec and commutes with its permutations."""
+    from unf.nn import UNFLinear
+
+    torch.manual_seed(0)
+    model = _levit(False).eval()
+    spec = _spec(model, torch.randn(1, 3, 64, 64))
+    layer, ws = UNFLinear(spec, 1, 1), unf.WeightSpace.from_module(spec, [model])
+    p = spec.sample_permutation(torch.Generator().manual_seed(2))
+    a, b = layer(ws.permute(p)), layer(ws).permute(p)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

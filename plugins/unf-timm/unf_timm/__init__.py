@@ -1,9 +1,11 @@
 """Spec rules for timm modules whose symmetry the core rules cannot state: LeViT's attention (q, k and v interleaved
-within each head of one projection) and DropPath (in train mode).
+within each head of one projection) and DropPath (in train mode); and a front end for the timm models torch.fx
+cannot trace (the ATen trace of ``unf-transformers``).
 
-Everything else in the timm models tried (ResNet, ConvNeXt, ViT, DeiT, EfficientNet, MobileNetV3, RegNet, Swin) is
-traced through by torch.fx and handled by the core rules; relative-position tables indexed by an index buffer need no
-rule either (the core fixes the indexed axis on purpose).
+Everything else in the timm models tried (ResNet, ConvNeXt, ViT, DeiT, EfficientNet, MobileNetV3, RegNet, Swin, Mixer,
+ResMLP, PoolFormer, PVT-v2) is traced through by torch.fx and handled by the core rules; relative-position tables
+indexed by an index buffer need no rule either (the core fixes the indexed axis on purpose). Classes are named by
+dotted name, so loading the plugin does not import timm.
 """
 from __future__ import annotations
 
@@ -87,9 +89,28 @@ def levit_attention_downsample(ctx, x):
     return _output(ctx, x, m, out)
 
 
+#: timm model classes whose forward torch.fx cannot trace (control flow on traced values): MobileViT's blocks unfold
+#: patches with shape checks, EfficientViT (MSRA) and CrossViT branch on sizes
+ATEN_TRACED = ("timm.models.byobnet.ByobNet", "timm.models.efficientvit_msra.EfficientVitMsra",
+               "timm.models.crossvit.CrossVit")
+
+
+def aten_frontend(model, example_inputs):
+    """Trace one real forward to ATen ops with the front end of ``unf-transformers`` (``make_fx``; it runs the
+    Python control flow for real), whose ATen rules then apply; see that plugin's README."""
+    try:
+        from unf_transformers.frontend import trace_aten
+    except ImportError as e:
+        from unf.spec.infer import SpecInferenceError
+        raise SpecInferenceError(f"torch.fx cannot trace {type(model).__name__}; its spec needs the ATen front end of "
+                                 "plugins/unf-transformers (pip install -e plugins/unf-transformers)") from e
+    return trace_aten(model, example_inputs)
+
+
 def register() -> None:
     """Entry point (group ``unf.spec_rules``): register the rules, by class name, so that loading the plugin does not
     import timm (about 1 s) for users who have no timm model."""
     unf.register_module_rule("timm.layers.drop.DropPath")(drop_path)
     unf.register_module_rule("timm.models.levit.Attention")(levit_attention)
     unf.register_module_rule("timm.models.levit.AttentionDownsample")(levit_attention_downsample)
+    unf.spec.register_frontend(*ATEN_TRACED)(aten_frontend)
