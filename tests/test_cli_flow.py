@@ -28,7 +28,8 @@ def test_train_sample_eval_round_trip(zoo, tmp_path, capsys):
     run, gen = tmp_path / "run", tmp_path / "gen"
     relu = sum(r["activation"] == "relu" and r["epoch"] == "10" for r in Zoo(zoo).metadata)
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "4", "--batch-size", "4",
-                 "--where", "activation=relu", "--holdout", "0.25", "--json", "--quiet"]) == 0
+                 "--where", "activation=relu", "--holdout", "0.25", "--unit-hidden", "4", "--align-target",
+                 "--json", "--quiet"]) == 0
     out = _json(capsys)[-1]
     held = round(0.25 * relu)
     assert out["train_networks"] == relu - held and out["holdout_networks"] == held and out["steps"] == 4
@@ -49,7 +50,9 @@ def test_train_sample_eval_round_trip(zoo, tmp_path, capsys):
     from unf.flow.novelty import stacked_logits
     from unf.zoo.builtin import mlp
 
-    sampled, _ = WeightFlow.load(run / "flow.safetensors").sample(5, 4, "heun", seed=7)  # the stored networks
+    flow = WeightFlow.load(run / "flow.safetensors")
+    assert flow.velocity.config["unit_hidden"] == 4 and flow.info["config"]["align_target"] is True
+    sampled, _ = flow.sample(5, 4, "heun", seed=7)  # the stored networks
     assert all(torch.allclose(ws[n], sampled[n], atol=1e-6) for n in ws.names)
     split = datasets.load("digits-flat", seed=0)  # their test accuracy, recomputed
     acc = (stacked_logits(mlp(), z.spec, ws, split.x_test).argmax(2) == split.y_test).double().mean(1)
@@ -93,6 +96,10 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
                 "--select-num 5", "--select-every")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--condition", "depth"], "--condition 'depth' is not a column")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--velocity", "mlp", "--unit-hidden", "8"], "--unit-hidden 8")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--align-source", "--align-target"], "choose one")
     assert not (tmp_path / "r").exists()
 
 

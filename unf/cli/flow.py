@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--prediction", choices=("data", "velocity"), default=None,
                    help="what the field's network outputs: the clean weights (data; default for mlp) or the "
                         "velocity (default for unf)")
+    p.add_argument("--unit-hidden", type=at_least(0), default=0, metavar="W",
+                   help="unf field only: add to every block a per-unit MLP of width W over all weights a unit "
+                        "touches (a memory of unit prototypes; default 0: none)")
     p.add_argument("--select-every", type=at_least(0), default=0, metavar="K",
                    help="every K steps sample --select-num networks and keep the flow whose samples are most "
                         "accurate on the zoo's training split (no test data; default 0: keep the last)")
@@ -97,6 +100,8 @@ def run_train(args) -> int:
     if args.select_num is not None and not args.select_every:
         raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
                         "without --select-every K (K > 0)")
+    if args.unit_hidden and args.velocity != "unf":
+        raise UserError(f"--unit-hidden {args.unit_hidden}: only the unf field has unit MLPs (--velocity unf)")
     if args.align_source and args.align_target:
         raise UserError("--align-source and --align-target both remove the symmetry's path length: choose one")
     check_output(args.out, "--out", directory=True)
@@ -130,7 +135,8 @@ def run_train(args) -> int:
                                    "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
                      align_target=args.align_target,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
-                     velocity_config={} if args.prediction is None else {"prediction": args.prediction})
+                     velocity_config={**({} if args.prediction is None else {"prediction": args.prediction}),
+                                      **({"unit_hidden": args.unit_hidden} if args.unit_hidden else {})})
     reference = 0
     if cfg.canonicalize == "reference":  # the network best on its training split (test accuracy is for reports)
         with warnings.catch_warnings(record=True) as caught:
