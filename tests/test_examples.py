@@ -11,7 +11,8 @@ EXPECT = {"spec_of_your_model.py": "largest output change after a random permuta
           "predict_on_a_zoo.py": "statnn: Kendall tau",
           "learned_optimizer.py": "cosine-annealed lr",
           "flow_sampling.py": "sampled networks",
-          "merging.py": "ties: lambda"}
+          "merging.py": "ties: lambda",
+          "spec_rule_plugin.py": "with the rule: largest output change"}
 
 
 def test_every_example_is_listed():
