@@ -39,11 +39,11 @@ def _randomised(module):
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-@pytest.mark.parametrize("fold_max", [0, 4])
-def test_unit_mlp_is_equivariant(name, fold_max):
+@pytest.mark.parametrize("fold_max,rank", [(0, 0), (4, 0), (4, 3)])
+def test_unit_mlp_is_equivariant(name, fold_max, rank):
     spec = _spec(name)
-    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=8, max_features=10 ** 6))
-    assert len(layer.mlps) == len(spec.groups)  # every group has its MLP: the check below can fail
+    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=8, max_features=10 ** 6, rank=rank))
+    assert len(layer.inp) == len(spec.groups)  # every group has its MLP: the check below can fail
     ws = _ws(spec)
     out = layer(ws)
     gen = torch.Generator().manual_seed(1)
@@ -73,9 +73,29 @@ def test_a_unit_sees_and_writes_its_whole_row_of_fixed_weights():
     assert diff[2, 0] > 10 * diff[0, 0]
 
 
+def test_pair_tables_write_weights_between_hidden_layers():
+    """With ``rank``, W2[i, k] of an MLP 5-4-3-2 gets a product of unit i's and unit k's factors: a table of unit
+    pairs that per-unit outputs (broadcast over the other axis, so of rank 1 per channel at most... plus means) cannot
+    write. Check: the pair term alone has rank > 1 per channel, and it vanishes at initialisation."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    spec = unf.spec_from_module(model, torch.randn(2, 5))
+    w2 = next(n for n in spec.float_names if spec[n].shape == (3, 4))
+    ws = _ws(spec, batch=1, channels=1)
+    fresh = UnitMLP(Layout(spec, 0), 1, hidden=16, rank=3).double()
+    assert len(fresh.pairs) == 1
+    with torch.no_grad():
+        assert float(fresh(ws)[w2].abs().max()) == 0.0
+    layer = _randomised(UnitMLP(Layout(spec, 0), 1, hidden=16, rank=3))
+    plain = _randomised(UnitMLP(Layout(spec, 0), 1, hidden=16, rank=0))
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("pair.")})
+    with torch.no_grad():
+        table = layer(ws)[w2][0, 0] - plain(ws)[w2][0, 0]  # the pair term alone
+    assert torch.linalg.matrix_rank(table).item() >= 2
+
+
 def test_unit_mlp_starts_at_zero_and_names_bad_input():
     spec = _spec("mlp")
-    layer = UnitMLP(Layout(spec), 2).double()
+    layer = UnitMLP(Layout(spec), 2, rank=2).double()
     with torch.no_grad():
         out = layer(_ws(spec))
     assert all(float(out[n].abs().max()) == 0.0 for n in spec.float_names)

@@ -14,6 +14,11 @@ wide MLP over a feature vector with all that the unit touches:
 So unit ``i`` of a hidden layer sees its whole row of input weights and its bias (and the means of its connections to
 other hidden layers), and can write a whole new row: a key-value memory of units. Every unit goes through the same
 MLP, so the map commutes with the group's permutations (tested in float64 in ``tests/test_nn_unit.py``).
+
+A weight between two hidden layers, ``W[i, k]``, depends on BOTH units' identities; a per-unit output broadcast over
+the other axis cannot write it. With ``rank > 0`` the MLPs of the two groups also emit ``rank`` factors per channel
+for each such piece, and the piece gets their product ``sum_r a_r[i] b_r[k]``: a rank-``rank`` table of unit pairs
+(products of per-unit values commute with both groups' permutations).
 """
 from __future__ import annotations
 
@@ -30,13 +35,14 @@ class UnitMLP(nn.Module):
     """``WeightSpace[B, C] -> WeightSpace[B, C]``: for every group, ``Linear(F, hidden) -> SiLU -> Linear(hidden, F')``
     on each unit's features ``[B, n, F]`` (``F``: the group's touching entries per channel, see the module docstring),
     the output added to the pieces' entries of that unit. The last layer starts at zero (the module starts as 0).
+    ``rank``: pair tables of that rank on pieces with two group axes (one factor starts at zero).
 
     ``max_features``: a group whose feature vector would be longer is skipped (its units are too big to memorise
     entry by entry; the UNF layers still see them)."""
 
-    def __init__(self, layout: Layout, channels: int, hidden: int = 128, max_features: int = 4096):
+    def __init__(self, layout: Layout, channels: int, hidden: int = 128, max_features: int = 4096, rank: int = 0):
         super().__init__()
-        self.layout, self.channels = layout, channels
+        self.layout, self.channels, self.rank = layout, channels, rank
         self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> [(piece, kept-axis position)]
         widths: dict[str, list[int]] = {}
         for q, p in enumerate(layout.pieces):
@@ -48,13 +54,33 @@ class UnitMLP(nn.Module):
                 widths.setdefault(g, []).append(channels * p.fold * fixed)
         self.widths = {g: w for g, w in widths.items() if sum(w) <= max_features}
         self.slots = {g: s for g, s in self.slots.items() if g in self.widths}
+        # pieces indexed by exactly two kept group axes (weights between hidden layers) get a rank-`rank` pair table
+        self.pairs = [q for q, p in enumerate(layout.pieces) if rank and len(p.kept_labels) == 2
+                      and all(g in self.widths for g in p.kept_labels)]
+        self.pair_slots: dict[str, list[tuple[int, int]]] = {g: [] for g in self.slots}  # group -> [(piece, side)]
+        for q in self.pairs:
+            for side, g in enumerate(layout.pieces[q].kept_labels):
+                self.pair_slots[g].append((q, side))
         self.keys = {g: f"g{i}" for i, g in enumerate(self.slots)}  # group names may hold dots: not module keys
-        self.mlps = nn.ModuleDict()
+        self.inp, self.out, self.pair = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for g, w in self.widths.items():
-            mlp = nn.Sequential(nn.Linear(sum(w), hidden), nn.SiLU(), nn.Linear(hidden, sum(w)))
-            nn.init.zeros_(mlp[2].weight)
-            nn.init.zeros_(mlp[2].bias)
-            self.mlps[self.keys[g]] = mlp
+            k = self.keys[g]
+            self.inp[k] = nn.Linear(sum(w), hidden)
+            self.out[k] = nn.Linear(hidden, sum(w))
+            nn.init.zeros_(self.out[k].weight)  # the module starts at zero
+            nn.init.zeros_(self.out[k].bias)
+            if self.pair_slots[g]:
+                pw = self._pair_width(g)
+                self.pair[k] = nn.Linear(hidden, sum(pw))
+                with torch.no_grad():  # the second factor of each table starts at zero: the table does, but learns
+                    for (q, side), rows, bias in zip(self.pair_slots[g], self.pair[k].weight.split(pw, 0),
+                                                     self.pair[k].bias.split(pw, 0)):
+                        if side == 1:
+                            rows.zero_()
+                            bias.zero_()
+
+    def _pair_width(self, g: str) -> list[int]:
+        return [self.channels * self.layout.pieces[q].fold * self.rank for q, _ in self.pair_slots[g]]
 
     def _moved(self, x: torch.Tensor, labels: tuple, a: int) -> tuple[torch.Tensor, list[int]]:
         """``x`` ``[B, C', *kept]`` -> ``[B, F, n]`` (group axes other than ``a`` averaged, fixed ones kept as
@@ -71,9 +97,15 @@ class UnitMLP(nn.Module):
             raise ValueError(f"UnitMLP expects {self.channels} channels, got {ws.channels}")
         xs = [layout.extract(p, ws[p.tensor]) for p in layout.pieces]
         adds: list[list[torch.Tensor]] = [[] for _ in layout.pieces]
+        factors: dict[tuple[int, int], torch.Tensor] = {}
         for g, slots in self.slots.items():
+            k = self.keys[g]
             feats = [self._moved(xs[q], layout.pieces[q].kept_labels, a)[0] for q, a in slots]
-            out = self.mlps[self.keys[g]](torch.cat(feats, 1).transpose(1, 2)).transpose(1, 2)  # [B, F, n]
+            h = torch.nn.functional.silu(self.inp[k](torch.cat(feats, 1).transpose(1, 2)))  # [B, n, hidden]
+            out = self.out[k](h).transpose(1, 2)  # [B, F, n]
+            if self.pair_slots[g]:
+                for key, f in zip(self.pair_slots[g], self.pair[k](h).split(self._pair_width(g), 2)):
+                    factors[key] = f  # [B, n, C' * rank]
             for (q, a), y in zip(slots, out.split(self.widths[g], 1)):
                 p, x = layout.pieces[q], xs[q]
                 # the inverse of _moved: unflatten the kept axes (averaged ones as size 1), move the unit axis back
@@ -82,6 +114,10 @@ class UnitMLP(nn.Module):
                 rest = [n for i, n in enumerate(shape) if i != a]
                 y = y.reshape(x.shape[0], x.shape[1], *rest, shape[a]).movedim(-1, a + 2)
                 adds[q].append(y)
+        for q in self.pairs:
+            b, c = xs[q].shape[:2]
+            f0, f1 = (factors[(q, side)].view(b, -1, c, self.rank) for side in (0, 1))
+            adds[q].append(torch.einsum("bicr,bkcr->bcik", f0, f1) / math.sqrt(self.rank))
         blocks = []
         for x, terms in zip(xs, adds):
             out = torch.zeros_like(x)
