@@ -16,7 +16,7 @@ with each other, each sample's aligned L2 distance to the nearest base (weight m
 distance to the nearest training copy, and the reference scales: the copies' own noise norm and the aligned distance
 between two independently trained networks. A sample "hits" when its aligned distance to a base is below a quarter of
 that distance between independent networks; it is "new" when its raw distance to every training copy exceeds half
-the median raw distance between copies (the orbit members differ by their permutation, noise alone is 1 % of it).
+the median distance from a copy to its nearest other copy (the orbit members differ by their permutation, noise alone is 1 % of it).
 ``--set``: FlowConfig fields (JSON values); ``--vset``: velocity_config overrides.
 """
 from __future__ import annotations
@@ -35,17 +35,6 @@ from results_io import append_jsonl, load_jsonl  # noqa: E402
 from timing import code_version, provenance  # noqa: E402
 
 RESULTS = Path("benchmarks/results/flow_ladder.jsonl")
-
-
-def _kv(items):
-    out = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def base_networks(k: int, data: str = "digits", widths=(32, 32), epochs: int = 40):
@@ -108,7 +97,9 @@ def run(args) -> None:
 
     torch.set_num_threads(args.threads)
     k = {"orbit": 1, "two": 2}[args.rung]
-    cfg_over, v_over = _kv(args.set), _kv(args.vset)
+    from unf.cli.common import parse_kwargs
+
+    cfg_over, v_over = parse_kwargs(args.set), parse_kwargs(args.vset)
     arch = [] if (args.data, args.widths) == ("digits", "32,32") else [f"{args.data}{args.widths.replace(',', 'x')}"]
     name = "-".join([args.rung] + arch + [args.velocity, f"s{args.seed}", f"n{args.steps}"]
                     + [f"{a}={b}" for a, b in sorted({**cfg_over, **{"v." + x: y for x, y in v_over.items()}}.items())])
@@ -139,7 +130,9 @@ def run(args) -> None:
         float(torch.stack([aligned_l2(spec, WeightSpace(spec, {n: t[labels == j] for n, t in zoo.items()}),
                                       WeightSpace(spec, {n: t[j:j + 1] for n, t in base.items()}), candidates=1)
                            for j in range(k)]).median())
-    by_t = data_error_by_t(flow, zoo) if cfg.canonicalize == "none" else None  # canonical data is not at hand
+    # canonical data is not at hand; an aligned coupling's targets are not the zoo's own coordinates
+    plain = cfg.canonicalize == "none" and not cfg.align_target and not cfg.align_source
+    by_t = data_error_by_t(flow, zoo) if plain else None
     raw = torch.cdist(gen.flatten().double(), zoo.flatten().double())  # [num, copies]
     zraw = torch.cdist(zoo.flatten().double(), zoo.flatten().double())
     zraw.fill_diagonal_(float("inf"))

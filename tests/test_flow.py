@@ -1,5 +1,6 @@
 """unf.flow: equivariance of the UNF velocity, the solvers' NFE count, determinism, mode recovery on a synthetic zoo,
 checkpoints and resume, conditioning, BatchNorm recalibration on training data only."""
+import json
 import math
 
 import pytest
@@ -266,6 +267,18 @@ def test_training_resumes_exactly_from_a_checkpoint(spec, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ValueError, match="other settings"):
         train_flow(ws, None, FlowConfig(steps=6, lr=1.0, **cfg), out=tmp_path / "part")
+    # a checkpoint written before a setting existed (here: align_target) resumes as if it had the default
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "part" / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps({k: v for k, v in json.loads(meta["config"]).items() if k != "align_target"})
+    save_file(tensors, str(path), metadata=meta)
+    old, _ = train_flow(ws, None, FlowConfig(steps=7, **cfg), out=tmp_path / "part")
+    with pytest.raises(ValueError, match="align_target"):
+        train_flow(ws, None, FlowConfig(steps=8, align_target=True, **cfg), out=tmp_path / "part")
 
 
 def test_selection_keeps_the_best_scored_snapshot_and_survives_resume(spec, tmp_path):
@@ -473,6 +486,8 @@ def test_agreement_guard_marks_a_collapsed_field_ineligible():
     with pytest.raises(ValueError, match="at least 2"):
         evaluate.train_split_scorer(mlp, {"activation": "relu"}, "digits-flat", 0, reference=WeightSpace(
             spec, {n: t[:1] for n, t in ws.items()}))
+    with pytest.raises(ValueError, match="num=1"):
+        evaluate.train_split_scorer(mlp, {"activation": "relu"}, "digits-flat", 0, num=1, reference=ws)
 
 
 def test_selection_score_never_reads_the_test_split(monkeypatch):

@@ -512,3 +512,27 @@ def test_meta_train_wires_the_estimator(monkeypatch, estimator):
         directions = noise[step] + (noise[0] if estimator == "pes" and step == 1 else 0)
         expected = ((noise[step] @ c)[:, None] * directions).sum(0) / cfg.pairs  # (L+ - L-) = 2 sigma c . eps
         assert h["grad_norm"] == pytest.approx(float(expected.norm()), rel=1e-4)
+
+
+def test_many_tensor_branch_of_the_features_equals_the_per_slice_one(monkeypatch):
+    """``flat_core`` scales the features slice by slice up to ``_SEGMENT_LOOP`` tensors and by one expanded
+    multiplication above; both give the same step (forced here on a 6-tensor MLP)."""
+    from unf.optim import rule as rule_module
+
+    model = _mlp(dtype=torch.float64)
+    spec = unf.spec_from_module(model, torch.randn(1, 6, dtype=torch.float64))
+    rule = _random_rule().double()
+    plan = rule.plan(spec)
+    gen = torch.Generator().manual_seed(5)
+    p = unf.WeightSpace(spec, {n: torch.randn(2, 1, *spec[n].shape, dtype=torch.float64, generator=gen)
+                               for n in spec.float_names})
+    g = p.map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen))
+    state = init_state(p, len(rule.config.decays))
+    state = {"m": state["m"].map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen)),
+             "v": state["v"].map(lambda t: torch.rand(t.shape, dtype=t.dtype, generator=gen))}
+    d1, s1 = step_direction(rule, plan, p, g, state, 4)
+    monkeypatch.setattr(rule_module, "_SEGMENT_LOOP", 0)
+    d2, s2 = step_direction(rule, plan, p, g, state, 4)
+    for n in spec.float_names:
+        torch.testing.assert_close(d1[n], d2[n], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(s1["m"][n], s2["m"][n], rtol=0, atol=0)

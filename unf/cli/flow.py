@@ -54,8 +54,9 @@ def register(sub) -> None:
     p.add_argument("--select-every", type=at_least(0), default=0, metavar="K",
                    help="every K steps sample --select-num networks and keep the flow whose samples are most "
                         "accurate on the zoo's training split (no test data; default 0: keep the last)")
-    p.add_argument("--select-num", type=at_least(1), default=None,
-                   help="networks sampled per selection (default 100; needs --select-every)")
+    p.add_argument("--select-num", type=at_least(2), default=None,
+                   help="networks sampled per selection (default 100, at least 2: their agreement with each other "
+                        "is measured; needs --select-every)")
 
     p = add_command(flow, "sample", run=run_sample, seed=True, device=True,
                     help="generate networks from a trained flow and store them as a zoo (with test accuracy)",
@@ -175,7 +176,7 @@ def run_train(args) -> int:
         atomic_write(Path(args.out) / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history)))
         chosen = (f"; kept step {flow.info['selected_step']} (training-split accuracy of its samples "
                   f"{flow.info['selected_score']:.4f})" if "selected_step" in flow.info else "")
-        if cfg.select_every and "selected_step" not in flow.info:
+        if any("select" in h for h in history) and "selected_step" not in flow.info:
             warn("no snapshot's samples were as diverse as the training networks (agreement within 0.03 of "
                  "theirs): kept the last one; train longer or check the samples' agreement in `unf flow eval`")
         info(f"final loss {history[-1]['loss']:.4f}{chosen}; flow in {Path(args.out) / 'flow.safetensors'}")

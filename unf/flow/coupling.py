@@ -6,8 +6,9 @@
 - ``align_source``: permute each noise sample's hidden units towards its target by weight matching (``unf.align``).
   The source N(0, I) is invariant under the spec's permutations, so this leaves the source distribution unchanged
   while removing path length that only reflects the symmetry.
-- ``align_target``: the other way round, as equivariant OT flow matching does (Klein, Kraemer, Noe 2023): permute each
-  target network towards its noise sample. A permuted network computes the same function, so the targets stay in the
+- ``align_target``: the other way round, as the per-pair alignment of equivariant OT flow matching (Klein, Kraemer,
+  Noe 2023): permute each target network towards its noise sample. The minibatch pairing before it is still chosen
+  by raw distances (theirs uses aligned ones). A permuted network computes the same function, so the targets stay in the
   zoo's orbits; unlike ``align_source`` this keeps any source (also one whose entries are told apart).
 """
 from __future__ import annotations

@@ -71,7 +71,8 @@ def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: st
     ``reference`` (the flow's training networks, zoo coordinates): the score becomes ``{"score", "agreement",
     "reference_agreement", "eligible"}``, and a snapshot is eligible only if the median agreement of its samples with
     each other on the training inputs is at most the training networks' own (up to ``num`` of them) plus ``margin``.
-    A field that collapses onto one network is accurate but not a generator; selection then never keeps it."""
+    A field that collapses onto one network is accurate but not a generator; selection then never keeps it.
+    Eligibility bounds agreement from above only (diversity); accuracy is the score that ranks eligible snapshots."""
     split = datasets.load(data, seed=split_seed)
     model = build_network(factory, row)
 
@@ -80,6 +81,8 @@ def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: st
 
     ref_agreement = None
     if reference is not None:
+        if num < 2:
+            raise ValueError(f"num={num}: the agreement of samples with each other needs at least 2 of them")
         if reference.batch_size < 2:
             raise ValueError(f"reference has {reference.batch_size} network; agreement needs at least 2")
         pick = torch.randperm(reference.batch_size, generator=torch.Generator().manual_seed(seed))[:num]
@@ -93,7 +96,7 @@ def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: st
         acc = float((pred == split.y_train).double().mean())
         if ref_agreement is None:
             return acc
-        agree = float(agreement(pred).median()) if num > 1 else 1.0
+        agree = float(agreement(pred).median())
         return {"score": acc, "agreement": agree, "reference_agreement": ref_agreement,
                 "eligible": agree <= ref_agreement + margin}
 

@@ -242,7 +242,7 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
                 best = history[-1]
                 best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
                 if out is not None and rank == 0:
-                    _final(snapshot(ema.module), cfg, velocity, train, history, world, info).save(
+                    _final(snapshot(ema.module), cfg, velocity, train, history, world, info, best).save(
                         out / "flow.safetensors")
         if log is not None and rank == 0:
             log(history[-1])
@@ -312,6 +312,8 @@ def load_checkpoint(out: Path, cfg: FlowConfig, velocity: nn.Module, ema: nn.Mod
     except Exception as e:
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to start over") from None
     want = json.loads(json.dumps(asdict(cfg)))
+    # a setting added since the checkpoint was written counts as its default there
+    stored = {**json.loads(json.dumps(asdict(FlowConfig()))), **stored}
     diff = sorted(k for k in set(want) | set(stored) if k != "steps" and want.get(k) != stored.get(k))
     if diff:
         shown = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {want.get(k)!r}" for k in diff)

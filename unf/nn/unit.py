@@ -23,6 +23,7 @@ for each such piece, and the piece gets their product ``sum_r a_r[i] b_r[k]``: a
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,10 @@ class UnitMLP(nn.Module):
                 self.slots.setdefault(g, []).append((q, a))
                 widths.setdefault(g, []).append(channels * p.fold * fixed)
         self.widths = {g: w for g, w in widths.items() if sum(w) <= max_features}
+        skipped = sorted(g for g in widths if g not in self.widths)
+        if skipped:
+            warnings.warn(f"UnitMLP: groups {skipped} touch more than max_features={max_features} entries per unit "
+                          "and get no unit MLP (raise max_features, or lower channels or fold_max)", stacklevel=2)
         self.slots = {g: s for g, s in self.slots.items() if g in self.widths}
         # pieces indexed by exactly two kept group axes (weights between hidden layers) get a rank-`rank` pair table
         self.pairs = [q for q, p in enumerate(layout.pieces) if rank and len(p.kept_labels) == 2

@@ -233,12 +233,14 @@ def _restoring_module_state(gm: fx.GraphModule):
         for m, attrs in saved:
             vars(m).clear()
             for k, (v, contents) in attrs.items():
+                vars(m)[k] = v  # first: a failure below must not lose the remaining attributes
+                if contents is None:  # not a plain container (subclasses are kept as they are)
+                    continue
                 if isinstance(v, dict):
                     v.clear()
                     v.update(contents)
-                elif isinstance(v, list):
+                else:
                     v[:] = contents
-                vars(m)[k] = v
 
 
 def _meta_propagate(gm: fx.GraphModule, inputs: tuple) -> None:
