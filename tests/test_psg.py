@@ -260,7 +260,8 @@ def test_readme_psg_and_manifold_snippets_run():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Training-time weight methods"):text.index("## Embedded data")]
+    start = text.index("## Training-time weight methods")
+    section = text[start:text.index("\n## ", start)]  # up to the next section
     psg_code, manifold_code = re.findall(r"```python\n(.*?)```", section, re.S)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
