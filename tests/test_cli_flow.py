@@ -97,17 +97,21 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
                          "activation=relu", "--velocity", "mlp", "--unit-hidden", "8"], "--unit-hidden 8")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--align-source", "--align-target"], "choose one")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--ot-candidates", "4"], "--ot-candidates 4")
     assert not (tmp_path / "r").exists()
 
 
 def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     run = tmp_path / "units"
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
-                 "--where", "activation=relu", "--unit-hidden", "4", "--align-target", "--json", "--quiet"]) == 0
+                 "--where", "activation=relu", "--unit-hidden", "4", "--align-target", "--ot-candidates", "2",
+                 "--json", "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
     assert flow.velocity.config["unit_hidden"] == 4 and flow.info["config"]["align_target"] is True
+    assert flow.info["config"]["ot_candidates"] == 2
     assert all(b.unit is not None for b in flow.velocity.blocks)
 
 

@@ -48,6 +48,10 @@ def register(sub) -> None:
     p.add_argument("--prediction", choices=("data", "velocity"), default=None,
                    help="what the field's network outputs: the clean weights (data; default for mlp) or the "
                         "velocity (default for unf)")
+    p.add_argument("--ot-candidates", type=at_least(0), default=0, metavar="K",
+                   help="with --align-target: choose the minibatch OT pairs on aligned distances, each target matched "
+                        "against its K nearest noise samples (K * batch weight matchings per step; default 0: raw "
+                        "distances)")
     p.add_argument("--unit-hidden", type=at_least(0), default=0, metavar="W",
                    help="unf field only: add to every block a per-unit MLP of width W over all weights a unit "
                         "touches (a memory of unit prototypes; default 0: none)")
@@ -103,6 +107,9 @@ def run_train(args) -> int:
                         "without --select-every K (K > 0)")
     if args.unit_hidden and args.velocity != "unf":
         raise UserError(f"--unit-hidden {args.unit_hidden}: only the unf field has unit MLPs (--velocity unf)")
+    if args.ot_candidates and (args.no_ot or not args.align_target):
+        raise UserError(f"--ot-candidates {args.ot_candidates}: aligned OT pairs need --align-target (and OT, so "
+                        "not --no-ot)")
     if args.align_source and args.align_target:
         raise UserError("--align-source and --align-target both remove the symmetry's path length: choose one")
     check_output(args.out, "--out", directory=True)
@@ -134,7 +141,7 @@ def run_train(args) -> int:
                      lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
                      canonicalize=(args.canonicalize if args.canonicalize != "auto" else
                                    "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
-                     align_target=args.align_target,
+                     align_target=args.align_target, ot_candidates=args.ot_candidates,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
                      velocity_config={**({} if args.prediction is None else {"prediction": args.prediction}),
                                       **({"unit_hidden": args.unit_hidden} if args.unit_hidden else {})})

@@ -7,8 +7,9 @@
   The source N(0, I) is invariant under the spec's permutations, so this leaves the source distribution unchanged
   while removing path length that only reflects the symmetry.
 - ``align_target``: the other way round, as the per-pair alignment of equivariant OT flow matching (Klein, Kraemer,
-  Noe 2023): permute each target network towards its noise sample. The minibatch pairing before it is still chosen
-  by raw distances (theirs uses aligned ones). A permuted network computes the same function, so the targets stay in the
+  Noe 2023): permute each target network towards its noise sample.
+- ``aligned_ot_pairing``: the minibatch pairing chosen on aligned distances (the other half of equivariant OT flow
+  matching), capped to a few candidates per target. A permuted network computes the same function, so the targets stay in the
   zoo's orbits; unlike ``align_source`` this keeps any source (also one whose entries are told apart).
 """
 from __future__ import annotations
@@ -30,6 +31,31 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     idx = torch.empty(len(rows), dtype=torch.long)
     idx[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return idx.to(x0.device)
+
+
+def aligned_ot_pairing(x0: WeightSpace, x1: WeightSpace, candidates: int = 4, max_iter: int = 10,
+                       seed: int = 0) -> torch.Tensor:
+    """Minibatch OT with aligned costs (equivariant OT flow matching, Klein, Kraemer, Noe 2023): ``idx`` ``[B]`` such
+    that noise ``x0[idx[i]]`` is paired with target ``x1[i]`` at least total squared distance AFTER permuting each
+    target towards its noise. All ``B x B`` alignments cost too much, so each target is matched only against its
+    ``candidates`` nearest noise samples by raw distance (``B * candidates`` batched weight matchings per step); other
+    pairs keep their raw cost (an upper bound of their aligned one)."""
+    spec = x0.spec
+    a, b = x0.flatten().double(), x1.flatten().double()
+    cost = torch.cdist(b, a).square()  # [targets, noise]
+    k = min(max(candidates, 1), a.shape[0])
+    near = cost.topk(k, dim=1, largest=False).indices  # [B, k] noise candidates per target
+    tgt = torch.arange(b.shape[0]).repeat_interleave(k)
+    src = near.reshape(-1).cpu()
+    pick = lambda ws, i: WeightSpace(spec, {n: t[i.to(t.device)] for n, t in ws.items()})  # noqa: E731
+    moved = align_source(pick(x1, tgt), pick(x0, src), max_iter, seed)  # targets towards their candidate noise
+    d = (moved.flatten().double() - a[src.to(a.device)]).square().sum(1).to(cost.device)
+    t_, s_ = tgt.to(cost.device), src.to(cost.device)
+    cost[t_, s_] = torch.minimum(cost[t_, s_], d)  # weight matching is a local search: never above the raw cost
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    idx = torch.empty(len(rows), dtype=torch.long)
+    idx[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return idx.to(x0.flatten().device)
 
 
 def align_source(x0: WeightSpace, x1: WeightSpace, max_iter: int = 10, seed: int = 0) -> WeightSpace:

@@ -25,7 +25,7 @@ from ..distributed import dist_info
 from ..io import atomic_write
 from ..weights import WeightSpace
 from .canonical import canonicalize
-from .coupling import align_source, align_target, ot_pairing
+from .coupling import align_source, align_target, aligned_ot_pairing, ot_pairing
 from .model import Conditioning, Source, Standardizer, WeightFlow
 from .velocity import build_velocity, num_parameters
 
@@ -48,6 +48,7 @@ class FlowConfig:
     ot: bool = True
     align_source: bool = False
     align_target: bool = False  # permute each target towards its noise (equivariant OT flow matching)
+    ot_candidates: int = 0  # > 0: OT pairs chosen on aligned distances, each target against this many nearest noises
     canonicalize: str = "none"  # "none", "reference", "barycentre"
     condition: list = field(default_factory=list)  # metadata columns to condition on
     cond_drop: float = 0.1  # probability of dropping each condition (so unconditioned sampling works)
@@ -116,7 +117,9 @@ def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, ste
     x1 = WeightSpace(data.spec, {n: v[idx] for n, v in data.items()})
     flat1 = x1.flatten()
     noise = source.draw(noise.to(dev, dtype))
-    if cfg.ot:
+    if cfg.ot and cfg.ot_candidates:
+        noise = noise[aligned_ot_pairing(WeightSpace.from_flat(data.spec, noise), x1, cfg.ot_candidates, seed=step)]
+    elif cfg.ot:
         noise = noise[ot_pairing(noise, flat1)]
     x0 = WeightSpace.from_flat(data.spec, noise)
     if cfg.align_source:
@@ -167,6 +170,9 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     data = standardizer.to_std(train).to(device)
     if cfg.source not in ("normal", "gaussian"):
         raise ValueError(f"source {cfg.source!r}: choose 'normal' or 'gaussian'")
+    if cfg.ot_candidates and not (cfg.ot and cfg.align_target):
+        raise ValueError("ot_candidates pairs by aligned distances: it needs ot=True and align_target=True (the "
+                         "targets are then permuted towards the noise they were paired with)")
     if cfg.align_source and cfg.align_target:
         raise ValueError("align_source and align_target both remove the symmetry's path length: choose one")
     if cfg.source == "gaussian" and cfg.align_source:
