@@ -71,6 +71,17 @@ def test_untrained_rule_is_adam():
         assert torch.allclose(pa, pb, atol=1e-6)
 
 
+def _step_inputs(spec, rule, gen):
+    """Random float64 parameters and gradients ``[2, 1]`` and a random optimizer state for ``rule`` on ``spec``."""
+    p = unf.WeightSpace(spec, {n: torch.randn(2, 1, *spec[n].shape, dtype=torch.float64, generator=gen)
+                               for n in spec.float_names})
+    g = p.map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen))
+    state = init_state(p, len(rule.config.decays))
+    state = {"m": state["m"].map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen)),
+             "v": state["v"].map(lambda t: torch.rand(t.shape, dtype=t.dtype, generator=gen))}
+    return p, g, state
+
+
 @pytest.mark.parametrize("variant", ["unf", "deepsets", "mlp", "unf-exact"])
 def test_step_is_exactly_equivariant(variant):
     model = _mlp(dtype=torch.float64)
@@ -79,12 +90,7 @@ def test_step_is_exactly_equivariant(variant):
     rule = _random_rule(variant=variant, spec=spec if exact else None).double()
     plan = rule.plan(spec)
     gen = torch.Generator().manual_seed(3)
-    p = unf.WeightSpace(spec, {n: torch.randn(2, 1, *spec[n].shape, dtype=torch.float64, generator=gen)
-                               for n in spec.float_names})
-    g = p.map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen))
-    state = init_state(p, len(rule.config.decays))
-    state = {"m": state["m"].map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen)),
-             "v": state["v"].map(lambda t: torch.rand(t.shape, dtype=t.dtype, generator=gen))}
+    p, g, state = _step_inputs(spec, rule, gen)
     perm = spec.sample_permutation(gen)
     d1, s1 = step_direction(rule, plan, p, g, state, 7)
     d2, s2 = step_direction(rule, plan, p.permute(perm), g.permute(perm),
@@ -523,13 +529,7 @@ def test_many_tensor_branch_of_the_features_equals_the_per_slice_one(monkeypatch
     spec = unf.spec_from_module(model, torch.randn(1, 6, dtype=torch.float64))
     rule = _random_rule().double()
     plan = rule.plan(spec)
-    gen = torch.Generator().manual_seed(5)
-    p = unf.WeightSpace(spec, {n: torch.randn(2, 1, *spec[n].shape, dtype=torch.float64, generator=gen)
-                               for n in spec.float_names})
-    g = p.map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen))
-    state = init_state(p, len(rule.config.decays))
-    state = {"m": state["m"].map(lambda t: torch.randn(t.shape, dtype=t.dtype, generator=gen)),
-             "v": state["v"].map(lambda t: torch.rand(t.shape, dtype=t.dtype, generator=gen))}
+    p, g, state = _step_inputs(spec, rule, torch.Generator().manual_seed(5))
     d1, s1 = step_direction(rule, plan, p, g, state, 4)
     monkeypatch.setattr(rule_module, "_SEGMENT_LOOP", 0)
     d2, s2 = step_direction(rule, plan, p, g, state, 4)
