@@ -74,9 +74,9 @@ def data_error_by_t(flow, zoo, ts=(0.1, 0.3, 0.5, 0.7, 0.9), n: int = 256, seed:
     from unf.weights import WeightSpace
 
     g = torch.Generator().manual_seed(seed)
-    x1 = flow.standardizer.to_std(zoo).flatten()
-    x1 = x1[torch.randint(len(x1), (n,), generator=g)]
-    mean = flow.standardizer.to_std(zoo).flatten().mean(0)
+    flat = flow.standardizer.to_std(zoo).flatten()
+    x1 = flat[torch.randint(len(flat), (n,), generator=g)]
+    mean = flat.mean(0)
     out = {}
     flow.velocity.eval()
     for t in ts:
