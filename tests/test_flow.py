@@ -31,12 +31,13 @@ def _random_ws(spec, n, dtype=torch.float32, seed=0):
                               for k in spec.float_names})
 
 
-@pytest.mark.parametrize("fold_max,prediction,unit_hidden,unit_rank", [
-    (0, "velocity", 0, 0), (4, "velocity", 0, 0), (4, "data", 0, 0), (2, "data", 8, 0), (2, "velocity", 8, 3)])
-def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden, unit_rank):
+@pytest.mark.parametrize("fold_max,prediction,unit_hidden,unit_rank,unit_activation", [
+    (0, "velocity", 0, 0, "silu"), (4, "velocity", 0, 0, "silu"), (4, "data", 0, 0, "silu"),
+    (2, "data", 8, 0, "silu"), (2, "velocity", 8, 3, "silu"), (2, "velocity", 8, 3, "softmax")])
+def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden, unit_rank, unit_activation):
     torch.manual_seed(0)
     v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction,
-                    unit_hidden=unit_hidden, unit_rank=unit_rank).double()
+                    unit_hidden=unit_hidden, unit_rank=unit_rank, unit_activation=unit_activation).double()
     with torch.no_grad():  # the output layer (and each unit MLP's last layer) starts at zero: make it non-trivial
         for p in v.out.parameters():
             p.normal_()

@@ -39,10 +39,12 @@ def _randomised(module):
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-@pytest.mark.parametrize("fold_max,rank", [(0, 0), (4, 0), (4, 3)])
-def test_unit_mlp_is_equivariant(name, fold_max, rank):
+@pytest.mark.parametrize("fold_max,rank,activation", [(0, 0, "silu"), (4, 0, "silu"), (4, 3, "silu"),
+                                                     (4, 3, "softmax"), (4, 3, "sinkhorn")])
+def test_unit_mlp_is_equivariant(name, fold_max, rank, activation):
     spec = _spec(name)
-    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=8, max_features=10 ** 6, rank=rank))
+    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=8, max_features=10 ** 6, rank=rank,
+                                activation=activation))
     assert len(layer.inp) == len(spec.groups)  # every group has its MLP: the check below can fail
     ws = _ws(spec)
     out = layer(ws)
@@ -71,6 +73,44 @@ def test_a_unit_sees_and_writes_its_whole_row_of_fixed_weights():
     assert diff[2, 0] > 1e-6  # the same unit, another input position: changed
     # other units change only through the means over units that the last layer's unit axis is averaged by
     assert diff[2, 0] > 10 * diff[0, 0]
+
+
+def test_a_sharp_softmax_memory_writes_one_prototype_exactly():
+    """MLP 5-4-3 with ``activation="softmax"``: when the keys make prototype 1 win for every unit, each hidden unit
+    writes exactly prototype 1's values (its 5 input weights, its bias and its 3 output weights), whatever its input."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    spec = unf.spec_from_module(model, torch.randn(2, 5))
+    layer = _randomised(UnitMLP(Layout(spec, 0), 1, hidden=3, activation="softmax"))
+    (key,) = layer.inp.keys()
+    with torch.no_grad():
+        layer.inp[key].weight.zero_()
+        layer.inp[key].bias.copy_(torch.tensor([0.0, 80.0, 0.0], dtype=torch.float64))
+    prototype = (layer.out[key].weight[:, 1] + layer.out[key].bias).detach()
+    with torch.no_grad():
+        out = layer(_ws(spec, batch=1, channels=1))
+    w1, b1, w2 = (next(n for n in spec.float_names if spec[n].shape == s) for s in ((4, 5), (4,), (3, 4)))
+    for i in range(4):
+        written = torch.cat([out[w1][0, 0, i], out[b1][0, 0, i:i + 1], out[w2][0, 0, :, i]])
+        assert torch.allclose(written.sort().values, prototype.sort().values, atol=1e-12)
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        UnitMLP(Layout(spec, 0), 1, activation="tanh")
+
+
+def test_sinkhorn_memory_shares_a_prototype_that_every_unit_wants():
+    """``activation="sinkhorn"``: units that prefer distinct prototypes keep them (as a softmax would); when every
+    unit of a network wants the same prototype, no prototype carries more than one unit's weight."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    spec = unf.spec_from_module(model, torch.randn(2, 5))
+    layer = UnitMLP(Layout(spec, 0), 1, hidden=6, activation="sinkhorn").double()
+    distinct = torch.full((1, 4, 6), -30.0, dtype=torch.float64)
+    distinct[0, torch.arange(4), torch.tensor([5, 0, 3, 1])] = 30.0
+    assert torch.allclose(layer._sinkhorn(distinct), distinct.softmax(-1), atol=1e-9)
+    same = torch.randn(3, 4, 6, dtype=torch.float64)
+    same[..., 2] += 12.0
+    a = layer._sinkhorn(same)
+    assert torch.allclose(a.sum(-1), torch.ones(3, 4, dtype=torch.float64), atol=1e-9)
+    assert float(a.sum(-2).max()) <= 1.05  # a softmax would put all 4 units on prototype 2
+    assert float(same.softmax(-1).sum(-2).max()) > 3.9
 
 
 def test_pair_tables_write_weights_between_hidden_layers():

@@ -19,6 +19,19 @@ A weight between two hidden layers, ``W[i, k]``, depends on BOTH units' identiti
 the other axis cannot write it. With ``rank > 0`` the MLPs of the two groups also emit ``rank`` factors per channel
 for each such piece, and the piece gets their product ``sum_r a_r[i] b_r[k]``: a rank-``rank`` table of unit pairs
 (products of per-unit values commute with both groups' permutations).
+
+``activation="softmax"`` makes each MLP an explicit key-value memory: the hidden layer is a softmax over ``hidden``
+learned prototypes (keys: the first layer's rows; values: the second layer's columns), so a unit's output is a
+convex mix of prototype rows, and a sharp softmax writes one prototype exactly. The pair tables then read the two
+units' prototype weights, ``sum_r (A h_i)_r (B h_k)_r``: a learned table of prototype pairs. With SiLU the same
+memory must be carved out of ReLU-like pieces, which writes blends.
+
+A softmax decides each unit alone, so two units of one network can pick the same prototype: the network gets a
+duplicated unit and loses another (what a generator's samples showed on the orbit rung: accurate units, 12-15
+distinct of 16). ``activation="sinkhorn"`` makes the units of each network compete: the unit-by-prototype softmax is
+alternately projected so that no prototype carries more than ``max(1, n / hidden)`` units' worth of weight (a few
+Bregman steps of capacity-constrained optimal transport, differentiable). Column sums are symmetric in the units, so
+this too commutes with the group's permutations.
 """
 from __future__ import annotations
 
@@ -39,11 +52,19 @@ class UnitMLP(nn.Module):
     ``rank``: pair tables of that rank on pieces with two group axes (one factor starts at zero).
 
     ``max_features``: a group whose feature vector would be longer is skipped (its units are too big to memorise
-    entry by entry; the UNF layers still see them)."""
+    entry by entry; the UNF layers still see them). ``activation``: ``"silu"`` or ``"softmax"`` (over the hidden
+    width: a memory of ``hidden`` unit prototypes) or ``"sinkhorn"`` (the same memory, each prototype used by at
+    most ``max(1, n / hidden)`` of a network's ``n`` units; see the module docstring)."""
 
-    def __init__(self, layout: Layout, channels: int, hidden: int = 128, max_features: int = 4096, rank: int = 0):
+    ACTIVATIONS = ("silu", "softmax", "sinkhorn")
+    SINKHORN_STEPS = 20  # enough for logit gaps up to about 20 log(n / cap)
+
+    def __init__(self, layout: Layout, channels: int, hidden: int = 128, max_features: int = 4096, rank: int = 0,
+                 activation: str = "silu"):
         super().__init__()
-        self.layout, self.channels, self.rank = layout, channels, rank
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"UnitMLP activation {activation!r}: choose from {self.ACTIVATIONS}")
+        self.layout, self.channels, self.rank, self.activation = layout, channels, rank, activation
         self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> [(piece, kept-axis position)]
         widths: dict[str, list[int]] = {}
         for q, p in enumerate(layout.pieces):
@@ -87,6 +108,17 @@ class UnitMLP(nn.Module):
     def _pair_width(self, g: str) -> list[int]:
         return [self.channels * self.layout.pieces[q].fold * self.rank for q, _ in self.pair_slots[g]]
 
+    def _sinkhorn(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, n, K]`` logits -> unit-by-prototype weights: rows sum to 1, column sums at most ``max(1, n / K)``
+        (alternating projections in the log domain; the last one is the rows')."""
+        n, k = logits.shape[-2:]
+        log_cap = math.log(max(1.0, n / k))
+        a = logits.log_softmax(-1)
+        for _ in range(self.SINKHORN_STEPS):
+            a = a - (a.logsumexp(-2, keepdim=True) - log_cap).clamp_min(0)  # over-used prototypes scaled down
+            a = a.log_softmax(-1)
+        return a.exp()
+
     def _moved(self, x: torch.Tensor, labels: tuple, a: int) -> tuple[torch.Tensor, list[int]]:
         """``x`` ``[B, C', *kept]`` -> ``[B, F, n]`` (group axes other than ``a`` averaged, fixed ones kept as
         features), and the averaged axes (positions in ``kept``)."""
@@ -106,7 +138,9 @@ class UnitMLP(nn.Module):
         for g, slots in self.slots.items():
             k = self.keys[g]
             feats = [self._moved(xs[q], layout.pieces[q].kept_labels, a)[0] for q, a in slots]
-            h = torch.nn.functional.silu(self.inp[k](torch.cat(feats, 1).transpose(1, 2)))  # [B, n, hidden]
+            h = self.inp[k](torch.cat(feats, 1).transpose(1, 2))  # [B, n, hidden]
+            h = torch.nn.functional.silu(h) if self.activation == "silu" else \
+                h.softmax(-1) if self.activation == "softmax" else self._sinkhorn(h)
             out = self.out[k](h).transpose(1, 2)  # [B, F, n]
             if self.pair_slots[g]:
                 for key, f in zip(self.pair_slots[g], self.pair[k](h).split(self._pair_width(g), 2)):
