@@ -106,13 +106,18 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     run = tmp_path / "units"
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--where", "activation=relu", "--unit-hidden", "4", "--align-target", "--ot-candidates", "2",
-                 "--json", "--quiet"]) == 0
+                 "--unit-activation", "sinkhorn", "--unit-rank", "2", "--json", "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
     assert flow.velocity.config["unit_hidden"] == 4 and flow.info["config"]["align_target"] is True
+    assert flow.velocity.config["unit_activation"] == "sinkhorn" and flow.velocity.config["unit_rank"] == 2
     assert flow.info["config"]["ot_candidates"] == 2
-    assert all(b.unit is not None for b in flow.velocity.blocks)
+    assert all(b.unit is not None and b.unit.activation == "sinkhorn" and b.unit.rank == 2
+               for b in flow.velocity.blocks)
+    capsys.readouterr()
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--unit-activation", "sinkhorn"], "--unit-activation sinkhorn")
 
 
 def test_train_with_selection_keeps_a_scored_snapshot(zoo, tmp_path, capsys):

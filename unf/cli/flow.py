@@ -55,6 +55,13 @@ def register(sub) -> None:
     p.add_argument("--unit-hidden", type=at_least(0), default=0, metavar="W",
                    help="unf field only: add to every block a per-unit MLP of width W over all weights a unit "
                         "touches (a memory of unit prototypes; default 0: none)")
+    p.add_argument("--unit-activation", choices=["silu", "softmax", "sinkhorn"], default=None,
+                   help="with --unit-hidden: the unit MLP's hidden activation; softmax: a memory of W prototypes; "
+                        "sinkhorn: the same, the units of a network competing so that no two take one prototype "
+                        "(default silu)")
+    p.add_argument("--unit-rank", type=at_least(0), default=0, metavar="R",
+                   help="with --unit-hidden: rank-R tables of unit pairs for the weights between hidden layers "
+                        "(default 0: none)")
     p.add_argument("--select-every", type=at_least(0), default=0, metavar="K",
                    help="every K steps sample --select-num networks and keep the flow whose samples are most "
                         "accurate on the zoo's training split (no test data; default 0: keep the last)")
@@ -107,6 +114,9 @@ def run_train(args) -> int:
                         "without --select-every K (K > 0)")
     if args.unit_hidden and args.velocity != "unf":
         raise UserError(f"--unit-hidden {args.unit_hidden}: only the unf field has unit MLPs (--velocity unf)")
+    for flag, value in (("--unit-activation", args.unit_activation), ("--unit-rank", args.unit_rank)):
+        if value and not args.unit_hidden:
+            raise UserError(f"{flag} {value}: it sets the unit MLPs, which need --unit-hidden W (W > 0)")
     if args.ot_candidates and (args.no_ot or not args.align_target):
         raise UserError(f"--ot-candidates {args.ot_candidates}: aligned OT pairs need --align-target (and OT, so "
                         "not --no-ot)")
@@ -144,7 +154,9 @@ def run_train(args) -> int:
                      align_target=args.align_target, ot_candidates=args.ot_candidates,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
                      velocity_config={**({} if args.prediction is None else {"prediction": args.prediction}),
-                                      **({"unit_hidden": args.unit_hidden} if args.unit_hidden else {})})
+                                      **({"unit_hidden": args.unit_hidden} if args.unit_hidden else {}),
+                                      **({"unit_activation": args.unit_activation} if args.unit_activation else {}),
+                                      **({"unit_rank": args.unit_rank} if args.unit_rank else {})})
     reference = 0
     if cfg.canonicalize == "reference":  # the network best on its training split (test accuracy is for reports)
         with warnings.catch_warnings(record=True) as caught:
