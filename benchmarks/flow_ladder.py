@@ -3,6 +3,7 @@
     python benchmarks/flow_ladder.py run --rung orbit --velocity unf --steps 2000 [--seed 0] \
         [--set KEY=VALUE ...] [--vset KEY=VALUE ...] [--runs runs/ladder]
     python benchmarks/flow_ladder.py table
+    python benchmarks/flow_ladder.py units --rung orbit --data wine --widths 16,16 RUN_NAME ...
 
 Rungs (digits MLP 64-32-32-10, ReLU; base networks trained with Adam on the digits training split):
 - ``orbit``: ONE base network and ``--copies`` (300) random members of its permutation orbit, each plus Gaussian
@@ -17,6 +18,10 @@ distance to the nearest training copy, and the reference scales: the copies' own
 between two independently trained networks. A sample "hits" when its aligned distance to a base is below a quarter of
 that distance between independent networks; it is "new" when its raw distance to every training copy exceeds half
 the median distance from a copy to its nearest other copy (the orbit members differ by their permutation, noise alone is 1 % of it).
+"Distinct units" (orbit rung): how many different base units the first hidden layer of a sample holds, each of its
+units taken as the base unit nearest by incoming weights and bias; a sample that writes two units from one base unit
+(a collision) and loses another has fewer than the layer's width. ``units`` computes it for runs already in the
+results (their flows are read from ``--runs``; it needs the same ``--rung --data --widths``).
 ``--set``: FlowConfig fields (JSON values); ``--vset``: velocity_config overrides.
 """
 from __future__ import annotations
@@ -64,6 +69,17 @@ def base_networks(k: int, data: str = "digits", widths=(32, 32), epochs: int = 4
     spec = spec_from_module(make(), d.x_train[:2])
     ws = WeightSpace.from_module(spec, nets)
     return spec, ws, accs, d, make
+
+
+@torch.no_grad()
+def distinct_units(spec, samples, base) -> torch.Tensor:
+    """``[N]``: distinct base units among the first hidden layer's units of each sample (orbit rung: ``base`` is
+    one network); each unit is matched to the base unit nearest by its incoming weights and bias."""
+    w, b = spec.float_names[:2]  # the first Linear's weight [n, in] and bias [n]
+    rows = torch.cat([samples[w][:, 0], samples[b][:, 0, :, None]], -1).double()
+    ref = torch.cat([base[w][0, 0], base[b][0, 0, :, None]], -1).double()
+    near = torch.cdist(rows, ref.expand(len(rows), -1, -1)).argmin(-1)  # [N, n]
+    return torch.tensor([float(len(set(r.tolist()))) for r in near])
 
 
 @torch.no_grad()
@@ -155,6 +171,7 @@ def run(args) -> None:
            "hit_and_new_fraction": float((hit & new).float().mean()),
            "raw_l2_nearest_copy_median": float(raw.min(1).values.median()), "copy_raw_l2_median": copy_scale,
            "share_per_base": [float((near == j).float().mean()) for j in range(k)],
+           "distinct_units_mean": float(distinct_units(spec, gen, base).mean()) if k == 1 else None,
            "acc_per_base": [float(acc[near == j].mean()) if (near == j).any() else None for j in range(k)],
            "data_error_vs_mean_by_t": by_t, "num_samples": args.num, **provenance(), "code": code_version(), "threads": torch.get_num_threads(),
            "loadavg_start": list(os.getloadavg())}
@@ -163,6 +180,27 @@ def run(args) -> None:
                                            "aligned_l2_median", "independent_aligned_l2", "hit_fraction",
                                            "new_fraction", "share_per_base", "final_loss", "train_seconds",
                                            "data_error_vs_mean_by_t")}))
+
+
+def units(args) -> None:
+    """Distinct base units per sample for runs already in the results, from their saved flows."""
+    from unf.flow import WeightFlow
+    from unf.weights import WeightSpace
+
+    torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    spec, all_base, _, _, _ = base_networks(1, args.data, widths, args.base_epochs)
+    base = WeightSpace(spec, {n: t[:1] for n, t in all_base.items()})
+    rows = {r["name"]: r for r in load_jsonl(Path(args.results), key=lambda r: r["name"])}
+    for name in args.names:
+        if name not in rows:
+            raise SystemExit(f"{name}: not in {args.results}; run it first")
+        flow = WeightFlow.load(Path(args.runs) / name / "flow.safetensors")
+        # the same samples as the run's row: same count, seed, solver and NFE
+        gen, _ = flow.sample(rows[name]["num_samples"], nfe=20, solver="heun", seed=rows[name]["seed"] + 1,
+                             batch_size=rows[name]["num_samples"])
+        d = distinct_units(spec, gen.to(dtype=torch.float32), base)
+        print(f"| {name} | {d.mean():.2f} of {widths[0]} | {d.min():.0f} |")
 
 
 def table(args) -> None:
@@ -207,6 +245,16 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="run again even if the results file has this run")
     p.add_argument("--results", default=str(RESULTS))
     p.set_defaults(fn=run)
+    p = sub.add_parser("units", help="distinct base units per sample of runs already in the results")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--rung", choices=("orbit",), default="orbit")
+    p.add_argument("--data", choices=("digits", "iris", "wine", "breast_cancer"), default="digits")
+    p.add_argument("--widths", default="32,32")
+    p.add_argument("--base-epochs", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default="runs/ladder")
+    p.add_argument("--results", default=str(RESULTS))
+    p.set_defaults(fn=units)
     p = sub.add_parser("table")
     p.add_argument("--results", default=str(RESULTS))
     p.set_defaults(fn=table)
