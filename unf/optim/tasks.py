@@ -16,9 +16,9 @@ classification data, minibatches of 64:
 * ``"majority-gru-family"``: :class:`GRUClassifier` (embedding 6x16, one GRU layer of 32 units, linear head 32->2 on
   the last step) on :func:`majority_data` (length-12 sequences, 2,000 training and 1,000 test), horizon 500.
 
-The CNN and GRU steps cost about 2x and 3x the MLP's on the 2-core CPU (a GRU meta-training step also runs its 17
-members one by one, see ``unf.optim.meta``), and both reach most of their attainable training loss well within 500
-steps of tuned Adam: so 500 keeps a family's meta-training and its 5-seed evaluation within this machine's budget.
+Why 500: an Adam step of the CNN and of the GRU costs 1.7x and 2.8x the MLP's on one CPU thread (and a GRU
+meta-training step runs its 17 members one by one, see ``unf.optim.meta``); at 500 steps a family's 5-seed evaluation
+against 28 tuned baseline runs per seed stays within minutes on one core.
 They are distinct from the held-out ``TASKS`` "digits-cnn" and "majority-gru" (same models, horizon 200).
 :func:`get_family` resolves a name of either, or a ``FILE.py:FN`` reference.
 
