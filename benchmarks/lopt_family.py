@@ -15,7 +15,8 @@ Evaluation, per (family, seed) on seeds never meta-trained on (meta-training see
 momentum 0.9 over their 7-value log grids (``ADAM_LRS``, ``SGD_LRS``), constant and with cosine decay to zero over the
 horizon; per seed the tuned baseline is the run with the lowest full-batch training loss within the horizon (the
 choice ``unf lopt eval`` makes), shared by all rules of the family. Each learned rule runs with its defaults (lr 1.0,
-no tuning). Speed-up (the issue's metric) = steps the better tuned Adam needs to reach its best training loss / steps
+no tuning), and so do the shipped ``unf`` weights as they are (``shipped``: what a user gets without meta-training).
+Speed-up (the issue's metric) = steps the better tuned Adam needs to reach its best training loss / steps
 the rule needs to reach that loss (0: never).
 
 One JSON line per finished baseline run, per meta-training and per (family, rule, seed) in ``--out`` (default
@@ -42,8 +43,9 @@ from unf.optim.tasks import ADAM_LRS, FAMILIES, SCHEDULES, SGD_LRS, speedup, tra
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "unf" / "optim" / "weights"
 SHIPPED = {"unf": "default.safetensors", "deepsets": "deepsets.safetensors", "mlp": "mlp.safetensors"}
-RULES = ("unf", "unf-exact", "deepsets", "mlp")
-LABEL = {"unf": "UNF (shared)", "unf-exact": "UNF (exact, per term)", "deepsets": "DeepSets",
+RULES = ("unf", "unf-exact", "deepsets", "mlp", "shipped")  # "shipped": the shipped unf weights, not meta-trained here
+LABEL = {"shipped": "shipped UNF weights (not meta-trained on the family)", "unf": "UNF (shared)",
+         "unf-exact": "UNF (exact, per term)", "deepsets": "DeepSets",
          "mlp": "per-parameter MLP", "adam": "tuned Adam", "sgdm": "tuned SGDM"}
 GRIDS = {"adam": ADAM_LRS, "sgdm": SGD_LRS}
 
@@ -122,6 +124,8 @@ def run_eval(fam_name: str, rules: list, seeds: list, runs: Path, out: Path) -> 
             row = {"kind": "rule", "family": fam_name, "rule": variant, "seed": seed}
             weights = runs / fam_name / variant / "rule.safetensors"
             meta = [r for r in rows if r["kind"] == "meta" and r["family"] == fam_name and r["rule"] == variant]
+            if variant == "shipped":  # the reference: what a user gets without meta-training
+                weights, meta = WEIGHTS / SHIPPED["unf"], [{"minutes": 0.0, "outer_steps": 0}]
             if key(row) in done or not meta or not weights.is_file():
                 continue
             rule = LearnedRule.load(weights)
@@ -163,7 +167,8 @@ def table(rows: list, out_png: Path) -> str:
             rs = [r for r in fr if r["kind"] == "rule" and r["rule"] == variant]
             if not rs:
                 continue
-            meta = [r for r in fr if r["kind"] == "meta" and r["rule"] == variant][-1]
+            meta = ([r for r in fr if r["kind"] == "meta" and r["rule"] == variant] or [{"minutes": 0.0,
+                                                                                        "outer_steps": 0}])[-1]
             text.append(f"| {LABEL[variant]} | {meta['minutes']:.1f} ({meta['outer_steps']}) | "
                         f"{_ms([r['speedup_vs_adam'] for r in rs], 2)} | {_ms([r['speedup_vs_sgdm'] for r in rs], 2)} | "
                         f"{_ms([r['final_train_loss'] for r in rs], 4)} | {_ms([r['test_loss'] for r in rs], 4)} | "
@@ -240,7 +245,7 @@ def main(argv=None) -> None:
         ap.error("--seeds: evaluation seeds are below 2**30 (meta-training seeds are not)")
     for fam_name in fams:
         if args.stage in ("meta", "all"):
-            for variant in rules:
+            for variant in (r for r in rules if r != "shipped"):
                 if (fam_name, "meta", variant) not in {key(r) for r in load_jsonl(out, key)}:
                     run_meta(fam_name, variant, args.budget_min, runs, out)
         if args.stage in ("eval", "all"):
