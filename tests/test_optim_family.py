@@ -3,6 +3,7 @@ fallback where vmap cannot batch, and the ``unf lopt --task FILE.py:FN`` command
 import json
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -11,10 +12,10 @@ import torch.nn.functional as F
 
 from test_cli import _user_error  # noqa: E402  (tests/ is on sys.path under pytest)
 from unf.cli import main
-from unf.optim import LearnedRule, MetaConfig, RuleConfig, TaskFamily, meta_train, train_curve
+from unf.optim import LearnedRule, MetaConfig, RuleConfig, TaskFamily, UNFOptimizer, meta_train, train_curve
 from unf.optim import meta
 from unf.optim.meta import CheckpointError, FamilyTask, _Inner
-from unf.optim.tasks import META_SEED_BASE, TASKS, GRUClassifier, get_family
+from unf.optim.tasks import FAMILIES, META_SEED_BASE, TASKS, GRUClassifier, get_family
 from unf.zoo.population import Member, make_population, member_grads
 
 
@@ -300,6 +301,48 @@ def test_builtin_families_resolve():
     assert [tuple(p.shape) for p in fam.build(0).parameters()] == [(128, 64), (128,), (128, 128), (128,), (10, 128),
                                                                    (10,)]
     assert get_family("majority-gru") is TASKS["majority-gru"]
+
+
+@pytest.mark.parametrize("name, shapes", [
+    ("digits-cnn-family", [(8, 1, 3, 3), (8,), (8, 8, 3, 3), (8,), (8, 8, 3, 3), (8,), (10, 8), (10,)]),
+    ("majority-gru-family", [(6, 16), (96, 16), (96, 32), (96,), (96,), (2, 32), (2,)]),
+])
+def test_cnn_and_gru_families_build_meta_train_and_evaluate(name, shapes, capsys):
+    """The two further built-in families: their fixed architecture and horizon, one outer step of meta-training (on
+    a shortened copy: the same model, data and loss), a few evaluation steps, and the CLI lists them."""
+    fam = get_family(name)
+    assert name in FAMILIES and name not in TASKS and (fam.batch_size, fam.horizon) == (64, 500)
+    assert [tuple(p.shape) for p in fam.build(0).parameters()] == shapes
+    short = TaskFamily(fam.model, fam.data, fam.loss, fam.batch_size, 4, name=name)
+    cfg = MetaConfig(steps=1, pairs=1, unroll=2, rule=SMALL_RULE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the GRU's members run one by one (a warning says so)
+        rule, history = meta_train(cfg, short)
+    assert len(history) == 1 and math.isfinite(history[0]["meta_loss"])
+    run = train_curve(fam, lambda m, x: UNFOptimizer.for_model(m, x, weights=rule), 0, eval_every=2, steps=4)
+    assert len(run["train"]) == 3 and all(math.isfinite(v) for v in run["train"]) and 0 <= run["test_acc"] <= 1
+    assert main(["lopt", "meta-train", "--help"]) == 0
+    assert name in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn-family", "majority-gru-family"])
+def test_exact_rule_from_a_shared_one_takes_the_same_steps(name):
+    """``LearnedRule.exact_from``: the per-term rule for a family's spec starts as the shared rule (a warm start)."""
+    from test_optim import _random_rule, _step_inputs
+
+    from unf.optim import step_direction
+
+    spec = get_family(name).spec()
+    shared = _random_rule().double()
+    exact = LearnedRule.exact_from(shared, spec)
+    assert exact.config.variant == "unf-exact" and exact.spec == spec
+    p, g, state = _step_inputs(spec, shared, torch.Generator().manual_seed(1))
+    d1, s1 = step_direction(shared, shared.plan(spec), p, g, state, 7)
+    d2, s2 = step_direction(exact, exact.plan(spec), p, g, state, 7)
+    assert max(float(d1[n].abs().max()) for n in spec.float_names) > 1e-4
+    assert max(float((d1[n] - d2[n]).abs().max()) for n in spec.float_names) < 1e-12
+    with pytest.raises(ValueError, match="needs a shared 'unf' rule"):
+        LearnedRule.exact_from(LearnedRule(variant="mlp"), spec)
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):

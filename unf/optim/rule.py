@@ -94,6 +94,26 @@ class LearnedRule(nn.Module):
                              "shipped 'unf' weights, or meta-train for this model")
         return self._exact_plan
 
+    @classmethod
+    def exact_from(cls, rule: "LearnedRule", spec: WeightSpaceSpec) -> "LearnedRule":
+        """The ``"unf-exact"`` rule for ``spec`` that takes the same steps as the shared ``"unf"`` ``rule`` on it (to
+        float rounding): each term's coefficient matrix ``[C_out, C_in]`` is the hypernetwork's output for the term's
+        descriptor, times the shared plan's term scale over the exact plan's. A warm start for meta-training a
+        per-architecture rule from shared (e.g. the shipped) weights."""
+        if rule.config.variant != "unf":
+            raise ValueError(f"exact_from: needs a shared 'unf' rule, got variant {rule.config.variant!r}")
+        exact = cls(RuleConfig(**{**asdict(rule.config), "variant": "unf-exact"}), spec=spec).to(
+            rule.log_alpha.device, rule.log_alpha.dtype)
+        shared, plan = rule.plan(spec), exact._exact_plan
+        # both plans enumerate the same terms in the same order; only their descriptor ids and scales differ
+        ratio = shared.term_scale / plan.term_scale  # [T]
+        with torch.no_grad():
+            for src, dst in zip([*rule.layers, rule.out], [*exact.layers, exact.out]):
+                coef = src.coefficients(shared)[shared.term_desc]  # [T, C_out, C_in]
+                dst.table[plan.term_desc] = (coef * ratio.to(coef)[:, None, None]).flatten(1).to(dst.table)
+            exact.log_alpha.copy_(rule.log_alpha)
+        return exact.requires_grad_(rule.log_alpha.requires_grad)
+
     def forward(self, feats: WeightSpace, plan: SharedPlan) -> tuple[WeightSpace, torch.Tensor]:
         """``f`` ``[B, in_channels] -> [B, 1]`` and ``log_alpha`` (``[]``, or ``[B]`` with stacked parameters)."""
         h = feats
