@@ -89,8 +89,11 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--condition",
                          "activation", "--select-every", "2"], "cannot be combined with --condition")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
-                         "activation=relu", "--velocity", "mlp", "--steps", "1", "--select-num", "5"],
-                "--select-num 5", "--select-every")
+                         "activation=relu", "--velocity", "mlp", "--steps", "1", "--select-num", "5",
+                         "--select-every", "0"], "--select-num 5", "--select-every")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--velocity", "unf", "--steps", "1", "--select-num", "5"],
+                "--select-num 5", "--select-every")  # no recipe for this field: no selection unless asked
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--condition", "depth"], "--condition 'depth' is not a column")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
@@ -102,8 +105,21 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_train_without_recipe_flags_runs_the_measured_recipe(zoo, tmp_path, capsys):
+    from unf.flow import WeightFlow
+    from unf.flow.recipe import RECIPES
+
+    run = tmp_path / "default"
+    assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
+                 "--where", "activation=relu"]) == 0
+    assert "velocity, select_every from the recipe for MLP zoos" in capsys.readouterr().out  # human output
+    flow = WeightFlow.load(run / "flow.safetensors")
+    assert flow.info["recipe"]["kind"] == "mlp" and flow.velocity.kind == RECIPES["mlp"]["velocity"]
+    assert flow.info["config"]["select_every"] == RECIPES["mlp"]["select_every"]
+
+
 def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
-    run = tmp_path / "units"
+    run = tmp_path / "units"  # --unit-* options name the unf field
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--where", "activation=relu", "--unit-hidden", "4", "--align-target", "--ot-candidates", "2",
                  "--unit-activation", "sinkhorn", "--unit-rank", "2", "--json", "--quiet"]) == 0

@@ -16,7 +16,8 @@ def register(sub) -> None:
     p = add_command(flow, "train", run=run_train, seed=True, device=True,
                     help="fit a flow to a zoo's networks (resumes an interrupted run in --out; runs under torchrun)",
                     example="unf flow train --zoo zoos/digits-mlp --out runs/flow --where activation=relu --epoch 10 "
-                            "--holdout 0.2 --velocity unf --steps 3000")
+                            "--holdout 0.2\nunf flow train --zoo zoos/digits-mlp --out runs/unf --where activation=relu "
+                            "--velocity unf --unit-hidden 64 --unit-activation sinkhorn --steps 3000")
     p.add_argument("--zoo", required=True, help="zoo directory (the store format of `unf zoo build`)")
     p.add_argument("--out", required=True, help="run directory: checkpoints and flow.safetensors")
     p.add_argument("--where", action="append", default=[], metavar="COL=VAL",
@@ -24,9 +25,12 @@ def register(sub) -> None:
     p.add_argument("--epoch", default=None, help="the rows of this saved epoch (default: the last one)")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of networks held out, never trained on (default 0.2)")
-    p.add_argument("--velocity", choices=("unf", "mlp"), default="unf",
-                   help="unf: equivariant UNF field (default); mlp: DeepWeightFlow's flat MLP")
-    p.add_argument("--steps", type=at_least(1), default=3000, help="training steps (default 3000)")
+    p.add_argument("--velocity", choices=("unf", "mlp"), default=None,
+                   help="unf: equivariant UNF field; mlp: DeepWeightFlow's flat MLP (default: the best recipe "
+                        "measured for the zoo's architecture kind, unf.flow.recipe: today mlp for MLPs and CNNs; "
+                        "unf when a --unit-* option is given)")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="training steps (default: the recipe's, 1000, for the recipe's field; else 3000)")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="networks per step and process (default 64)")
     p.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (default: 2e-3 unf, 5e-4 mlp)")
     p.add_argument("--condition", action="append", default=[], metavar="COL",
@@ -62,9 +66,10 @@ def register(sub) -> None:
     p.add_argument("--unit-rank", type=at_least(0), default=0, metavar="R",
                    help="with --unit-hidden: rank-R tables of unit pairs for the weights between hidden layers "
                         "(default 0: none)")
-    p.add_argument("--select-every", type=at_least(0), default=0, metavar="K",
+    p.add_argument("--select-every", type=at_least(0), default=None, metavar="K",
                    help="every K steps sample --select-num networks and keep the flow whose samples are most "
-                        "accurate on the zoo's training split (no test data; default 0: keep the last)")
+                        "accurate on the zoo's training split (no test data; default: the recipe's, 50, for the "
+                        "recipe's field; else 0: keep the last)")
     p.add_argument("--select-num", type=at_least(2), default=None,
                    help="networks sampled per selection (default 100, at least 2: their agreement with each other "
                         "is measured; needs --select-every)")
@@ -103,16 +108,19 @@ def run_train(args) -> int:
     from unf.distributed import dist_info, init_distributed
     from unf.flow import CheckpointError, FlowConfig, train_flow
     from unf.flow.canonical import reference_index
+    from unf.flow.recipe import resolve as resolve_recipe
     from unf.flow.zoo import holdout_split, model_factory, parse_where, select_rows, zoo_data
     from unf.io import atomic_write
     from unf.zoo import Zoo, ZooFormatError
 
     if not 0 <= args.holdout < 1:
         raise UserError(f"--holdout {args.holdout}: must be in [0, 1)")
-    if args.select_num is not None and not args.select_every:
+    if args.select_num is not None and args.select_every == 0:
         raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
                         "without --select-every K (K > 0)")
-    if args.unit_hidden and args.velocity != "unf":
+    if args.velocity is None and (args.unit_hidden or args.unit_activation or args.unit_rank):
+        args.velocity = "unf"  # options of the unf field name it
+    if args.unit_hidden and args.velocity not in (None, "unf"):
         raise UserError(f"--unit-hidden {args.unit_hidden}: only the unf field has unit MLPs (--velocity unf)")
     for flag, value in (("--unit-activation", args.unit_activation), ("--unit-rank", args.unit_rank)):
         if value and not args.unit_hidden:
@@ -139,6 +147,11 @@ def run_train(args) -> int:
     with user_error("--zoo", (ValueError,)):
         data_name, split_seed = zoo_data(zoo.manifest.get("info", {}))
         model_factory(zoo.manifest.get("info", {}))
+    recipe = resolve_recipe(zoo.spec, args.velocity, args.steps, args.select_every)
+    args.velocity, args.steps, args.select_every = recipe["velocity"], recipe["steps"], recipe["select_every"]
+    if args.select_num is not None and not args.select_every:
+        raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
+                        "without --select-every K (K > 0)")
     rows = [zoo.metadata[i] for i in picked]
     train_ids, held = holdout_split([r["model_id"] for r in rows], args.holdout, args.seed)
     keep = set(train_ids)
@@ -176,10 +189,12 @@ def run_train(args) -> int:
     run_info = {"fixed": fixed, "zoo": str(Path(args.zoo).resolve()), "zoo_name": zoo.manifest.get("name"),
                 "zoo_info": zoo.manifest.get("info", {}), "where": where, "epoch": epoch, "data": data_name,
                 "split_seed": split_seed, "holdout": held, "holdout_fraction": args.holdout,
-                "train_ids": train_ids, "seed": args.seed,
+                "train_ids": train_ids, "seed": args.seed, "recipe": recipe,
                 "canonical_reference": str(meta[reference]["model_id"]) if cfg.canonicalize == "reference" else None}
     info(f"{len(train_rows)} training networks ({len(held)} held out) from {args.zoo}, epoch {epoch}; "
-         f"{cfg.velocity} velocity, {cfg.steps} steps")
+         f"{cfg.velocity} velocity, {cfg.steps} steps"
+         + (f" ({', '.join(recipe['from_recipe'])} from the recipe for {recipe['kind'].upper()} zoos, "
+            "unf.flow.recipe)" if recipe["from_recipe"] else ""))
     select = None
     if cfg.select_every:
         if cfg.condition:
