@@ -111,8 +111,10 @@ def test_train_without_recipe_flags_runs_the_measured_recipe(zoo, tmp_path, caps
 
     run = tmp_path / "default"
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
-                 "--where", "activation=relu"]) == 0
+                 "--where", "activation=relu", "--compile"]) == 0
     assert "velocity, select_every from the recipe for MLP zoos" in capsys.readouterr().out  # human output
+    history = json.loads((run / "history.json").read_text())
+    assert "compile_seconds" in history[0] and "compile_seconds" not in history[1]  # --compile reached training
     flow = WeightFlow.load(run / "flow.safetensors")
     assert flow.info["recipe"]["kind"] == "mlp" and flow.velocity.kind == RECIPES["mlp"]["velocity"]
     assert flow.info["config"]["select_every"] == RECIPES["mlp"]["select_every"]

@@ -303,6 +303,53 @@ def test_training_resumes_exactly_from_a_checkpoint(spec, tmp_path):
         train_flow(ws, None, FlowConfig(steps=8, align_target=True, **cfg), out=tmp_path / "part")
 
 
+def test_compiled_training_matches_eager_resumes_and_falls_back(spec, tmp_path, monkeypatch):
+    """``compile=True`` gives eager's losses and weights to float tolerance, compiles once (one graph, no
+    recompilation per step), is no setting of the run (an eager checkpoint resumes compiled), and falls back to eager
+    with a warning when the compiler fails. (The MLP field: inductor's C++ compile of a UNF field takes minutes; the
+    next test checks that the UNF field traces as one graph.)"""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    ws, _, _ = _two_mode_zoo(spec, n=8)
+    cfg = dict(velocity="mlp", velocity_config=dict(hidden=8, layers=1, emb=8), batch_size=4, checkpoint_every=2,
+               seed=1)
+    eager, h_eager = train_flow(ws, None, FlowConfig(steps=4, **cfg), out=tmp_path / "eager")
+    dynamo.reset()
+    counters.clear()
+    train_flow(ws, None, FlowConfig(steps=2, **cfg), out=tmp_path / "mixed")
+    mixed, h_mixed = train_flow(ws, None, FlowConfig(steps=4, **cfg), out=tmp_path / "mixed", compile=True)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph (forward and backward), compiled once
+    assert [h["loss"] for h in h_mixed] == pytest.approx([h["loss"] for h in h_eager], rel=1e-4)
+    assert "compile_seconds" in h_mixed[2] and all("compile_seconds" not in h for h in h_mixed[:2] + h_mixed[3:])
+    a, b = eager.velocity.state_dict(), mixed.velocity.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    def broken(self, *args, **kw):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(torch._dynamo.eval_frame.OptimizedModule, "__call__", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
+        _, h_fell = train_flow(ws, None, FlowConfig(steps=4, **cfg), compile=True)
+    assert [h["loss"] for h in h_fell] == pytest.approx([h["loss"] for h in h_eager], rel=1e-5)
+    assert all("compile_seconds" not in h for h in h_fell)
+
+
+def test_unf_training_step_traces_as_one_graph(spec):
+    """``train_flow(compile=True)`` pays only if the UNF field's loss is one graph: no graph break, with unit memories
+    (Sinkhorn) and pair tables too."""
+    import torch._dynamo as dynamo
+
+    from unf.flow.train import _Objective
+
+    ws = _random_ws(spec, 4)
+    v = UNFVelocity(spec, hidden=4, depth=1, emb=8, fold_max=2, unit_hidden=4, unit_rank=2,
+                    unit_activation="sinkhorn")
+    dynamo.reset()
+    explained = dynamo.explain(_Objective(v))(ws, torch.rand(4), None, ws * 0.5)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
 def test_selection_keeps_the_best_scored_snapshot_and_survives_resume(spec, tmp_path):
     ws, _, _ = _two_mode_zoo(spec, n=8)
     cfg = dict(velocity="mlp", velocity_config=dict(hidden=8, layers=2, emb=8), batch_size=4, checkpoint_every=2,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -84,6 +85,24 @@ class _Objective(nn.Module):
         return (v.flatten() - target.flatten()).square().mean()
 
 
+class _Compiled:
+    """``torch.compile(module)`` with an eager fallback: a compiler failure (no C++ compiler, an unsupported op)
+    warns once and the run goes on eagerly; an error of the model itself re-raises from the eager call."""
+
+    def __init__(self, module: nn.Module):
+        self.eager, self.compiled = module, torch.compile(module)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 -- see the class docstring
+                warnings.warn(f"train_flow: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training "
+                              "eagerly from now on", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.eager(*args)
+
+
 def _ema_fn(decay: float):
     """EMA with warm-up: the plain average of the first ``1 / (1 - decay)`` steps, then decay ``decay`` -- so a
     short run's EMA is not dominated by the (zero) initial field."""
@@ -142,7 +161,8 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
                out: Optional[str | Path] = None, device=None, progress: bool = False,
                info: Optional[dict] = None, reference: int = 0,
                log: Optional[Callable[[dict], None]] = None,
-               select: Optional[Callable[[WeightFlow], float]] = None) -> tuple[WeightFlow, list[dict]]:
+               select: Optional[Callable[[WeightFlow], float]] = None,
+               compile: bool = False) -> tuple[WeightFlow, list[dict]]:
     """Fit a flow to the networks ``train`` ``[N, 1]`` (zoo coordinates; ``rows``: their metadata, for
     conditioning). ``out``: run directory for checkpoints (resumed when present) and ``flow.safetensors``.
     ``reference``: the network canonicalisation aligns to. Returns the flow (EMA weights) and the log.
@@ -153,7 +173,13 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     loss still falls (BENCHMARKS.md). The scores are in the log (``"select"``), so a resumed run keeps its best.
     ``select`` may also return a mapping with ``"score"`` and ``"eligible"`` (and more, logged too): only eligible
     snapshots are kept (``unf flow train``: those whose samples are as diverse as the training networks); with none
-    eligible the last one is returned, without ``selected_step``."""
+    eligible the last one is returned, without ``selected_step``.
+
+    ``compile``: run the loss and its backward through ``torch.compile`` (one graph; compiled once, in the first
+    step, whose log entry gets ``compile_seconds``; minutes for a UNF field with unit memories). It pays where the
+    step is many small ops (small networks, Sinkhorn memories; BENCHMARKS.md); results equal eager's to float
+    tolerance, so it is not a setting of the run (a run may be resumed with or without it). If the compiler fails,
+    training warns and goes on eagerly."""
     cfg = cfg or FlowConfig()
     dist, rank, world = dist_info()
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -200,7 +226,10 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     if dist is not None:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda"
                                                         else None)
-    steps = range(len(history), cfg.steps)
+    if compile:
+        objective = _Compiled(objective)
+    first = len(history)
+    steps = range(first, cfg.steps)
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
@@ -234,6 +263,8 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
             value = float(lt) / world
         history.append({"step": step + 1, "loss": value, "grad_norm": float(norm),
                         "seconds": time.perf_counter() - start})
+        if compile and step == first and objective.compiled is not None:
+            history[-1]["compile_seconds"] = history[-1]["seconds"] - (history[-2]["seconds"] if first else 0.0)
         if cfg.select_every and (step + 1) % cfg.select_every == 0:
             result = select(snapshot(ema.module))
             velocity.train()
