@@ -132,7 +132,7 @@ def run(args) -> None:
     cfg = FlowConfig(velocity=args.velocity, steps=args.steps, seed=args.seed, velocity_config=v_over, **cfg_over)
     out = Path(args.runs) / name
     t0 = time.time()
-    flow, history = train_flow(zoo, cfg=cfg, out=out, progress=True)
+    flow, history = train_flow(zoo, cfg=cfg, out=out, progress=True, compile=args.compile)
     train_s = time.time() - t0
     gen, _ = flow.sample(args.num, nfe=20, solver="heun", seed=args.seed + 1, batch_size=args.num)
     gen = gen.to(dtype=torch.float32)
@@ -159,7 +159,8 @@ def run(args) -> None:
     row = {"name": name, "rung": args.rung, "data": args.data, "widths": widths, "velocity": args.velocity, "seed": args.seed, "steps": args.steps,
            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
            "parameters": sum(p.numel() for p in flow.velocity.parameters()),
-           "train_seconds": round(train_s, 1), "final_loss": history[-1].get("loss") if history else None,
+           "train_seconds": round(train_s, 1), "compiled": args.compile,
+           "compile_seconds": sum(h.get("compile_seconds", 0.0) for h in history), "final_loss": history[-1].get("loss") if history else None,
            "loss_last100": float(torch.tensor([h["loss"] for h in history[-100:]]).mean()) if history else None,
            "base_test_acc": base_acc[:k], "zoo_test_acc_mean": float((zoo_pred == d.y_test).float().mean()),
            "sample_test_acc_mean": float(acc.mean()), "sample_test_acc_median": float(acc.median()),
@@ -243,6 +244,7 @@ def main(argv=None) -> None:
     p.add_argument("--vset", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs", default="runs/ladder")
     p.add_argument("--force", action="store_true", help="run again even if the results file has this run")
+    p.add_argument("--compile", action="store_true", help="train_flow(compile=True): not part of the run's name")
     p.add_argument("--results", default=str(RESULTS))
     p.set_defaults(fn=run)
     p = sub.add_parser("units", help="distinct base units per sample of runs already in the results")

@@ -72,7 +72,9 @@ def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Pa
     cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": variant})
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
     rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule,
-                               log=lambda h: append_jsonl(log, {k: h[k] for k in ("step", "meta_loss", "seconds")}))
+                               log=lambda h: append_jsonl(log, {k: h[k] for k in ("step", "meta_loss", "seconds",
+                                                                                 "valid_loss_start", "valid_loss")
+                                                                   if k in h}))
     append_jsonl(out, {"kind": "meta", "family": fam_name, "rule": variant, "budget_min": budget_min,
                        "minutes": sum(h["seconds"] for h in history) / 60, "outer_steps": len(history),
                        "inner_tasks": len({h["task"]["seed"] for h in history}), "warm_start": start,

@@ -151,6 +151,44 @@ def test_resume_is_bit_identical_and_refuses_another_family(tmp_path):
         meta_train(cfg, tmp_path)
 
 
+def test_validation_keeps_the_best_rule_on_held_out_tasks_and_resumes(tmp_path, monkeypatch):
+    """``validate_every``: the rule is scored on held-out seeds (never meta-trained on) before the first step, every
+    K steps and after the last; the result is the best-scored rule, not the last (here a meta-gradient pointing the
+    wrong way, as a noisy PES estimate can, makes the rule worse, so the starting one is kept), and a resumed run
+    keeps the best of the steps before it."""
+    family = _regression_family(horizon=4)
+    cfg = MetaConfig(steps=6, pairs=2, unroll=2, outer_lr=0.5, sigma=0.05, rule=SMALL_RULE, validate_every=2)
+    torch.manual_seed(cfg.seed)
+    start = LearnedRule(RuleConfig(**SMALL_RULE))  # the rule meta_train builds from this seed
+    ascent = meta.es_gradient
+    with monkeypatch.context() as m:
+        m.setattr(meta, "es_gradient", lambda *a: -ascent(*a))
+        rule, hist = meta_train(cfg, family)
+        meta_train(MetaConfig(**{**cfg.__dict__, "steps": 4}), family, out=tmp_path / "a", checkpoint_every=1)
+        again, _ = meta_train(cfg, family, out=tmp_path / "a", checkpoint_every=1)
+    assert torch.equal(_theta(again), _theta(start))  # the best, from before the resume, survives it
+    held = meta.validation_tasks(cfg, family)
+    assert [t.seed for t in held] == [meta.VALIDATION_SEED, meta.VALIDATION_SEED + 1]
+    assert not {t.seed for t in held} & {h["task"]["seed"] for h in hist}
+    assert [h["step"] for h in hist if "valid_loss" in h] == [2, 4, 6] and "valid_loss_start" in hist[0]
+    scores = [hist[0]["valid_loss_start"]] + [h["valid_loss"] for h in hist if "valid_loss" in h]
+    assert scores[0] < min(scores[1:])  # the meta-training made it worse ...
+    assert torch.equal(_theta(rule), _theta(start))  # ... so the starting rule is returned
+    params = {n: p.detach()[None] for n, p in rule.named_parameters()}
+    assert meta.validation_loss(cfg, rule, params, held) == pytest.approx(scores[0], rel=1e-6)
+    # the true meta-gradient improves it: a later rule is kept, and resuming keeps the best of the first part
+    gentle = cfg
+    best, h_full = meta_train(gentle, family)
+    kept = min([(h_full[0]["valid_loss_start"], 0)] + [(h["valid_loss"], h["step"]) for h in h_full
+                                                       if "valid_loss" in h])
+    assert kept[1] > 0
+    meta_train(MetaConfig(**{**gentle.__dict__, "steps": 4}), family, out=tmp_path / "b", checkpoint_every=1)
+    resumed, h_res = meta_train(gentle, family, out=tmp_path / "b", checkpoint_every=1)
+    assert torch.equal(_theta(resumed), _theta(best)) and len(h_res) == 6
+    with pytest.raises(ValueError, match="validate_every"):
+        MetaConfig(validate_every=-1)
+
+
 def test_fingerprint_names_what_the_rule_depends_on():
     a, b = _regression_family(), _regression_family()
     assert a.fingerprint() == b.fingerprint()
@@ -256,6 +294,19 @@ def test_cli_meta_trains_and_evaluates_a_task_file(tmp_path, capsys):
     assert ev["task"] == row["task"] and 0 <= ev["test_acc"] <= 1
     assert ev["best_adam"] in ("adam lr=0.01", "adam lr=0.01 cosine")  # the better of constant and cosine
     assert ev["best_sgdm"] in ("sgdm lr=0.1", "sgdm lr=0.1 cosine") and ev["speedup_train_vs_sgdm"] >= 0
+
+
+def test_cli_validation_reports_the_kept_rule(tmp_path, capsys):
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    out = tmp_path / "run"
+    assert main(["lopt", "meta-train", "--task", f"{task}:family", "--out", str(out), "--variant", "mlp", "--pairs",
+                 "1", "--unroll", "2", "--steps", "2", "--validate-every", "1", "--validate-tasks", "1",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    scores = [(log[0]["valid_loss_start"], 0)] + [(h["valid_loss"], h["step"]) for h in log]
+    assert (row["valid_loss"], row["selected_step"]) == min(scores)
 
 
 def test_cli_budget_alone_stops_meta_training(tmp_path, capsys):

@@ -50,6 +50,12 @@ def register(sub) -> None:
                                                                          "default 200)")
     p.add_argument("--min-horizon", type=at_least(1), default=None, help="MLP mix: shortest inner training (steps; "
                                                                          "default 50)")
+    p.add_argument("--validate-every", type=at_least(0), default=0, metavar="K",
+                   help="every K outer steps train --validate-tasks held-out tasks (never meta-trained on, nor the "
+                        "small seeds evaluations use) for their whole horizon with the rule, and keep the rule with "
+                        "the lowest meta-loss there instead of the last (default 0: keep the last)")
+    p.add_argument("--validate-tasks", type=at_least(1), default=2, metavar="N",
+                   help="held-out tasks per validation (default 2)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
 
@@ -121,7 +127,8 @@ def run_meta_train(args) -> int:
         cfg = MetaConfig(steps=steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
                          max_horizon=max_h, min_horizon=min_h, estimator=args.estimator,
                          outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
-                         datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget)
+                         datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget,
+                         validate_every=args.validate_every, validate_tasks=args.validate_tasks)
         if family is None:
             cfg.check_mix()
     out.mkdir(parents=True, exist_ok=True)
@@ -152,16 +159,22 @@ def run_meta_train(args) -> int:
         last = history[-20:]
         mean = sum(h["meta_loss"] for h in last) / max(1, len(last))
         minutes = sum(h["seconds"] for h in history) / 60
+        scored = [(h["valid_loss_start"], 0) for h in history[:1] if "valid_loss_start" in h] + \
+            [(h["valid_loss"], h["step"]) for h in history if "valid_loss" in h]
+        kept = min(scored) if scored else None
         info(f"meta-trained {args.variant} rule on {family.name if family else 'the MLP task mix'} for "
              f"{len(history)} steps ({minutes:.1f} min); mean meta-loss of the last {len(last)}: {mean:.4f}; "
-             f"weights: {out / 'rule.safetensors'}")
+             + (f"kept the rule of step {kept[1]} (held-out meta-loss {kept[0]:.4f}); " if kept else "")
+             + f"weights: {out / 'rule.safetensors'}")
         emit({"out": str(out), "task": None if family is None else family.name, "steps": len(history),
-              "minutes": minutes, "meta_loss_last20": mean, "alpha": float(rule.log_alpha.detach().exp())})
+              "minutes": minutes, "meta_loss_last20": mean, "alpha": float(rule.log_alpha.detach().exp()),
+              "selected_step": kept[1] if kept else None, "valid_loss": kept[0] if kept else None})
     return 0
 
 
 def _log_row(h: dict) -> dict:
-    return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds")}
+    return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds", "valid_loss_start", "valid_loss")
+            if k in h}
 
 
 def _lrs(text: str, option: str, allow_none: bool = False) -> list:

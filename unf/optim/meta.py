@@ -70,6 +70,8 @@ class MetaConfig:
     datasets: tuple = DATASETS
     widths: Optional[tuple] = None  # fix the tasks' hidden widths (variant "unf-exact" needs one architecture)
     budget_s: Optional[float] = None  # stop after this many seconds of meta-training, counted over resumes
+    validate_every: int = 0  # > 0: every that many outer steps score the rule on held-out tasks; keep the best
+    validate_tasks: int = 2  # held-out tasks per validation (family seeds VALIDATION_SEED + i; see meta_train)
 
     def __post_init__(self):
         if self.steps is None and self.budget_s is None:
@@ -83,6 +85,9 @@ class MetaConfig:
         unknown = [d for d in self.datasets if d not in DATASETS]
         if unknown or not self.datasets:
             raise ValueError(f"datasets {unknown or '()'}: choose from {DATASETS}")
+        if self.validate_every < 0 or self.validate_tasks < 1:
+            raise ValueError(f"need validate_every >= 0 ({self.validate_every}) and validate_tasks >= 1 "
+                             f"({self.validate_tasks})")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
         if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
@@ -252,6 +257,28 @@ class _Inner:
                 t.copy_(t[-1:].expand_as(t))
 
 
+VALIDATION_SEED = 2 ** 31  # held-out tasks' seeds: meta-training draws from [2**30, 2**31), evaluations use small ones
+
+
+def validation_tasks(cfg: MetaConfig, family: Optional[TaskFamily]) -> list:
+    """The held-out tasks of :func:`meta_train`'s validation: the family at seeds ``VALIDATION_SEED + i``, or for
+    the MLP mix tasks drawn from a generator no meta-training step uses."""
+    if family is not None:
+        return [FamilyTask(family, VALIDATION_SEED + i) for i in range(cfg.validate_tasks)]
+    return [sample_task(torch.Generator().manual_seed(VALIDATION_SEED + cfg.seed * 7919 + i), cfg)
+            for i in range(cfg.validate_tasks)]
+
+
+def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: list) -> float:
+    """The meta-loss of the rule with meta-parameters ``params`` (name -> ``[1, *shape]``) over whole tasks: each
+    task trained for its full horizon from its seed, the mean over tasks of the mean (log) loss ratio."""
+    total = 0.0
+    for task in tasks:
+        inner = _Inner(task, cfg, rule, 0, 0)
+        total += float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss)[0])
+    return total / len(tasks)
+
+
 def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Optional[str | Path] = None,
                rule: Optional[LearnedRule] = None, progress: bool = False, checkpoint_every: int = 10, log=None
                ) -> tuple[LearnedRule, list[dict]]:
@@ -260,7 +287,14 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
     family). Stops after ``cfg.steps`` outer steps or ``cfg.budget_s`` seconds, whichever comes first.
 
     Returns the rule and the per-step log (``{"step", "meta_loss", "grad_norm", "task", "seconds"}``). At the end
-    ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads."""
+    ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads.
+
+    With ``cfg.validate_every > 0`` the rule is scored before the first step, every that many steps and after the
+    last one on ``cfg.validate_tasks`` held-out tasks (:func:`validation_tasks`: never a meta-training task, and
+    not the small seeds evaluations use), each trained for its whole horizon (:func:`validation_loss`); the result is
+    the rule with the lowest score, not the last one (PES can walk a rule into a diverging region late in a run).
+    Scores go into the log (``"valid_loss"``; the starting rule's: ``"valid_loss_start"`` of step 1), and the budget
+    counts their time."""
     if family is not None and not isinstance(family, TaskFamily):
         raise TypeError(f"meta_train: family must be a unf.optim.TaskFamily, got {type(family).__name__} (the run "
                         "directory is out=...)")
@@ -290,6 +324,23 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         start = len(history)
     saved = start
     elapsed = sum(h["seconds"] for h in history)  # the budget counts the steps the checkpoint holds
+    held_out = validation_tasks(cfg, family) if cfg.validate_every else []
+    best: Optional[tuple[float, int, torch.Tensor]] = None  # (score, step, theta)
+    if held_out and out is not None and (out / "checkpoint.safetensors").is_file():
+        best = _read_best(out)
+
+    def validate(at: int) -> float:
+        nonlocal best
+        score = validation_loss(cfg, rule, _stack(theta[None], names, shapes), held_out)
+        if best is None or score < best[0]:
+            best = (score, at, theta.clone())
+        return score
+
+    initial = None  # the starting rule's score, logged with the first step ("valid_loss_start")
+    if held_out and start == 0:
+        t0 = time.perf_counter()
+        initial = validate(0)
+        elapsed += time.perf_counter() - t0
     over = lambda: cfg.budget_s is not None and elapsed >= cfg.budget_s  # noqa: E731
     my_pairs = list(range(rank, cfg.pairs, world))
     task_gen = torch.Generator()
@@ -311,11 +362,7 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         signs = torch.cat([torch.ones(len(my_pairs)), -torch.ones(len(my_pairs)), torch.zeros(1)])
         pert = torch.cat([eps, eps, theta.new_zeros(1, theta.numel())])
         flat = theta[None] + cfg.sigma * signs[:, None] * pert  # [n, D]
-        stacked, i = {}, 0
-        for name, shape in zip(names, shapes):
-            size = math.prod(shape)
-            stacked[name] = flat[:, i:i + size].reshape(-1, *shape)
-            i += size
+        stacked = _stack(flat, names, shapes)
         if cfg.estimator == "pes":
             inner.xi += eps
             direction = inner.xi
@@ -336,6 +383,8 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         theta.grad = grad
         opt.step()
         theta.grad = None
+        last = step + 1 == cfg.steps
+        score = validate(step + 1) if held_out and ((step + 1) % cfg.validate_every == 0 or last) else None
         seconds = time.perf_counter() - t0
         if dist is not None and cfg.budget_s is not None:  # every rank stops at one step: rank 0's clock counts
             t = torch.tensor([seconds], dtype=torch.float64)
@@ -345,6 +394,14 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
                         "task": inner.task.record(), "seconds": seconds})
         elapsed += seconds
         step += 1
+        if held_out and score is None and over():  # the budget ends the run here: score its last rule too
+            t0 = time.perf_counter()
+            score = validate(step)
+            history[-1]["seconds"] += time.perf_counter() - t0
+        if score is not None:
+            history[-1]["valid_loss"] = score
+        if initial is not None and step == 1:
+            history[-1]["valid_loss_start"] = initial
         if log is not None:
             log(history[-1])
         if bar is not None:
@@ -352,11 +409,11 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         done = inner.t >= inner.task.horizon
         last = step == cfg.steps or over()
         if out is not None and rank == 0 and done and (step - saved >= checkpoint_every or last):
-            save_checkpoint(out, cfg, theta, opt, history, family=identity)
+            save_checkpoint(out, cfg, theta, opt, history, family=identity, best=best)
             saved = step
     if bar is not None:
         bar.close()
-    _assign(rule, theta)
+    _assign(rule, theta if best is None else best[2])
     if out is not None and rank == 0:
         rule.save(out / "rule.safetensors")
     return rule, history
@@ -366,8 +423,24 @@ class CheckpointError(ValueError):
     """A run directory's checkpoint cannot be resumed (damaged, or written with other settings)."""
 
 
+def _stack(flat: torch.Tensor, names: list, shapes: list) -> dict:
+    """``[n, D]`` meta-parameter vectors -> name -> ``[n, *shape]`` views."""
+    stacked, i = {}, 0
+    for name, shape in zip(names, shapes):
+        size = math.prod(shape)
+        stacked[name] = flat[:, i:i + size].reshape(-1, *shape)
+        i += size
+    return stacked
+
+
+def _read_best(out: Path) -> Optional[tuple[float, int, torch.Tensor]]:
+    meta, tensors = _read_checkpoint(out)
+    best = json.loads(meta.get("best", "null"))
+    return None if best is None else (best["valid_loss"], best["step"], tensors["best_theta"])
+
+
 def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam, history: list,
-                    family: Optional[dict] = None) -> None:
+                    family: Optional[dict] = None, best: Optional[tuple] = None) -> None:
     """``out/checkpoint.safetensors``: meta-parameters and outer Adam state, settings, the task family (``{"name",
     "spec_hash"}``, or none: the MLP mix) and log in its metadata; written atomically, at task boundaries only (a
     task depends on (seed, step), so a resumed run continues exactly)."""
@@ -382,6 +455,9 @@ def save_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.
         tensors.update(exp_avg=st["exp_avg"].clone(), exp_avg_sq=st["exp_avg_sq"].clone(),
                        adam_step=torch.as_tensor(st["step"], dtype=torch.float64).reshape(1))
     meta = {"config": json.dumps(asdict(cfg)), "history": json.dumps(history), "family": json.dumps(family)}
+    if best is not None:  # validation's best rule so far: (score, step, theta)
+        tensors["best_theta"] = best[2].detach().clone()
+        meta["best"] = json.dumps({"valid_loss": best[0], "step": best[1]})
     atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -438,5 +514,6 @@ def _assign(rule: LearnedRule, theta: torch.Tensor) -> None:
         vector_to_parameters(theta.clone(), rule.parameters())
 
 
-__all__ = ["CheckpointError", "DATASETS", "FamilyTask", "MetaConfig", "Task", "checkpoint_history", "es_gradient",
-           "init_distributed", "load_checkpoint", "meta_train", "sample_task", "save_checkpoint"]
+__all__ = ["CheckpointError", "DATASETS", "FamilyTask", "MetaConfig", "Task", "VALIDATION_SEED", "checkpoint_history",
+           "es_gradient", "init_distributed", "load_checkpoint", "meta_train", "sample_task", "save_checkpoint",
+           "validation_loss", "validation_tasks"]
