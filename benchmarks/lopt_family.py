@@ -43,9 +43,13 @@ from unf.optim.tasks import ADAM_LRS, FAMILIES, SCHEDULES, SGD_LRS, speedup, tra
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "unf" / "optim" / "weights"
 SHIPPED = {"unf": "default.safetensors", "deepsets": "deepsets.safetensors", "mlp": "mlp.safetensors"}
-RULES = ("unf", "unf-exact", "deepsets", "mlp", "shipped")  # "shipped": the shipped unf weights, not meta-trained here
+# "shipped": the shipped unf weights, not meta-trained here; "+val": meta-trained keeping the rule that scores best on
+# held-out family seeds every VALIDATE_EVERY outer steps (MetaConfig.validate_every; its time counts in the budget)
+RULES = ("unf", "unf-exact", "deepsets", "mlp", "unf+val", "unf-exact+val", "shipped")
+VALIDATE_EVERY = 50
 LABEL = {"shipped": "shipped UNF weights (not meta-trained on the family)", "unf": "UNF (shared)",
          "unf-exact": "UNF (exact, per term)", "deepsets": "DeepSets",
+         "unf+val": "UNF (shared), best on held-out seeds", "unf-exact+val": "UNF (exact), best on held-out seeds",
          "mlp": "per-parameter MLP", "adam": "tuned Adam", "sgdm": "tuned SGDM"}
 GRIDS = {"adam": ADAM_LRS, "sgdm": SGD_LRS}
 
@@ -68,8 +72,10 @@ def initial_rule(variant: str, family) -> tuple[LearnedRule, str]:
 
 def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path) -> None:
     family = FAMILIES[fam_name]
-    rule, start = initial_rule(variant, family)
-    cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": variant})
+    base = variant.split("+")[0]
+    rule, start = initial_rule(base, family)
+    cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base},
+                     validate_every=VALIDATE_EVERY if variant.endswith("+val") else 0)
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
     rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule,
                                log=lambda h: append_jsonl(log, {k: h[k] for k in ("step", "meta_loss", "seconds",
@@ -81,6 +87,9 @@ def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Pa
                        "meta_loss_first20": statistics.mean(h["meta_loss"] for h in history[:20]),
                        "meta_loss_last20": statistics.mean(h["meta_loss"] for h in history[-20:]),
                        "alpha": float(rule.log_alpha.detach().exp()), "config": cfg.__dict__,
+                       "validations": [{"step": 0, "valid_loss": h["valid_loss_start"]} for h in history[:1]
+                                       if "valid_loss_start" in h]
+                       + [{"step": h["step"], "valid_loss": h["valid_loss"]} for h in history if "valid_loss" in h],
                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
 
 
