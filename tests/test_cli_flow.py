@@ -123,12 +123,12 @@ def test_train_without_recipe_flags_runs_the_measured_recipe(zoo, tmp_path, caps
 def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     run = tmp_path / "units"  # --unit-* options name the unf field
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
-                 "--where", "activation=relu", "--unit-hidden", "4", "--align-target", "--ot-candidates", "2",
+                 "--where", "activation=relu", "--unit-hidden", "units", "--align-target", "--ot-candidates", "2",
                  "--unit-activation", "sinkhorn", "--unit-rank", "2", "--json", "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
-    assert flow.velocity.config["unit_hidden"] == 4 and flow.info["config"]["align_target"] is True
+    assert flow.velocity.config["unit_hidden"] == "units" and flow.info["config"]["align_target"] is True
     assert flow.velocity.config["unit_activation"] == "sinkhorn" and flow.velocity.config["unit_rank"] == 2
     assert flow.info["config"]["ot_candidates"] == 2
     assert all(b.unit is not None and b.unit.activation == "sinkhorn" and b.unit.rank == 2

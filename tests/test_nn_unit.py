@@ -39,11 +39,12 @@ def _randomised(module):
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-@pytest.mark.parametrize("fold_max,rank,activation", [(0, 0, "silu"), (4, 0, "silu"), (4, 3, "silu"),
-                                                     (4, 3, "softmax"), (4, 3, "sinkhorn")])
-def test_unit_mlp_is_equivariant(name, fold_max, rank, activation):
+@pytest.mark.parametrize("fold_max,rank,activation,hidden", [(0, 0, "silu", 8), (4, 0, "silu", 8),
+                                                            (4, 3, "silu", 8), (4, 3, "softmax", 8),
+                                                            (4, 3, "sinkhorn", 8), (4, 3, "sinkhorn", "units")])
+def test_unit_mlp_is_equivariant(name, fold_max, rank, activation, hidden):
     spec = _spec(name)
-    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=8, max_features=10 ** 6, rank=rank,
+    layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=hidden, max_features=10 ** 6, rank=rank,
                                 activation=activation))
     assert len(layer.inp) == len(spec.groups)  # every group has its MLP: the check below can fail
     ws = _ws(spec)
@@ -55,6 +56,19 @@ def test_unit_mlp_is_equivariant(name, fold_max, rank, activation):
         ref = out.permute(p)
         for n in spec.float_names:
             assert (moved[n] - ref[n]).abs().max() <= TOL * ref[n].abs().max().clamp_min(1), n
+
+
+def test_units_width_gives_each_group_one_prototype_per_unit():
+    """``hidden="units"``: the memory of each group has as many prototypes as the group has units (MLP 5-4-3-2: 4
+    and 3), so a Sinkhorn memory's capacity is one unit per prototype; a bad width is named."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    spec = unf.spec_from_module(model, torch.randn(2, 5))
+    layer = UnitMLP(Layout(spec, 0), 1, hidden="units", rank=2, activation="sinkhorn")
+    assert sorted(m.out_features for m in layer.inp.values()) == [3, 4]
+    assert all(layer.pair[k].in_features == layer.inp[k].out_features for k in layer.pair)
+    for bad in (0, "wide", True):
+        with pytest.raises(ValueError, match="UnitMLP hidden"):
+            UnitMLP(Layout(spec, 0), 1, hidden=bad)
 
 
 def test_a_unit_sees_and_writes_its_whole_row_of_fixed_weights():

@@ -1,11 +1,22 @@
 """``unf flow train | sample | eval``: fit a weight-space flow to a zoo, generate a zoo from it, measure what came out."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from .common import (UserError, add_command, add_group, at_least, check_output, emit, info, positive_float, progress,
                      user_error, warn)
+
+
+def _unit_width(text: str):
+    """``--unit-hidden``: a width >= 0 or ``units``."""
+    if text == "units":
+        return text
+    try:
+        return at_least(0)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (give a width >= 0, or 'units')") from None
 
 
 def register(sub) -> None:
@@ -56,9 +67,10 @@ def register(sub) -> None:
                    help="with --align-target: choose the minibatch OT pairs on aligned distances, each target matched "
                         "against its K nearest noise samples (K * batch weight matchings per step; default 0: raw "
                         "distances)")
-    p.add_argument("--unit-hidden", type=at_least(0), default=0, metavar="W",
+    p.add_argument("--unit-hidden", type=_unit_width, default=0, metavar="W|units",
                    help="unf field only: add to every block a per-unit MLP of width W over all weights a unit "
-                        "touches (a memory of unit prototypes; default 0: none)")
+                        "touches (a memory of unit prototypes; 'units': as many as each layer has units, the best "
+                        "measured with --unit-activation sinkhorn; default 0: none)")
     p.add_argument("--unit-activation", choices=["silu", "softmax", "sinkhorn"], default=None,
                    help="with --unit-hidden: the unit MLP's hidden activation; softmax: a memory of W prototypes; "
                         "sinkhorn: the same, the units of a network competing so that no two take one prototype "

@@ -13,7 +13,7 @@ indices of the conditioning columns' values (0 = unknown / dropped). Both fields
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -100,7 +100,7 @@ class VelocityField(nn.Module):
 class _FiLMBlock(nn.Module):
     """``x + Linear(act(FiLM(Norm(x), e)))``: the residual branch of a ``UNFNet`` block, modulated by ``e``."""
 
-    def __init__(self, layout: Layout, channels: int, emb: int, scale: float, unit_hidden: int = 0,
+    def __init__(self, layout: Layout, channels: int, emb: int, scale: float, unit_hidden: Union[int, str] = 0,
                  unit_rank: int = 0, unit_activation: str = "silu"):
         super().__init__()
         self.names = layout.spec.float_names
@@ -131,13 +131,16 @@ class UNFVelocity(VelocityField):
     MLP (3,466 weights) ``hidden=32, depth=3`` has ~1/50 of the MLP field's parameters. ``unit_hidden > 0`` adds to
     every block a :class:`~unf.nn.unit.UnitMLP` of that width (a memory of unit prototypes; its parameters grow with
     the fixed entries a unit touches); ``unit_rank > 0`` gives it pair tables of that rank for the weights between
-    hidden layers; ``unit_activation="softmax"`` makes it a softmax memory of ``unit_hidden`` prototypes."""
+    hidden layers; ``unit_activation="softmax"`` makes it a softmax memory of ``unit_hidden`` prototypes, and
+    ``"sinkhorn"`` one whose prototypes a network's units compete for; ``unit_hidden="units"`` gives each group one
+    prototype per unit (the best memory measured on the orbit rung, BENCHMARKS.md)."""
 
     kind = "unf"
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, depth: int = 3, emb: int = 64,
                  vocab: Sequence[int] = (), pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX,
-                 prediction: str = "velocity", min_gap: float = 0.05, unit_hidden: int = 0, unit_rank: int = 0,
+                 prediction: str = "velocity", min_gap: float = 0.05, unit_hidden: Union[int, str] = 0,
+                 unit_rank: int = 0,
                  unit_activation: str = "silu"):
         super().__init__()
         self._set_prediction(prediction, min_gap)

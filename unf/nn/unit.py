@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -54,19 +55,25 @@ class UnitMLP(nn.Module):
     ``max_features``: a group whose feature vector would be longer is skipped (its units are too big to memorise
     entry by entry; the UNF layers still see them). ``activation``: ``"silu"`` or ``"softmax"`` (over the hidden
     width: a memory of ``hidden`` unit prototypes) or ``"sinkhorn"`` (the same memory, each prototype used by at
-    most ``max(1, n / hidden)`` of a network's ``n`` units; see the module docstring)."""
+    most ``max(1, n / hidden)`` of a network's ``n`` units; see the module docstring). ``hidden="units"``: each
+    group's width is its number of units, so a Sinkhorn memory holds one prototype per unit and its capacity of one
+    unit per prototype forbids two units to take one (with more prototypes than units, one unit can be stored in two
+    prototypes and collisions come back; BENCHMARKS.md, the orbit rung)."""
 
     ACTIVATIONS = ("silu", "softmax", "sinkhorn")
     SINKHORN_STEPS = 20  # enough for logit gaps up to about 20 log(n / cap)
 
-    def __init__(self, layout: Layout, channels: int, hidden: int = 128, max_features: int = 4096, rank: int = 0,
-                 activation: str = "silu"):
+    def __init__(self, layout: Layout, channels: int, hidden: Union[int, str] = 128, max_features: int = 4096,
+                 rank: int = 0, activation: str = "silu"):
         super().__init__()
         if activation not in self.ACTIVATIONS:
             raise ValueError(f"UnitMLP activation {activation!r}: choose from {self.ACTIVATIONS}")
+        if not (hidden == "units" or (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0)):
+            raise ValueError(f"UnitMLP hidden {hidden!r}: a positive width or 'units' (one per unit of the group)")
         self.layout, self.channels, self.rank, self.activation = layout, channels, rank, activation
         self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> [(piece, kept-axis position)]
         widths: dict[str, list[int]] = {}
+        units: dict[str, int] = {}  # group -> its number of units
         for q, p in enumerate(layout.pieces):
             for a, g in enumerate(p.kept_labels):
                 if g.startswith("~"):
@@ -74,6 +81,7 @@ class UnitMLP(nn.Module):
                 fixed = math.prod(n for lab, n in zip(p.kept_labels, p.kept_sizes) if lab.startswith("~"))
                 self.slots.setdefault(g, []).append((q, a))
                 widths.setdefault(g, []).append(channels * p.fold * fixed)
+                units[g] = p.kept_sizes[a]
         self.widths = {g: w for g, w in widths.items() if sum(w) <= max_features}
         skipped = sorted(g for g in widths if g not in self.widths)
         if skipped:
@@ -90,14 +98,14 @@ class UnitMLP(nn.Module):
         self.keys = {g: f"g{i}" for i, g in enumerate(self.slots)}  # group names may hold dots: not module keys
         self.inp, self.out, self.pair = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for g, w in self.widths.items():
-            k = self.keys[g]
-            self.inp[k] = nn.Linear(sum(w), hidden)
-            self.out[k] = nn.Linear(hidden, sum(w))
+            k, h = self.keys[g], units[g] if hidden == "units" else hidden
+            self.inp[k] = nn.Linear(sum(w), h)
+            self.out[k] = nn.Linear(h, sum(w))
             nn.init.zeros_(self.out[k].weight)  # the module starts at zero
             nn.init.zeros_(self.out[k].bias)
             if self.pair_slots[g]:
                 pw = self._pair_width(g)
-                self.pair[k] = nn.Linear(hidden, sum(pw))
+                self.pair[k] = nn.Linear(h, sum(pw))
                 with torch.no_grad():  # the second factor of each table starts at zero: the table does, but learns
                     for (q, side), rows, bias in zip(self.pair_slots[g], self.pair[k].weight.split(pw, 0),
                                                      self.pair[k].bias.split(pw, 0)):
