@@ -336,11 +336,11 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
             best = (score, at, theta.clone())
         return score
 
-    initial = None  # the starting rule's score, logged with the first step ("valid_loss_start")
+    initial = None  # the starting rule's score and seconds, logged with the first step (so resumes count them)
     if held_out and start == 0:
         t0 = time.perf_counter()
-        initial = validate(0)
-        elapsed += time.perf_counter() - t0
+        initial = (validate(0), time.perf_counter() - t0)
+        elapsed += initial[1]
     over = lambda: cfg.budget_s is not None and elapsed >= cfg.budget_s  # noqa: E731
     my_pairs = list(range(rank, cfg.pairs, world))
     task_gen = torch.Generator()
@@ -401,7 +401,8 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         if score is not None:
             history[-1]["valid_loss"] = score
         if initial is not None and step == 1:
-            history[-1]["valid_loss_start"] = initial
+            history[-1]["valid_loss_start"] = initial[0]
+            history[-1]["seconds"] += initial[1]
         if log is not None:
             log(history[-1])
         if bar is not None:
