@@ -383,8 +383,8 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         theta.grad = grad
         opt.step()
         theta.grad = None
-        last = step + 1 == cfg.steps
-        score = validate(step + 1) if held_out and ((step + 1) % cfg.validate_every == 0 or last) else None
+        due = held_out and ((step + 1) % cfg.validate_every == 0 or step + 1 == cfg.steps)
+        score = validate(step + 1) if due else None  # inside the step's seconds, so every rank's clock counts it
         seconds = time.perf_counter() - t0
         if dist is not None and cfg.budget_s is not None:  # every rank stops at one step: rank 0's clock counts
             t = torch.tensor([seconds], dtype=torch.float64)
