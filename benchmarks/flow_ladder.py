@@ -119,6 +119,10 @@ def run(args) -> None:
     arch = [] if (args.data, args.widths) == ("digits", "32,32") else [f"{args.data}{args.widths.replace(',', 'x')}"]
     name = "-".join([args.rung] + arch + [args.velocity, f"s{args.seed}", f"n{args.steps}"]
                     + [f"{a}={b}" for a, b in sorted({**cfg_over, **{"v." + x: y for x, y in v_over.items()}}.items())])
+    run_name = name  # the training run; the sampler, when not the default, names the results row only
+    sampler = (args.solver, args.nfe, args.churn)
+    if sampler != ("heun", 20, 0.0):
+        name += f"-sample={args.solver}{args.nfe}" + (f"c{args.churn:g}" if args.churn else "")
     results = Path(args.results)
     done = {r["name"] for r in load_jsonl(results, key=lambda r: r["name"])}
     if name in done and not args.force:
@@ -130,11 +134,15 @@ def run(args) -> None:
     other = WeightSpace(spec, {n: t[k:] for n, t in all_base.items()})
     zoo, labels = orbit_zoo(base, args.copies // k, noise=args.noise, seed=args.seed)
     cfg = FlowConfig(velocity=args.velocity, steps=args.steps, seed=args.seed, velocity_config=v_over, **cfg_over)
-    out = Path(args.runs) / name
+    out = Path(args.runs) / run_name
     t0 = time.time()
     flow, history = train_flow(zoo, cfg=cfg, out=out, progress=True, compile=args.compile)
-    train_s = time.time() - t0
-    gen, _ = flow.sample(args.num, nfe=20, solver="heun", seed=args.seed + 1, batch_size=args.num)
+    # cumulative over resumes (a resampled run trains no further)
+    train_s = history[-1].get("seconds", time.time() - t0) if history else time.time() - t0
+    s0 = time.time()
+    gen, _ = flow.sample(args.num, nfe=args.nfe, solver=args.solver, seed=args.seed + 1, batch_size=args.num,
+                         churn=args.churn)
+    sample_s = time.time() - s0
     gen = gen.to(dtype=torch.float32)
     pred = stacked_logits(mlp(), spec, gen, d.x_test).argmax(-1)
     acc = (pred == d.y_test).float().mean(1)
@@ -159,7 +167,8 @@ def run(args) -> None:
     row = {"name": name, "rung": args.rung, "data": args.data, "widths": widths, "velocity": args.velocity, "seed": args.seed, "steps": args.steps,
            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
            "parameters": sum(p.numel() for p in flow.velocity.parameters()),
-           "train_seconds": round(train_s, 1), "compiled": args.compile,
+           "train_seconds": round(train_s, 1), "compiled": args.compile, "solver": args.solver, "nfe": args.nfe,
+           "churn": args.churn, "sample_seconds": round(sample_s, 2),
            "compile_seconds": sum(h.get("compile_seconds", 0.0) for h in history), "final_loss": history[-1].get("loss") if history else None,
            "loss_last100": float(torch.tensor([h["loss"] for h in history[-100:]]).mean()) if history else None,
            "base_test_acc": base_acc[:k], "zoo_test_acc_mean": float((zoo_pred == d.y_test).float().mean()),
@@ -245,6 +254,11 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default="runs/ladder")
     p.add_argument("--force", action="store_true", help="run again even if the results file has this run")
     p.add_argument("--compile", action="store_true", help="train_flow(compile=True): not part of the run's name")
+    p.add_argument("--solver", choices=("euler", "midpoint", "heun", "rk4"), default="heun")
+    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--churn", type=float, default=0.0,
+                   help="stochastic sampling (WeightFlow.sample(churn=...)); a sampler other than heun-20 without "
+                        "churn names the results row '...-sample=SOLVERNFE[cCHURN]' and reuses the trained run")
     p.add_argument("--results", default=str(RESULTS))
     p.set_defaults(fn=run)
     p = sub.add_parser("units", help="distinct base units per sample of runs already in the results")

@@ -57,6 +57,16 @@ def test_train_sample_eval_round_trip(zoo, tmp_path, capsys):
                           atol=1e-6)
     assert main(["zoo", "info", str(gen), "--json"]) == 0
     assert _json(capsys)[-1]["networks"] == 5
+    # stochastic sampling: the stored networks are the library's, for the same seed and batch size
+    assert main(["flow", "sample", str(run), "--num", "5", "--out", str(tmp_path / "churned"), "--nfe", "10",
+                 "--solver", "euler", "--churn", "1.5", "--seed", "7", "--json", "--quiet"]) == 0
+    assert _json(capsys)[-1]["churn"] == 1.5
+    zc = Zoo(tmp_path / "churned")
+    assert zc.manifest["info"]["churn"] == 1.5
+    churned, _ = WeightFlow.load(run / "flow.safetensors").sample(5, 10, "euler", seed=7, churn=1.5)
+    assert all(torch.allclose(zc.weight_space()[n], churned[n], atol=1e-6) for n in ws.names)
+    _user_error(capsys, ["flow", "sample", str(run), "--num", "2", "--out", str(tmp_path / "g2"), "--nfe", "10",
+                         "--solver", "euler", "--churn", "3"], "--churn", "churn=3")
     assert main(["flow", "eval", str(gen), "--zoo", str(zoo), "--no-l2", "--json"]) == 0
     res = _json(capsys)[-1]
     assert res["generated"]["n"] == 5 and res["heldout"]["n"] == held and res["train"]["n"] == relu - held

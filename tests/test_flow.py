@@ -134,6 +134,78 @@ def test_solver_rejects_a_budget_below_one_step(spec):
         steps_for("dopri5", 10)
 
 
+def _gaussian_field(m, sig, mu, s):
+    """The exact velocity of independent coupling from source N(mu, s^2) to data N(m, sig^2), entry by entry:
+    ``E[x1 - x0 | x_t]`` of jointly Gaussian variables."""
+    def field(x, t):
+        tt = float(t[0])
+        var = tt ** 2 * sig ** 2 + (1 - tt) ** 2 * s ** 2
+        flat = x.flatten()
+        v = (m - mu) + (tt * sig ** 2 - (1 - tt) * s ** 2) / var * (flat - tt * m - (1 - tt) * mu)
+        return WeightSpace.from_flat(x.spec, v)
+    return field
+
+
+@pytest.mark.parametrize("solver,nfe", [("euler", 100), ("heun", 100)])
+def test_churn_keeps_the_flows_marginals(spec, solver, nfe):
+    """Stochastic sampling (churn > 0) integrates an SDE with the ODE's marginals: from a diagonal Gaussian source to
+    a Gaussian target, both ends have the target's per-entry mean and std, for churn 0 and churn > 0 alike."""
+    dim = sum(torch.Size(spec[k].shape).numel() for k in spec.float_names)
+    g = torch.Generator().manual_seed(0)
+    m, sig = torch.randn(dim, generator=g, dtype=torch.float64), 0.2 + torch.rand(dim, generator=g, dtype=torch.float64)
+    mu, s = torch.randn(dim, generator=g, dtype=torch.float64), 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+    x0 = WeightSpace.from_flat(spec, mu + s * torch.randn(4000, dim, generator=g, dtype=torch.float64))
+    field = _gaussian_field(m, sig, mu, s)
+    for churn in (0.0, 2.0, 8.0):
+        x1, n = integrate(field, x0, nfe, solver, churn, mu, s, torch.Generator().manual_seed(1))
+        flat = x1.flatten()
+        assert n == steps_for(solver, nfe) * COST[solver]  # the correction costs no evaluations
+        assert (flat.mean(0) - m).abs().max() < 0.06, churn
+        assert ((flat.std(0) / sig) - 1).abs().max() < 0.12, churn
+    # churn really moves the samples (a different SDE path), and 0 is the plain ODE to the bit
+    plain, _ = integrate(field, x0, nfe, solver)
+    zero, _ = integrate(field, x0, nfe, solver, 0.0, mu, s, torch.Generator().manual_seed(1))
+    churned, _ = integrate(field, x0, nfe, solver, 2.0, mu, s, torch.Generator().manual_seed(1))
+    assert torch.equal(plain.flatten(), zero.flatten())
+    assert (churned.flatten() - plain.flatten()).abs().mean() > 0.05
+
+
+def test_churn_breaks_a_tie_an_equivariant_field_cannot(spec):
+    """Two hidden units with equal weights stay equal under any equivariant ODE; the stochastic sampler's fresh noise
+    separates them. Field: pull every entry to 1 (equivariant: the same map on every entry)."""
+    x0 = _random_ws(spec, 8, torch.float64)
+    name = spec.float_names[0]  # first weight [5, 3]: make units 0 and 1 equal, with their biases
+    tensors = {k: x0[k].clone() for k in x0.names}
+    tensors[name][:, :, 1] = tensors[name][:, :, 0]
+    bias = spec.float_names[1]
+    tensors[bias][:, :, 1] = tensors[bias][:, :, 0]
+    nxt = spec.float_names[2]
+    tensors[nxt][:, :, :, 1] = tensors[nxt][:, :, :, 0]
+    x0 = WeightSpace(spec, tensors)
+
+    def field(x, t):
+        return x.map(lambda z: (1.0 - z) / (1.0 - float(t[0]) + 0.05))
+
+    ode, _ = integrate(field, x0, 20, "euler")
+    sde, _ = integrate(field, x0, 20, "euler", 2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ode[name][:, :, 0], ode[name][:, :, 1])
+    assert (sde[name][:, :, 0] - sde[name][:, :, 1]).abs().min() > 0
+
+
+def test_churn_is_checked_and_seeded(spec):
+    with pytest.raises(ValueError, match="churn=5"):
+        integrate(lambda x, t: x, _random_ws(spec, 1), 20, "euler", 5.0)  # 5 / 20 steps > 0.2
+    with pytest.raises(ValueError, match="churn=-1"):
+        integrate(lambda x, t: x, _random_ws(spec, 1), 20, "euler", -1.0)
+    flow = WeightFlow(spec, MLPVelocity(spec, hidden=8, layers=1, emb=4), Standardizer.fit(_random_ws(spec, 6)))
+    a, _ = flow.sample(5, nfe=10, solver="euler", seed=3, churn=1.0)
+    b, _ = flow.sample(5, nfe=10, solver="euler", seed=3, churn=1.0)
+    c, _ = flow.sample(5, nfe=10, solver="euler", seed=3)
+    d, _ = flow.sample(5, nfe=10, solver="euler", seed=4, churn=1.0)
+    assert torch.equal(a.flatten(), b.flatten())
+    assert not torch.allclose(a.flatten(), c.flatten()) and not torch.allclose(a.flatten(), d.flatten())
+
+
 def test_ot_pairing_is_the_optimal_permutation():
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(6, 4, generator=g)

@@ -102,6 +102,11 @@ def register(sub) -> None:
     p.add_argument("--condition", action="append", default=[], metavar="COL=VAL",
                    help="value of a conditioning column (repeatable); unset columns are left open")
     p.add_argument("--batch-size", type=at_least(1), default=1000, help="networks per solver batch (default 1000)")
+    p.add_argument("--churn", type=float, default=0.0,
+                   help="stochastic sampling: the SDE with the flow's marginals, whose fresh noise breaks ties between "
+                        "units that an equivariant field keeps (default 0: the ODE). At most 0.2 x the solver's "
+                        "steps; BENCHMARKS.md gives the measured effect (with churn, a network depends on "
+                        "--batch-size too)")
 
     p = add_command(flow, "eval", run=run_eval,
                     help="accuracy and novelty of a generated zoo against the flow's training and held-out networks",
@@ -259,11 +264,13 @@ def run_sample(args) -> int:
         raise UserError(f"--out {args.out}: a zoo is already there; choose a new directory")
     run = flow.info
     start = time.perf_counter()
-    with user_error("--nfe", (ValueError,)):
+    with user_error("--nfe/--churn", (ValueError,)):
         ws, nfe = flow.sample(args.num, args.nfe, args.solver, condition, seed=args.seed,
-                              batch_size=args.batch_size, device=args.device, progress=args.progress)
+                              batch_size=args.batch_size, device=args.device, progress=args.progress,
+                              churn=args.churn)
     seconds = time.perf_counter() - start
-    info(f"{args.num} networks in {seconds:.2f} s ({nfe} velocity evaluations per batch, {args.solver})")
+    info(f"{args.num} networks in {seconds:.2f} s ({nfe} velocity evaluations per batch, {args.solver}"
+         + (f", churn {args.churn:g})" if args.churn else ")"))
     if "activation" in flow.conditioning.names and "activation" not in condition:
         raise UserError("the flow is conditioned on activation: pass --condition activation=VALUE, so that the "
                         "generated networks are built and evaluated with it")
@@ -279,7 +286,7 @@ def run_sample(args) -> int:
         r.update(m)
     out_info = {**zoo_info, "data": run["data"], "split_seed": run["split_seed"], "generated": True,
                 "source_zoo": run.get("zoo"), "flow": str(_flow_path(args.run).resolve()), "flow_seed": args.seed,
-                "nfe": nfe, "solver": args.solver, "condition": condition, "where": run.get("where", {}),
+                "nfe": nfe, "solver": args.solver, "churn": args.churn, "condition": condition, "where": run.get("where", {}),
                 "epoch": run.get("epoch"), "holdout": run.get("holdout", []), "train_ids": run.get("train_ids", []),
                 "sample_seconds": seconds}
     with user_error("--out", (OSError, FileExistsError)):
@@ -288,7 +295,7 @@ def run_sample(args) -> int:
     mean = sum(accs) / len(accs)
     info(f"stored in {args.out}; test accuracy mean {mean:.4f}")
     emit({"out": args.out, "networks": len(zoo), "seconds": seconds, "nfe": nfe, "solver": args.solver,
-          "seed": args.seed, "test_acc_mean": mean, "device": str(args.device)})
+          "churn": args.churn, "seed": args.seed, "test_acc_mean": mean, "device": str(args.device)})
     return 0
 
 

@@ -139,6 +139,15 @@ class Conditioning:
         return torch.tensor(out, dtype=torch.long, device=device)
 
 
+def _churn_generator(seed: int, start: int) -> torch.Generator:
+    """The stochastic sampler's noise stream of the batch starting at network ``start``: independent of the source
+    noise of every seed (a numpy SeedSequence of (seed, start, 1), not ``seed + something``)."""
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1, np.uint64)[0]
+                                               >> np.uint64(1)))
+
+
 class WeightFlow:
     """Velocity field + standardisation + conditioning + spec; ``sample`` draws new weight spaces."""
 
@@ -153,10 +162,12 @@ class WeightFlow:
     @torch.no_grad()
     def sample(self, num: int, nfe: int = 20, solver: str = "heun", condition: Optional[Mapping] = None,
                seed: int = 0, batch_size: int = 1000, device=None, dtype: torch.dtype = torch.float32,
-               progress: bool = False) -> tuple[WeightSpace, int]:
+               progress: bool = False, churn: float = 0.0) -> tuple[WeightSpace, int]:
         """``num`` new weight spaces ``[num, 1]`` in the zoo's coordinates, and the velocity evaluations spent per
         batch. The source noise is drawn on the CPU from ``seed``, so a seed gives the same networks on any device
-        (to float rounding). ``condition``: column -> value (unset columns are "unknown")."""
+        (to float rounding). ``condition``: column -> value (unset columns are "unknown"). ``churn > 0``: stochastic
+        sampling, the SDE with the flow's marginals (:mod:`unf.flow.solvers`); its noise is drawn per batch, so
+        with churn a network depends on ``batch_size`` too."""
         device = torch.device(device) if device is not None else next(self.velocity.parameters()).device
         self.velocity.to(device).eval()
         cond_row = dict(condition or {})
@@ -177,7 +188,8 @@ class WeightFlow:
             b = min(batch_size, num - a)
             x0 = WeightSpace.from_flat(self.spec, self.source.draw(noise[a:a + b].to(device, dtype)))
             cond = self.conditioning.encode([cond_row] * b, device) if self.conditioning.names else None
-            x1, nfe_done = integrate(lambda x, t: self.velocity(x, t, cond), x0, nfe, solver)
+            x1, nfe_done = integrate(lambda x, t: self.velocity(x, t, cond), x0, nfe, solver, churn,
+                                     self.source.mean, self.source.std, _churn_generator(seed, a))
             chunks.append(self.standardizer.from_std(x1).to("cpu"))
         out = {n: torch.cat([c[n] for c in chunks]) for n in self.spec.float_names}
         return WeightSpace(self.spec, out), nfe_done
