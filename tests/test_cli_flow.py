@@ -134,18 +134,22 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     run = tmp_path / "units"  # --unit-* options name the unf field
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--where", "activation=relu", "--unit-hidden", "units", "--align-target", "--ot-candidates", "2",
-                 "--unit-activation", "sinkhorn", "--unit-rank", "2", "--json", "--quiet"]) == 0
+                 "--unit-activation", "sinkhorn", "--unit-rank", "2", "--unit-attention", "1", "--json",
+                 "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
     assert flow.velocity.config["unit_hidden"] == "units" and flow.info["config"]["align_target"] is True
     assert flow.velocity.config["unit_activation"] == "sinkhorn" and flow.velocity.config["unit_rank"] == 2
     assert flow.info["config"]["ot_candidates"] == 2
-    assert all(b.unit is not None and b.unit.activation == "sinkhorn" and b.unit.rank == 2
+    assert all(b.unit is not None and b.unit.activation == "sinkhorn" and b.unit.rank == 2 and len(b.unit.mix)
                for b in flow.velocity.blocks)
+    assert flow.velocity.config["unit_attention"] == 1
     capsys.readouterr()
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--unit-activation", "sinkhorn"], "--unit-activation sinkhorn")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--unit-attention", "2"], "--unit-attention 2", "--unit-hidden")
 
 
 def test_train_with_selection_keeps_a_scored_snapshot(zoo, tmp_path, capsys):

@@ -39,13 +39,14 @@ def _randomised(module):
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-@pytest.mark.parametrize("fold_max,rank,activation,hidden", [(0, 0, "silu", 8), (4, 0, "silu", 8),
-                                                            (4, 3, "silu", 8), (4, 3, "softmax", 8),
-                                                            (4, 3, "sinkhorn", 8), (4, 3, "sinkhorn", "units")])
-def test_unit_mlp_is_equivariant(name, fold_max, rank, activation, hidden):
+@pytest.mark.parametrize("fold_max,rank,activation,hidden,attention", [
+    (0, 0, "silu", 8, 0), (4, 0, "silu", 8, 0), (4, 3, "silu", 8, 0), (4, 3, "softmax", 8, 0),
+    (4, 3, "sinkhorn", 8, 0), (4, 3, "sinkhorn", "units", 0), (4, 3, "sinkhorn", "units", 1), (0, 0, "silu", 6, 2)])
+def test_unit_mlp_is_equivariant(name, fold_max, rank, activation, hidden, attention):
     spec = _spec(name)
     layer = _randomised(UnitMLP(Layout(spec, fold_max), 2, hidden=hidden, max_features=10 ** 6, rank=rank,
-                                activation=activation))
+                                activation=activation, attention=attention))
+    assert len(layer.mix) == (len(spec.groups) if attention else 0)
     assert len(layer.inp) == len(spec.groups)  # every group has its MLP: the check below can fail
     ws = _ws(spec)
     out = layer(ws)
@@ -155,3 +156,5 @@ def test_unit_mlp_starts_at_zero_and_names_bad_input():
     assert all(float(out[n].abs().max()) == 0.0 for n in spec.float_names)
     with pytest.raises(ValueError, match="expects 2 channels"):
         layer(_ws(spec, channels=3))
+    with pytest.raises(ValueError, match="attention -1"):
+        UnitMLP(Layout(spec), 2, attention=-1)

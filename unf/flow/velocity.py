@@ -101,14 +101,14 @@ class _FiLMBlock(nn.Module):
     """``x + Linear(act(FiLM(Norm(x), e)))``: the residual branch of a ``UNFNet`` block, modulated by ``e``."""
 
     def __init__(self, layout: Layout, channels: int, emb: int, scale: float, unit_hidden: Union[int, str] = 0,
-                 unit_rank: int = 0, unit_activation: str = "silu"):
+                 unit_rank: int = 0, unit_activation: str = "silu", unit_attention: int = 0):
         super().__init__()
         self.names = layout.spec.float_names
         self.norm = WSNorm(layout.spec, channels)
         self.act = Pointwise("silu")
         self.linear = UNFLinear(layout, channels, channels, gain=math.sqrt(2.0) * scale)
-        self.unit = UnitMLP(layout, channels, unit_hidden, rank=unit_rank,
-                                activation=unit_activation) if unit_hidden else None
+        self.unit = UnitMLP(layout, channels, unit_hidden, rank=unit_rank, activation=unit_activation,
+                            attention=unit_attention) if unit_hidden else None
         self.film = nn.Linear(emb, 2 * len(self.names) * channels)
         nn.init.zeros_(self.film.weight)  # start as the plain block
         nn.init.zeros_(self.film.bias)
@@ -133,27 +133,27 @@ class UNFVelocity(VelocityField):
     the fixed entries a unit touches); ``unit_rank > 0`` gives it pair tables of that rank for the weights between
     hidden layers; ``unit_activation="softmax"`` makes it a softmax memory of ``unit_hidden`` prototypes, and
     ``"sinkhorn"`` one whose prototypes a network's units compete for; ``unit_hidden="units"`` gives each group one
-    prototype per unit (the best memory measured on the orbit rung, BENCHMARKS.md)."""
+    prototype per unit (the best memory measured on the orbit rung, BENCHMARKS.md); ``unit_attention=L`` puts ``L``
+    self-attention layers across the units of each group into it, so that a network's units decide together."""
 
     kind = "unf"
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, depth: int = 3, emb: int = 64,
                  vocab: Sequence[int] = (), pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX,
                  prediction: str = "velocity", min_gap: float = 0.05, unit_hidden: Union[int, str] = 0,
-                 unit_rank: int = 0,
-                 unit_activation: str = "silu"):
+                 unit_rank: int = 0, unit_activation: str = "silu", unit_attention: int = 0):
         super().__init__()
         self._set_prediction(prediction, min_gap)
         self.config = dict(hidden=hidden, depth=depth, emb=emb, vocab=list(vocab), pos_dim=pos_dim,
                            fold_max=fold_max, prediction=prediction, min_gap=min_gap, unit_hidden=unit_hidden,
-                           unit_rank=unit_rank, unit_activation=unit_activation)
+                           unit_rank=unit_rank, unit_activation=unit_activation, unit_attention=unit_attention)
         self.layout = Layout(spec, fold_max)
         self.embed = Embedding(emb, vocab)
         self.pos = PositionalEncoding(self.layout, pos_dim) if pos_dim and self.layout.pseudo_groups() else None
         self.inp = UNFLinear(self.layout, 1 + (pos_dim if self.pos is not None else 0), hidden)
         scale = 1.0 / math.sqrt(max(depth, 1))
         self.blocks = nn.ModuleList([_FiLMBlock(self.layout, hidden, emb, scale, unit_hidden, unit_rank,
-                                                unit_activation) for _ in range(depth)])
+                                                unit_activation, unit_attention) for _ in range(depth)])
         self.out_norm = WSNorm(spec, hidden)
         self.act = Pointwise("silu")
         self.out = UNFLinear(self.layout, hidden, 1)

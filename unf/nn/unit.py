@@ -32,6 +32,12 @@ distinct of 16). ``activation="sinkhorn"`` makes the units of each network compe
 alternately projected so that no prototype carries more than ``max(1, n / hidden)`` units' worth of weight (a few
 Bregman steps of capacity-constrained optimal transport, differentiable). Column sums are symmetric in the units, so
 this too commutes with the group's permutations.
+
+``attention=L`` puts ``L`` self-attention layers across the units of each group (Neural Functional Transformer
+style, no positional encoding) between the first layer and the activation: each unit's hidden vector then depends
+on every other unit of its network, so the units of a sample can decide together (which prototype each takes, how
+a layer's units share the work) instead of each alone. Attention without positions commutes with permutations of
+its tokens.
 """
 from __future__ import annotations
 
@@ -58,18 +64,22 @@ class UnitMLP(nn.Module):
     most ``max(1, n / hidden)`` of a network's ``n`` units; see the module docstring). ``hidden="units"``: each
     group's width is its number of units, so a Sinkhorn memory holds one prototype per unit and its capacity of one
     unit per prototype forbids two units to take one (with more prototypes than units, one unit can be stored in two
-    prototypes and collisions come back; BENCHMARKS.md, the orbit rung)."""
+    prototypes and collisions come back; BENCHMARKS.md, the orbit rung). ``attention``: that many pre-norm
+    transformer layers (``nn.TransformerEncoderLayer``, up to 4 heads, feed-forward ``2 * hidden``, no dropout)
+    across the units of each group, on the hidden vectors before the activation (see the module docstring)."""
 
     ACTIVATIONS = ("silu", "softmax", "sinkhorn")
     SINKHORN_STEPS = 20  # enough for logit gaps up to about 20 log(n / cap)
 
     def __init__(self, layout: Layout, channels: int, hidden: Union[int, str] = 128, max_features: int = 4096,
-                 rank: int = 0, activation: str = "silu"):
+                 rank: int = 0, activation: str = "silu", attention: int = 0):
         super().__init__()
         if activation not in self.ACTIVATIONS:
             raise ValueError(f"UnitMLP activation {activation!r}: choose from {self.ACTIVATIONS}")
         if not (hidden == "units" or (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0)):
             raise ValueError(f"UnitMLP hidden {hidden!r}: a positive width or 'units' (one per unit of the group)")
+        if not (isinstance(attention, int) and attention >= 0):
+            raise ValueError(f"UnitMLP attention {attention!r}: a number of layers >= 0")
         self.layout, self.channels, self.rank, self.activation = layout, channels, rank, activation
         self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> [(piece, kept-axis position)]
         widths: dict[str, list[int]] = {}
@@ -97,10 +107,16 @@ class UnitMLP(nn.Module):
                 self.pair_slots[g].append((q, side))
         self.keys = {g: f"g{i}" for i, g in enumerate(self.slots)}  # group names may hold dots: not module keys
         self.inp, self.out, self.pair = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.mix = nn.ModuleDict()  # attention across units, per group
         for g, w in self.widths.items():
             k, h = self.keys[g], units[g] if hidden == "units" else hidden
             self.inp[k] = nn.Linear(sum(w), h)
             self.out[k] = nn.Linear(h, sum(w))
+            if attention:
+                heads = next(a for a in (4, 2, 1) if h % a == 0)
+                self.mix[k] = nn.TransformerEncoder(
+                    nn.TransformerEncoderLayer(h, heads, 2 * h, dropout=0.0, batch_first=True, norm_first=True),
+                    attention, enable_nested_tensor=False)
             nn.init.zeros_(self.out[k].weight)  # the module starts at zero
             nn.init.zeros_(self.out[k].bias)
             if self.pair_slots[g]:
@@ -147,6 +163,8 @@ class UnitMLP(nn.Module):
             k = self.keys[g]
             feats = [self._moved(xs[q], layout.pieces[q].kept_labels, a)[0] for q, a in slots]
             h = self.inp[k](torch.cat(feats, 1).transpose(1, 2))  # [B, n, hidden]
+            if k in self.mix:
+                h = self.mix[k](h)  # the units of each network attend to each other
             h = torch.nn.functional.silu(h) if self.activation == "silu" else \
                 h.softmax(-1) if self.activation == "softmax" else self._sinkhorn(h)
             out = self.out[k](h).transpose(1, 2)  # [B, F, n]
