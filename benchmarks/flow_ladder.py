@@ -4,6 +4,8 @@
         [--set KEY=VALUE ...] [--vset KEY=VALUE ...] [--runs runs/ladder]
     python benchmarks/flow_ladder.py table
     python benchmarks/flow_ladder.py units --rung orbit --data wine --widths 16,16 RUN_NAME ...
+    python benchmarks/flow_ladder.py samplers --data wine --widths 16,16 --num 1000 \
+        --sampler heun:20:0 --sampler euler:20:2 RUN_NAME
 
 Rungs (digits MLP 64-32-32-10, ReLU; base networks trained with Adam on the digits training split):
 - ``orbit``: ONE base network and ``--copies`` (300) random members of its permutation orbit, each plus Gaussian
@@ -23,6 +25,9 @@ units taken as the base unit nearest by incoming weights and bias; a sample that
 (a collision) and loses another has fewer than the layer's width. ``units`` computes it for runs already in the
 results (their flows are read from ``--runs``; it needs the same ``--rung --data --widths``).
 ``--set``: FlowConfig fields (JSON values); ``--vset``: velocity_config overrides.
+``samplers`` (orbit rung): one trained run sampled by several samplers (``SOLVER:NFE:CHURN``; churn > 0 is the
+stochastic sampler of ``unf.flow.solvers``), the same noise seed for each, ``--num`` networks in batches of 200; one
+JSON line per sampler in ``benchmarks/results/flow_samplers.jsonl``.
 """
 from __future__ import annotations
 
@@ -213,6 +218,42 @@ def units(args) -> None:
         print(f"| {name} | {d.mean():.2f} of {widths[0]} | {d.min():.0f} |")
 
 
+def samplers(args) -> None:
+    """Hit rate, aligned distance and distinct units of one orbit-rung run under several samplers."""
+    from unf.flow import WeightFlow
+    from unf.flow.novelty import aligned_l2
+    from unf.weights import WeightSpace
+    from unf.zoo.synthetic import nearest_base
+
+    torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    spec, all_base, _, _, _ = base_networks(1, args.data, widths, args.base_epochs)
+    base = WeightSpace(spec, {n: t[:1] for n, t in all_base.items()})
+    other = WeightSpace(spec, {n: t[1:] for n, t in all_base.items()})
+    scale = float(aligned_l2(spec, other, base, candidates=1).min())
+    flow = WeightFlow.load(Path(args.runs) / args.name / "flow.safetensors")
+    print("| sampler | NFE | churn | samples | hit | aligned L2 median | distinct units (all distinct) | seconds |")
+    for item in args.sampler:
+        solver, nfe, churn = item.split(":")
+        t0 = time.time()
+        gen, spent = flow.sample(args.num, nfe=int(nfe), solver=solver, seed=args.seed, batch_size=200,
+                                 churn=float(churn))
+        seconds = time.time() - t0
+        gen = gen.to(dtype=torch.float32)
+        best = nearest_base(spec, gen, base)[0].min(1).values
+        du = distinct_units(spec, gen, base)
+        row = {"name": args.name, "data": args.data, "widths": widths, "solver": solver, "nfe": spent,
+               "churn": float(churn), "num_samples": args.num, "seed": args.seed,
+               "hit_fraction": float((best < 0.25 * scale).float().mean()), "aligned_l2_median": float(best.median()),
+               "independent_aligned_l2": scale, "distinct_units_mean": float(du.mean()),
+               "all_units_distinct": float((du == widths[0]).float().mean()), "sample_seconds": round(seconds, 2),
+               **provenance(), "code": code_version(), "threads": torch.get_num_threads()}
+        append_jsonl(Path(args.results), row)
+        print(f"| {solver} | {spent} | {float(churn):g} | {args.num} | {row['hit_fraction']:.1%} | "
+              f"{row['aligned_l2_median']:.2f} | {row['distinct_units_mean']:.2f} ({row['all_units_distinct']:.1%}) | "
+              f"{seconds:.1f} |", flush=True)
+
+
 def table(args) -> None:
     rows = load_jsonl(Path(args.results), key=lambda r: r["name"])
     print("| run | params | steps | loss (last 100) | sample acc mean / median | base acc | agreement samples / zoo "
@@ -271,6 +312,18 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default="runs/ladder")
     p.add_argument("--results", default=str(RESULTS))
     p.set_defaults(fn=units)
+    p = sub.add_parser("samplers", help="one orbit-rung run under several samplers")
+    p.add_argument("name")
+    p.add_argument("--sampler", action="append", required=True, metavar="SOLVER:NFE:CHURN")
+    p.add_argument("--data", choices=("digits", "iris", "wine", "breast_cancer"), default="digits")
+    p.add_argument("--widths", default="32,32")
+    p.add_argument("--base-epochs", type=int, default=40)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default="runs/ladder")
+    p.add_argument("--results", default="benchmarks/results/flow_samplers.jsonl")
+    p.set_defaults(fn=samplers)
     p = sub.add_parser("table")
     p.add_argument("--results", default=str(RESULTS))
     p.set_defaults(fn=table)
