@@ -90,6 +90,25 @@ def test_a_unit_sees_and_writes_its_whole_row_of_fixed_weights():
     assert diff[2, 0] > 10 * diff[0, 0]
 
 
+def test_attention_lets_a_unit_depend_on_the_other_units_of_its_layer():
+    """MLP 5-4-3 (one hidden group, its other axes fixed): without attention hidden unit 0's output does not depend
+    on unit 2's weights at all (each unit decides alone); with one attention layer it does."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    spec = unf.spec_from_module(model, torch.randn(2, 5))
+    w1 = next(n for n in spec.float_names if spec[n].shape == (4, 5))
+    ws = _ws(spec, batch=1, channels=1)
+    bumped = unf.WeightSpace(spec, {n: t.clone() for n, t in ws.items()})
+    bumped[w1][0, 0, 2, 4] += 1.0  # unit 2, input 4
+    for attention in (0, 1):
+        layer = _randomised(UnitMLP(Layout(spec, 0), 1, hidden=16, attention=attention))
+        diff = (layer(bumped)[w1] - layer(ws)[w1]).abs()[0, 0]
+        assert diff[2].max() > 1e-3  # the bumped unit itself
+        if attention:
+            assert diff[0].max() > 1e-4
+        else:
+            assert diff[0].max() == 0.0 and diff[1].max() == 0.0
+
+
 def test_a_sharp_softmax_memory_writes_one_prototype_exactly():
     """MLP 5-4-3 with ``activation="softmax"``: when the keys make prototype 1 win for every unit, each hidden unit
     writes exactly prototype 1's values (its 5 input weights, its bias and its 3 output weights), whatever its input."""
