@@ -134,8 +134,8 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     run = tmp_path / "units"  # --unit-* options name the unf field
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--where", "activation=relu", "--unit-hidden", "units", "--align-target", "--ot-candidates", "2",
-                 "--unit-activation", "sinkhorn", "--unit-rank", "2", "--unit-attention", "1", "--json",
-                 "--quiet"]) == 0
+                 "--unit-activation", "sinkhorn", "--unit-rank", "2", "--unit-attention", "1", "--hidden", "6",
+                 "--depth", "3", "--json", "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
@@ -145,6 +145,7 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     assert all(b.unit is not None and b.unit.activation == "sinkhorn" and b.unit.rank == 2 and len(b.unit.mix)
                for b in flow.velocity.blocks)
     assert flow.velocity.config["unit_attention"] == 1
+    assert flow.velocity.config["hidden"] == 6 and len(flow.velocity.blocks) == 3
     capsys.readouterr()
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--unit-activation", "sinkhorn"], "--unit-activation sinkhorn")
@@ -156,7 +157,7 @@ def test_train_with_selection_keeps_a_scored_snapshot(zoo, tmp_path, capsys):
     run = tmp_path / "sel"
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "4", "--batch-size", "4",
                  "--where", "activation=relu", "--velocity", "mlp", "--select-every", "2", "--select-num", "3",
-                 "--json", "--quiet"]) == 0
+                 "--hidden", "32", "--depth", "1", "--json", "--quiet"]) == 0
     out = _json(capsys)[-1]
     hist = json.loads((run / "history.json").read_text())
     scores = {h["step"]: h["select"] for h in hist if "select" in h}
@@ -172,6 +173,7 @@ def test_train_with_selection_keeps_a_scored_snapshot(zoo, tmp_path, capsys):
     from unf.zoo.builtin import mlp
 
     flow = WeightFlow.load(run / "flow.safetensors")
+    assert flow.velocity.config["hidden"] == 32 and flow.velocity.config["layers"] == 1
     assert flow.info["selected_step"] == out["selected_step"]
     # the score of the kept flow, recomputed from the saved file and the run's seed, is the one logged
     again = train_split_scorer(mlp, {"activation": "relu"}, "digits-flat", 0, num=3, seed=0)(flow)

@@ -67,6 +67,12 @@ def register(sub) -> None:
                    help="with --align-target: choose the minibatch OT pairs on aligned distances, each target matched "
                         "against its K nearest noise samples (K * batch weight matchings per step; default 0: raw "
                         "distances)")
+    p.add_argument("--hidden", type=at_least(1), default=None, metavar="W",
+                   help="the field's width: channels per weight of the unf field (default 16), hidden units of the "
+                        "mlp field (default 512)")
+    p.add_argument("--depth", type=at_least(1), default=None, metavar="D",
+                   help="the field's depth: residual blocks of the unf field (default 2), hidden layers of the mlp "
+                        "field (default 3)")
     p.add_argument("--unit-hidden", type=_unit_width, default=0, metavar="W|units",
                    help="unf field only: add to every block a per-unit MLP of width W over all weights a unit "
                         "touches (a memory of unit prototypes; 'units': as many as each layer has units, the best "
@@ -192,6 +198,9 @@ def run_train(args) -> int:
                      align_target=args.align_target, ot_candidates=args.ot_candidates,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
                      velocity_config={**({} if args.prediction is None else {"prediction": args.prediction}),
+                                      **({} if args.hidden is None else {"hidden": args.hidden}),
+                                      **({} if args.depth is None else
+                                         {"depth" if args.velocity == "unf" else "layers": args.depth}),
                                       **({"unit_hidden": args.unit_hidden} if args.unit_hidden else {}),
                                       **({"unit_activation": args.unit_activation} if args.unit_activation else {}),
                                       **({"unit_rank": args.unit_rank} if args.unit_rank else {}),
