@@ -10,7 +10,9 @@ diffusion samplers offer): for the linear path ``x_t = t x_1 + (1 - t) x_0`` fro
 
     dx = [v - churn (x - t v - mu)] dt + s sqrt(2 churn (1 - t)) dW
 
-has the ODE's marginals for every ``churn >= 0``. The drift pulls each sample back towards where the field's
+has the ODE's marginals for every ``churn >= 0`` (exactly when source and data points are paired independently;
+with minibatch OT pairs the source point is not independent of its target and the score is an approximation). The
+drift pulls each sample back towards where the field's
 data lie, and the fresh noise breaks ties an equivariant field cannot break alone: two hidden units that became
 equal stay equal under any equivariant ODE (BENCHMARKS.md, the orbit rung). Each step is the chosen solver's ODE step
 plus an Euler-Maruyama step of the correction with the step's first velocity (no extra evaluations); the noise
