@@ -31,13 +31,16 @@ def _random_ws(spec, n, dtype=torch.float32, seed=0):
                               for k in spec.float_names})
 
 
-@pytest.mark.parametrize("fold_max,prediction,unit_hidden,unit_rank,unit_activation", [
-    (0, "velocity", 0, 0, "silu"), (4, "velocity", 0, 0, "silu"), (4, "data", 0, 0, "silu"),
-    (2, "data", 8, 0, "silu"), (2, "velocity", 8, 3, "silu"), (2, "velocity", 8, 3, "softmax")])
-def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden, unit_rank, unit_activation):
+@pytest.mark.parametrize("fold_max,prediction,unit_hidden,unit_rank,unit_activation,unit_attention", [
+    (0, "velocity", 0, 0, "silu", 0), (4, "velocity", 0, 0, "silu", 0), (4, "data", 0, 0, "silu", 0),
+    (2, "data", 8, 0, "silu", 0), (2, "velocity", 8, 3, "silu", 0), (2, "velocity", 8, 3, "softmax", 0),
+    (2, "velocity", "units", 3, "sinkhorn", 1)])
+def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden, unit_rank, unit_activation,
+                                     unit_attention):
     torch.manual_seed(0)
     v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction,
-                    unit_hidden=unit_hidden, unit_rank=unit_rank, unit_activation=unit_activation).double()
+                    unit_hidden=unit_hidden, unit_rank=unit_rank, unit_activation=unit_activation,
+                    unit_attention=unit_attention).double()
     with torch.no_grad():  # the output layer (and each unit MLP's last layer) starts at zero: make it non-trivial
         for p in v.out.parameters():
             p.normal_()
