@@ -135,7 +135,7 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--where", "activation=relu", "--unit-hidden", "units", "--align-target", "--ot-candidates", "2",
                  "--unit-activation", "sinkhorn", "--unit-rank", "2", "--unit-attention", "1", "--hidden", "6",
-                 "--depth", "3", "--json", "--quiet"]) == 0
+                 "--depth", "3", "--time-sampling", "logit-normal", "--json", "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
@@ -146,6 +146,7 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
                for b in flow.velocity.blocks)
     assert flow.velocity.config["unit_attention"] == 1
     assert flow.velocity.config["hidden"] == 6 and len(flow.velocity.blocks) == 3
+    assert flow.info["config"]["time_sampling"] == "logit-normal"
     capsys.readouterr()
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--unit-activation", "sinkhorn"], "--unit-activation sinkhorn")

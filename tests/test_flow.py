@@ -218,6 +218,28 @@ def test_ot_pairing_is_the_optimal_permutation():
     assert torch.equal(x0[idx], x0[torch.argsort(perm)])
 
 
+def test_time_sampling_draws_the_path_times_it_names(spec):
+    """``time_sampling="logit-normal"``: t = sigmoid(z), z ~ N(0, 1) (73 % of t within (0.25, 0.75), uniform: 50 %);
+    the uniform default is the stream of earlier runs; a bad name is refused."""
+    from unf.flow.model import Source
+    from unf.flow.train import _batch
+
+    data = _random_ws(spec, 10, seed=3)
+    times = {}
+    for kind in ("uniform", "logit-normal"):
+        cfg = FlowConfig(ot=False, batch_size=4000, time_sampling=kind)
+        times[kind] = _batch(data, None, cfg, step=1, world=1, rank=0, source=Source())[1]
+    mid = {k: float(((t > 0.25) & (t < 0.75)).float().mean()) for k, t in times.items()}
+    assert abs(mid["uniform"] - 0.5) < 0.03 and abs(mid["logit-normal"] - 0.728) < 0.03
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 1)  # the batch's stream: indices, noise, then times
+    torch.randint(10, (4000,), generator=g)
+    torch.randn(4000, sum(t[0].numel() for t in data.values()), generator=g)
+    assert torch.equal(times["uniform"], torch.rand(4000, generator=g))
+    with pytest.raises(ValueError, match="time_sampling 'cosine'"):
+        train_flow(data, None, FlowConfig(time_sampling="cosine", steps=1, batch_size=2,
+                                          velocity_config=dict(hidden=4, depth=1, emb=8)))
+
+
 def test_align_target_moves_targets_within_their_orbit_towards_the_noise(spec):
     """Equivariant OT coupling: each target network is replaced by the member of its permutation orbit nearest its
     noise sample -- the same function (outputs equal to float tolerance), never farther from the noise."""

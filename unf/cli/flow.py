@@ -67,6 +67,10 @@ def register(sub) -> None:
                    help="with --align-target: choose the minibatch OT pairs on aligned distances, each target matched "
                         "against its K nearest noise samples (K * batch weight matchings per step; default 0: raw "
                         "distances)")
+    p.add_argument("--time-sampling", choices=["uniform", "logit-normal"], default="uniform",
+                   help="how training draws the path time t: uniform (default) or sigmoid of a standard normal "
+                        "(logit-normal, as Stable Diffusion 3: more steps mid-path, where a field must decide what "
+                        "the network becomes)")
     p.add_argument("--hidden", type=at_least(1), default=None, metavar="W",
                    help="the field's width: channels per weight of the unf field (default 16), hidden units of the "
                         "mlp field (default 512)")
@@ -197,6 +201,7 @@ def run_train(args) -> int:
                                    "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
                      align_target=args.align_target, ot_candidates=args.ot_candidates,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
+                     time_sampling=args.time_sampling,
                      velocity_config={**({} if args.prediction is None else {"prediction": args.prediction}),
                                       **({} if args.hidden is None else {"hidden": args.hidden}),
                                       **({} if args.depth is None else

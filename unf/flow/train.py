@@ -1,7 +1,7 @@
 """Conditional flow matching in weight space (Lipman et al. 2023; rectified flow, Liu et al. 2023).
 
 Per step: networks ``x1`` from the training rows (standardised), noise ``x0 ~ N(0, I)``, optionally re-paired by
-minibatch OT and/or permuted towards their targets; ``t ~ U(0, 1)``; ``x_t = (1 - t) x0 + t x1``; the velocity is
+minibatch OT and/or permuted towards their targets; ``t ~ U(0, 1)`` (or logit-normal, ``time_sampling``); ``x_t = (1 - t) x0 + t x1``; the velocity is
 regressed onto ``x1 - x0`` (mean squared error over every entry). AdamW, gradient clipping, an EMA of the weights
 (``torch.optim.swa_utils``) that is what gets saved and sampled.
 
@@ -34,6 +34,9 @@ DEFAULT_VELOCITY = {"unf": dict(hidden=16, depth=2, emb=64, fold_max=2),
                     "mlp": dict(hidden=512, layers=3, emb=64, prediction="data")}
 
 
+TIME_SAMPLING = ("uniform", "logit-normal")
+
+
 @dataclass
 class FlowConfig:
     """Settings of one flow-matching run (all recorded with the result)."""
@@ -54,6 +57,7 @@ class FlowConfig:
     condition: list = field(default_factory=list)  # metadata columns to condition on
     cond_drop: float = 0.1  # probability of dropping each condition (so unconditioned sampling works)
     path_noise: float = 0.0  # std of Gaussian noise added to x_t (DeepWeightFlow: 0.001)
+    time_sampling: str = "uniform"  # "uniform": t ~ U(0, 1); "logit-normal": t = sigmoid(N(0, 1)) (SD3), mid-path weighted
     loss: str = "velocity"  # "velocity" or "data" (the latter for data-predicting fields)
     source: str = "normal"  # "normal": N(0, I); "gaussian": per-entry Gaussian of the (canonicalised) rows
     seed: int = 0
@@ -127,7 +131,7 @@ def _batch(data: WeightSpace, cond: Optional[torch.Tensor], cfg: FlowConfig, ste
     idx = torch.randint(data.batch_size, (total,), generator=g)
     dim = sum(t[0].numel() for t in data.values())
     noise = torch.randn(total, dim, generator=g)
-    t = torch.rand(total, generator=g)
+    t = torch.rand(total, generator=g) if cfg.time_sampling == "uniform" else torch.randn(total, generator=g).sigmoid()
     drop = torch.rand(total, cond.shape[1] if cond is not None else 0, generator=g) < cfg.cond_drop
     path = torch.randn(total, dim, generator=g) * cfg.path_noise if cfg.path_noise else None
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
@@ -220,6 +224,8 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
             group["lr"] = cfg.lr * min(1.0, (len(history) + 1) / max(1, cfg.warmup))
     if cfg.loss not in ("velocity", "data"):
         raise ValueError(f"loss {cfg.loss!r}: choose 'velocity' or 'data'")
+    if cfg.time_sampling not in TIME_SAMPLING:
+        raise ValueError(f"time_sampling {cfg.time_sampling!r}: choose from {TIME_SAMPLING}")
     if cfg.loss == "data" and velocity.prediction != "data":
         raise ValueError("loss='data' needs a data-predicting field (velocity_config prediction='data')")
     objective = _Objective(velocity, cfg.loss)
