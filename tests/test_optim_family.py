@@ -416,3 +416,54 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(script, "README", "exec"), scope)
     assert len(scope["history"]) == 2 and (tmp_path / "r" / "rule.safetensors").is_file()
     assert scope["fam"].name == "my-regression" and scope["opt"].param_groups[0]["params"]
+
+
+def test_a_mix_of_families_meta_trains_one_rule_on_all_and_resumes_only_as_that_mix(tmp_path):
+    """``meta_train(cfg, [f1, f2])``: inner tasks come from both families (drawn per task), each at meta-training
+    seeds; validation scores each family; resume is bit-identical and refuses another mix or a single family."""
+    mix = [_regression_family(horizon=4, name="reg-a"), _regression_family(hidden=8, horizon=4, name="reg-b")]
+    cfg = MetaConfig(steps=12, pairs=2, unroll=4, rule=SMALL_RULE, validate_every=6, validate_tasks=1)
+    full, history = meta_train(cfg, mix)
+    used = {h["task"]["family"] for h in history}
+    assert used == {"reg-a", "reg-b"} and all(h["task"]["seed"] >= META_SEED_BASE for h in history)
+    assert [t.task_family.name for t in meta.validation_tasks(cfg, mix)] == ["reg-a", "reg-b"]
+    meta_train(MetaConfig(**{**cfg.__dict__, "steps": 5}), mix, out=tmp_path, checkpoint_every=1)
+    resumed, _ = meta_train(cfg, mix, out=tmp_path, checkpoint_every=1)
+    assert torch.equal(_theta(full), _theta(resumed))
+    with pytest.raises(CheckpointError, match="the mix of 'reg-a', 'reg-b'.*not on task family 'reg-a'"):
+        meta_train(cfg, mix[0], out=tmp_path)
+    with pytest.raises(CheckpointError, match="not on the mix of 'reg-b', 'reg-a'"):
+        meta_train(cfg, mix[::-1], out=tmp_path)
+    with pytest.raises(ValueError, match="unf-exact"):
+        meta_train(MetaConfig(steps=1, pairs=1, unroll=4, rule=dict(SMALL_RULE, variant="unf-exact")), mix)
+    with pytest.raises(ValueError, match="twice"):
+        meta_train(cfg, [mix[0], mix[0]])
+    with pytest.raises(TypeError, match="non-empty list"):
+        meta_train(cfg, [])
+    # one family in a list is that family: the same task stream as passing it alone
+    alone, h1 = meta_train(MetaConfig(steps=4, pairs=2, unroll=4, rule=SMALL_RULE), mix[0])
+    listed, h2 = meta_train(MetaConfig(steps=4, pairs=2, unroll=4, rule=SMALL_RULE), [mix[0]])
+    assert torch.equal(_theta(alone), _theta(listed)) and [h["task"] for h in h1] == [h["task"] for h in h2]
+
+
+def test_broad_mix_leaves_the_held_out_tasks_out_and_the_cli_meta_trains_a_mix(tmp_path, capsys):
+    from unf.optim.tasks import MIXES, get_families
+
+    broad = MIXES["broad"]
+    held = {t.fingerprint() for t in TASKS.values()} | {f.fingerprint() for f in FAMILIES.values()}
+    assert len(broad) == 6 and not {f.fingerprint() for f in broad} & held  # other architectures, data or horizons
+    assert [f.name for f in get_families("broad,digits-mlp")] == [f.name for f in broad] + ["digits-mlp"]
+    assert get_family("parity-gru") is broad[-1]
+    x, y = broad[-1].data()[:2]
+    assert set(y.tolist()) == {0, 1} and torch.equal(y, ((x == 2).sum(1) % 2 == 0).long())
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    out = tmp_path / "run"
+    assert main(["lopt", "meta-train", "--task", f"iris-mlp-32,{task}:family", "--out", str(out), "--variant", "mlp",
+                 "--pairs", "1", "--unroll", "2", "--steps", "3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["task"] == f"iris-mlp-32,{task.resolve()}:family" and row["steps"] == 3
+    _user_error(capsys, ["lopt", "meta-train", "--task", "iris-mlp-32,iris-mlp-32", "--out", str(tmp_path / "r2")],
+                "--task", "more than once")
+    _user_error(capsys, ["lopt", "meta-train", "--task", "broad", "--variant", "unf-exact", "--out",
+                         str(tmp_path / "r3")], "unf-exact", "mix")

@@ -13,7 +13,7 @@ TASK_HELP = ("a built-in task family ({names}) or FILE.py:FN, where FN() returns
 
 
 def register(sub) -> None:
-    from ..optim.tasks import ADAM_LRS, FAMILIES, SGD_LRS, TASKS
+    from ..optim.tasks import ADAM_LRS, FAMILIES, MIXES, SGD_LRS, TASKS
 
     names = ", ".join(sorted({**TASKS, **FAMILIES}))
     grp = add_group(sub, "lopt", help="learned optimizers: meta-train one, evaluate one against tuned Adam",
@@ -25,12 +25,15 @@ def register(sub) -> None:
                          "the MLP task mix; resumable; under torchrun the perturbations are split over the processes",
                     example="unf lopt meta-train --out runs/lopt --variant unf --steps 2000\n"
                             "unf lopt meta-train --task digits-mlp --out runs/digits --budget-min 60\n"
+                            "unf lopt meta-train --task broad --out runs/broad --budget-min 60\n"
                             "unf lopt meta-train --task my_task.py:family --out runs/mine --budget-min 30\n"
                             "torchrun --nproc-per-node 2 -m unf.cli lopt meta-train --out runs/lopt")
     p.add_argument("--out", required=True, help="run directory: checkpoint.safetensors, rule.safetensors, "
                                                 "log.jsonl, run.json (an existing run resumes)")
     p.add_argument("--task", default=None, help=TASK_HELP.format(names=names) + "; every inner task is that family "
-                   "at a new seed (default: the MLP task mix of --datasets/--widths)")
+                   "at a new seed. A comma-separated list, or a mix name (" + ", ".join(sorted(MIXES)) + "), "
+                   "meta-trains one rule on several families, each inner task one of them (default: the MLP task "
+                   "mix of --datasets/--widths)")
     p.add_argument("--budget-min", type=positive_float, default=None,
                    help="stop after this many minutes of meta-training, counted over resumes (with no --steps: "
                         "the budget alone decides)")
@@ -89,6 +92,17 @@ def _family(ref: str):
         return family
 
 
+def _families(ref: str):
+    """``--task A,B`` or a mix name -> a list of TaskFamily (one family alone: that family)."""
+    from ..optim.tasks import get_families
+
+    with user_error("--task", types=(ValueError, TypeError)):
+        fams = get_families(ref)
+        for f in fams:
+            f.data()
+    return fams[0] if len(fams) == 1 else fams
+
+
 def run_meta_train(args) -> int:
     from ..io import atomic_write
     from ..optim.meta import CheckpointError, MetaConfig, checkpoint_history, init_distributed, meta_train
@@ -103,11 +117,16 @@ def run_meta_train(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a directory")
     min_h, max_h = args.min_horizon or 50, args.max_horizon or 200
-    family = _family(args.task) if args.task is not None else None
+    family = _families(args.task) if args.task is not None else None
     if family is None and not args.unroll <= min_h <= max_h:
         raise UserError(f"need --unroll ({args.unroll}) <= --min-horizon ({min_h}) <= --max-horizon ({max_h})")
-    if family is not None and args.unroll > family.horizon:
-        raise UserError(f"--unroll {args.unroll}: longer than --task {args.task}'s horizon ({family.horizon})")
+    for f in ([] if family is None else family if isinstance(family, list) else [family]):
+        if args.unroll > f.horizon:
+            raise UserError(f"--unroll {args.unroll}: longer than the horizon of --task {f.name} ({f.horizon})")
+    if isinstance(family, list) and args.variant == "unf-exact":
+        raise UserError("--variant unf-exact learns for one architecture: give one --task family, not a mix")
+    task_name = None if family is None else ",".join(f.name for f in family) if isinstance(family, list) \
+        else family.name
     init_distributed("cpu")
     import torch.distributed as dist
 
@@ -133,7 +152,7 @@ def run_meta_train(args) -> int:
             cfg.check_mix()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        rec = json.dumps(run_record(config=cfg.__dict__, task=None if family is None else family.name), indent=1)
+        rec = json.dumps(run_record(config=cfg.__dict__, task=task_name), indent=1)
         atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(rec))
     with user_error("--out", types=(CheckpointError,)):
         done = checkpoint_history(out)
@@ -162,11 +181,11 @@ def run_meta_train(args) -> int:
         scored = [(h["valid_loss_start"], 0) for h in history[:1] if "valid_loss_start" in h] + \
             [(h["valid_loss"], h["step"]) for h in history if "valid_loss" in h]
         kept = min(scored) if scored else None
-        info(f"meta-trained {args.variant} rule on {family.name if family else 'the MLP task mix'} for "
+        info(f"meta-trained {args.variant} rule on {task_name or 'the MLP task mix'} for "
              f"{len(history)} steps ({minutes:.1f} min); mean meta-loss of the last {len(last)}: {mean:.4f}; "
              + (f"kept the rule of step {kept[1]} (held-out meta-loss {kept[0]:.4f}); " if kept else "")
              + f"weights: {out / 'rule.safetensors'}")
-        emit({"out": str(out), "task": None if family is None else family.name, "steps": len(history),
+        emit({"out": str(out), "task": task_name, "steps": len(history),
               "minutes": minutes, "meta_loss_last20": mean, "alpha": float(rule.log_alpha.detach().exp()),
               "selected_step": kept[1] if kept else None, "valid_loss": kept[0] if kept else None})
     return 0

@@ -14,7 +14,9 @@ Meta-loss: the mean over the unroll of the log of the training loss divided by t
 drop. Outer optimizer: Adam with gradient-norm clipping.
 
 Tasks: with a :class:`~unf.optim.tasks.TaskFamily` (``meta_train(cfg, family)``), every inner task is that family
-at a new seed, drawn from ``[META_SEED_BASE, 2**31)`` (evaluation seeds are below it). Without one, the MLP task mix
+at a new seed, drawn from ``[META_SEED_BASE, 2**31)`` (evaluation seeds are below it); with a list of families (a
+mix, e.g. ``unf.optim.tasks.MIXES["broad"]``) every inner task is one of them, drawn uniformly. Without one, the MLP
+task mix
 (:func:`sample_task`): MLPs with 1-3 hidden layers of width 16-128 and a random activation, on digits, iris or wine
 (never breast cancer), random batch size, initialisation scale and horizon (log-uniform between ``min_horizon`` and
 ``max_horizon``). The inner models of a task are one :class:`~unf.zoo.population.Population` run with ``torch.func``
@@ -34,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -260,11 +262,26 @@ class _Inner:
 VALIDATION_SEED = 2 ** 31  # held-out tasks' seeds: meta-training draws from [2**30, 2**31), evaluations use small ones
 
 
-def validation_tasks(cfg: MetaConfig, family: Optional[TaskFamily]) -> list:
-    """The held-out tasks of :func:`meta_train`'s validation: the family at seeds ``VALIDATION_SEED + i``, or for
+def _families(family) -> list:
+    """``meta_train``'s ``family`` as a list: ``[]`` (the MLP task mix), ``[family]``, or a mix's families."""
+    if family is None:
+        return []
+    fams = [family] if isinstance(family, TaskFamily) else list(family) if isinstance(family, (list, tuple)) else None
+    if not fams or not all(isinstance(f, TaskFamily) for f in fams):
+        raise TypeError(f"meta_train: family must be a unf.optim.TaskFamily or a non-empty list of them, got "
+                        f"{type(family).__name__} (the run directory is out=...)")
+    names = [f.name for f in fams]
+    if len(set(names)) < len(names):
+        raise ValueError(f"meta_train: the mix names a family twice ({names})")
+    return fams
+
+
+def validation_tasks(cfg: MetaConfig, family=None) -> list:
+    """The held-out tasks of :func:`meta_train`'s validation: each family at seeds ``VALIDATION_SEED + i``, or for
     the MLP mix tasks drawn from a generator no meta-training step uses."""
-    if family is not None:
-        return [FamilyTask(family, VALIDATION_SEED + i) for i in range(cfg.validate_tasks)]
+    fams = _families(family)
+    if fams:
+        return [FamilyTask(f, VALIDATION_SEED + i) for f in fams for i in range(cfg.validate_tasks)]
     return [sample_task(torch.Generator().manual_seed(VALIDATION_SEED + cfg.seed * 7919 + i), cfg)
             for i in range(cfg.validate_tasks)]
 
@@ -279,12 +296,15 @@ def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: lis
     return total / len(tasks)
 
 
-def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Optional[str | Path] = None,
+def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], None] = None,
+               out: Optional[str | Path] = None,
                rule: Optional[LearnedRule] = None, progress: bool = False, checkpoint_every: int = 10, log=None
                ) -> tuple[LearnedRule, list[dict]]:
     """Meta-train a rule (``rule`` or a new one from ``cfg.rule``) on ``family`` at new seeds, or on the MLP task mix
     without one; checkpoints to ``out`` and resumes from there (refusing a checkpoint of other settings or another
-    family). Stops after ``cfg.steps`` outer steps or ``cfg.budget_s`` seconds, whichever comes first.
+    family). Stops after ``cfg.steps`` outer steps or ``cfg.budget_s`` seconds, whichever comes first. ``family``
+    may be a list of families (a mix, e.g. ``unf.optim.tasks.MIXES["broad"]``): each inner task is one of them,
+    drawn uniformly, at a new seed; validation then scores ``cfg.validate_tasks`` seeds of each.
 
     Returns the rule and the per-step log (``{"step", "meta_loss", "grad_norm", "task", "seconds"}``). At the end
     ``out/rule.safetensors`` holds the result in the weights-file format that ``UNFOptimizer(weights=...)`` reads.
@@ -295,21 +315,22 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
     the rule with the lowest score, not the last one (PES can walk a rule into a diverging region late in a run).
     Scores go into the log (``"valid_loss"``; the starting rule's: ``"valid_loss_start"`` of step 1), and the budget
     counts their time."""
-    if family is not None and not isinstance(family, TaskFamily):
-        raise TypeError(f"meta_train: family must be a unf.optim.TaskFamily, got {type(family).__name__} (the run "
-                        "directory is out=...)")
-    if family is None:
+    fams = _families(family)
+    if not fams:
         cfg.check_mix()
-    elif cfg.unroll > family.horizon:
-        raise ValueError(f"unroll ({cfg.unroll}) is longer than task family {family.name!r}'s horizon "
-                         f"({family.horizon})")
-    identity = None if family is None else {"name": family.name, "spec_hash": family.fingerprint()}
+    for f in fams:
+        if cfg.unroll > f.horizon:
+            raise ValueError(f"unroll ({cfg.unroll}) is longer than task family {f.name!r}'s horizon ({f.horizon})")
+    if len(fams) > 1 and cfg.rule.get("variant") == "unf-exact":
+        raise ValueError("variant 'unf-exact' learns for one architecture: meta-train it on one family, not a mix")
+    identity = None if not fams else {"name": fams[0].name, "spec_hash": fams[0].fingerprint()} if len(fams) == 1 \
+        else {"mix": [{"name": f.name, "spec_hash": f.fingerprint()} for f in fams]}
     dist, rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     if rule is None:
         spec = None
         if cfg.rule.get("variant") == "unf-exact":
-            spec = family.spec() if family is not None else \
+            spec = fams[0].spec() if fams else \
                 _task_spec(sample_task(torch.Generator().manual_seed(cfg.seed), cfg))
         rule = LearnedRule(RuleConfig(**cfg.rule), spec=spec)
     names = [n for n, _ in rule.named_parameters()]
@@ -324,7 +345,7 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         start = len(history)
     saved = start
     elapsed = sum(h["seconds"] for h in history)  # the budget counts the steps the checkpoint holds
-    held_out = validation_tasks(cfg, family) if cfg.validate_every else []
+    held_out = validation_tasks(cfg, fams or None) if cfg.validate_every else []
     best: Optional[tuple[float, int, torch.Tensor]] = None  # (score, step, theta)
     if held_out and out is not None and (out / "checkpoint.safetensors").is_file():
         best = _read_best(out)
@@ -355,7 +376,11 @@ def meta_train(cfg: MetaConfig, family: Optional[TaskFamily] = None, out: Option
         t0 = time.perf_counter()
         if inner is None or inner.t >= inner.task.horizon:
             task_gen.manual_seed(cfg.seed * 7919 + step)  # a task depends only on (seed, step it starts at)
-            task = sample_task(task_gen, cfg) if family is None else FamilyTask(family, _family_seed(task_gen))
+            if not fams:
+                task = sample_task(task_gen, cfg)
+            else:  # one family: no draw, so a family's task stream is that of a one-family run
+                pick = fams[int(torch.randint(len(fams), (), generator=task_gen))] if len(fams) > 1 else fams[0]
+                task = FamilyTask(pick, _family_seed(task_gen))
             inner = _Inner(task, cfg, rule, len(my_pairs), theta.numel())
         eps = torch.stack([_noise(cfg, step, i, theta.numel()) for i in my_pairs]) if my_pairs else \
             theta.new_zeros(0, theta.numel())
@@ -485,12 +510,14 @@ def checkpoint_history(out: str | Path) -> list:
 def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.optim.Adam,
                     family: Optional[dict] = None) -> list:
     """Restore ``theta`` and ``opt`` from ``out``; returns the log. Refuses a checkpoint made with other settings or
-    for another task family (``family``: ``{"name", "spec_hash"}`` as :func:`save_checkpoint` records it)."""
+    for another task family (``family``: ``{"name", "spec_hash"}`` as :func:`save_checkpoint` records it, or
+    ``{"mix": [...]}`` of those for a mix)."""
     meta, tensors = _read_checkpoint(out)
     path = out / "checkpoint.safetensors"
     theirs = json.loads(meta.get("family", "null"))
     if theirs != family:
         what = lambda f: "the MLP task mix" if f is None else \
+            f"the mix of {', '.join(repr(m['name']) for m in f['mix'])}" if "mix" in f else \
             f"task family {f['name']!r} (spec hash {f['spec_hash']})"  # noqa: E731
         raise CheckpointError(f"{path} was meta-trained on {what(theirs)}, not on {what(family)}; use another --out "
                               "or the same task to resume")

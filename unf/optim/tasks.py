@@ -22,6 +22,21 @@ against 28 tuned baseline runs per seed stays within minutes on one core.
 They are distinct from the held-out ``TASKS`` "digits-cnn" and "majority-gru" (same models, horizon 200).
 :func:`get_family` resolves a name of either, or a ``FILE.py:FN`` reference.
 
+``MIXES``: named lists of families that one rule is meta-trained on together (``meta_train(cfg, [f1, f2, ...])``: each
+inner task is one of them, drawn uniformly). ``"broad"`` is the shipped default's mix; it leaves every ``TASKS`` entry
+held out (other datasets, widths, depths, shapes and sequence tasks; not the digits CNN or the majority GRU):
+
+* ``"iris-mlp-32"``: 4-32-3 ReLU MLP on iris, batch 32, horizon 200;
+* ``"wine-mlp-64x2"``: 13-64-64-3 tanh MLP on wine, batch 32, horizon 200;
+* ``"digits-mlp-96x3"``: 64-96-96-96-10 ReLU MLP on digits, batch 64, horizon 300;
+* ``"digits-mlp-32x2-long"``: 64-32-32-10 GELU MLP on digits, batch 64, horizon 1,000 (long horizons);
+* ``"digits-cnn-16x2"``: conv 1->16 3x3, conv 16->16 3x3 stride 2, ReLU, global average pool, linear 16->10, batch
+  64, horizon 200;
+* ``"parity-gru"``: embedding 4x8, a GRU of 16 units, linear head on the last step, on :func:`parity_data` (is the
+  count of token 2 even; length-10 sequences of 4 tokens), batch 64, horizon 200.
+
+:func:`get_families` resolves a comma-separated list of names, mix names and ``FILE.py:FN`` references.
+
 Seeds: evaluation uses seeds below ``META_SEED_BASE`` (2**30); meta-training on a family draws its seeds from
 ``[META_SEED_BASE, 2**31)``, so a rule is never tested on an initialisation or batch order it was meta-trained on.
 """
@@ -71,6 +86,14 @@ def majority_data(seed: int = 0, n_train: int = 2000, n_test: int = 1000, length
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(vocab, (n_train + n_test, length), generator=g)
     y = ((x == 0).sum(1) > (x == 1).sum(1)).long()
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def parity_data(seed: int = 0, n_train: int = 2000, n_test: int = 1000, length: int = 10, vocab: int = 4):
+    """Synthetic sequences, fixed by ``seed``: is the count of token 2 even? (``x_tr, y_tr, x_te, y_te``)"""
+    g = torch.Generator().manual_seed(seed + 17)
+    x = torch.randint(vocab, (n_train + n_test, length), generator=g)
+    y = ((x == 2).sum(1) % 2 == 0).long()
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
@@ -235,10 +258,41 @@ FAMILIES = {
 }
 
 
+def _cnn16():
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+MIXES = {"broad": [_family(name, *rest) for name, *rest in (
+    ("iris-mlp-32", _embedded("iris"), lambda: mlp(4, [32], 3), 32, 200),
+    ("wine-mlp-64x2", _embedded("wine"), lambda: mlp(13, [64, 64], 3, nn.Tanh), 32, 200),
+    ("digits-mlp-96x3", _embedded("digits-flat"), lambda: mlp(64, [96] * 3, 10), 64, 300),
+    ("digits-mlp-32x2-long", _embedded("digits-flat"), lambda: mlp(64, [32, 32], 10, nn.GELU), 64, 1000),
+    ("digits-cnn-16x2", _embedded("digits-flat"), _cnn16, 64, 200),
+    ("parity-gru", parity_data, lambda: GRUClassifier(vocab=4, dim=8, hidden=16), 64, 200),
+)]}
+
+
+def get_families(ref: str) -> list:
+    """``A,B,...`` -> the families named (each as :func:`get_family` resolves it; a name of ``MIXES`` stands for its
+    families). Raises ``ValueError`` for an unknown name or a family named twice."""
+    out: list = []
+    for part in (p.strip() for p in ref.split(",")):
+        if not part:
+            raise ValueError(f"task {ref!r}: an empty name in the list")
+        out.extend(MIXES[part] if part in MIXES else [get_family(part)])
+    names = [f.name for f in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"task {ref!r}: {', '.join(twice)} named more than once")
+    return out
+
+
 def get_family(ref: str) -> TaskFamily:
     """A built-in family (a name of ``FAMILIES`` or ``TASKS``) or ``FILE.py:FN`` / ``module:FN``, where ``FN()``
     returns a :class:`TaskFamily` (its name defaults to ``ref``). Raises ``ValueError`` saying what is wrong."""
-    known = {**TASKS, **FAMILIES}
+    known = {**TASKS, **FAMILIES, **{f.name: f for fams in MIXES.values() for f in fams}}
     if ref in known:
         return known[ref]
     if ":" not in ref:
@@ -328,5 +382,6 @@ def speedup(reference: list, curve: list) -> float:
     return 0.0 if n is None else max(n_ref, 1) / max(n, 1)
 
 
-__all__ = ["ADAM_LRS", "FAMILIES", "GRUClassifier", "META_SEED_BASE", "SCHEDULES", "SGD_LRS", "TASKS", "TaskFamily",
-           "full_loss", "get_family", "majority_data", "mlp", "speedup", "steps_to_reach", "train_curve"]
+__all__ = ["ADAM_LRS", "FAMILIES", "GRUClassifier", "META_SEED_BASE", "MIXES", "SCHEDULES", "SGD_LRS", "TASKS",
+           "TaskFamily", "full_loss", "get_families", "get_family", "majority_data", "mlp", "parity_data", "speedup",
+           "steps_to_reach", "train_curve"]
