@@ -6,7 +6,8 @@ Takes ``--num`` networks of the flow's zoo (held-out ones, then training ones; t
 along the flow's own path to time ``t0`` (``x_t0 = t0 x1 + (1 - t0) x0``, ``x0`` from the flow's source) and
 integrates the flow from ``t0`` to 1 (Euler, ``--steps`` over the whole interval, so ``steps * (1 - t0)`` of them;
 ``--churn`` > 0: the stochastic sampler). Reported per ``t0``: the test accuracy of the results, and their distance
-to the network they started from, over that network's norm (standardised coordinates). ``t0 = 0`` is plain sampling.
+to the network they started from, over that network's norm (standardised coordinates), beside the same distance of
+the noised start (a field that removes noise ends nearer than it started; one that passes it through, as far). ``t0 = 0`` is plain sampling.
 A field that knows the data returns near-equal accuracy from a late ``t0``; the ``t0`` where accuracy falls away
 says at which noise level the field stops knowing the networks. One JSON line per (set, t0) in
 ``benchmarks/results/flow_denoise.jsonl``.
@@ -74,6 +75,7 @@ def main(argv=None) -> None:
             start = time.time()
             noise = torch.randn(x1.shape, generator=g)
             x = t0 * x1 + (1 - t0) * flow.source.draw(noise)
+            start_rel = (x - x1).norm(dim=1) / x1.norm(dim=1)  # the noise the field is given
             n = max(1, round(args.steps * (1 - t0)))
             h = (1 - t0) / n
             with torch.no_grad():
@@ -90,9 +92,11 @@ def main(argv=None) -> None:
             row = {"run": str(path), "set": name, "t0": t0, "num": len(rows), "steps": n, "churn": args.churn,
                    "start_acc_mean": float(base.mean()), "acc_mean": float(acc.mean()),
                    "acc_median": float(acc.median()), "rel_distance_median": float(rel.median()),
+                   "start_rel_distance_median": float(start_rel.median()),
                    "seconds": round(time.time() - start, 2), **provenance(), "code": code_version()}
             append_jsonl(Path(args.results), row)
-            print(json.dumps({k: row[k] for k in ("set", "t0", "acc_mean", "rel_distance_median")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("set", "t0", "acc_mean", "start_rel_distance_median",
+                                                  "rel_distance_median")}), flush=True)
 
 
 if __name__ == "__main__":
