@@ -2,6 +2,7 @@
 
     python benchmarks/lopt_eval.py [--seeds 5] [--tasks NAME,...] [--out benchmarks/results]
     python benchmarks/lopt_eval.py --table-only    # table and figure from the committed results only
+    python benchmarks/lopt_eval.py --rule broad=runs/lopt-broad/rule.safetensors [--shard I/N]   # a candidate rule
 
 Every (task, optimizer, learning rate, seed) run is one JSON line in ``OUT/lopt_eval*.jsonl`` (resumable: done runs
 are skipped; ``--shard I/N`` runs every N-th job in its own file, so N processes can share the cores). Then, per task: Adam's and SGDM's learning rate is chosen on the *training* loss (best mean over seeds of
@@ -9,6 +10,12 @@ the lowest full-batch training loss within the horizon); the learned optimizers 
 tuning). Speed-up on one seed = steps tuned Adam needs to reach its best training loss / steps the optimizer needs to
 reach that loss (0 if it never does); the same on test loss. Writes ``OUT/lopt_eval.md`` (table, mean +- sample std
 over seeds) and ``OUT/lopt_eval.png`` (loss curves, mean over seeds), atomically.
+
+``--rule NAME=FILE`` evaluates a candidate rule (a weights file of ``unf lopt meta-train``) on the same tasks and seeds
+against the committed baselines: its runs go to ``OUT/lopt_eval.rule-NAME*.jsonl``, its table (the baselines, the
+shipped rules and it) to ``OUT/lopt_eval.rule-NAME.md``, followed by the shipped default's criteria (issue 29): final
+training loss within 1.1x constant-rate tuned Adam's on every task, below Adam at lr 1e-3 on at least 4 of 6, no
+divergence.
 """
 from __future__ import annotations
 
@@ -54,7 +61,27 @@ def _ms(values: list, digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
-def summarise(rows: list[dict], out: Path) -> str:
+def criteria(by: dict, name: str) -> list[str]:
+    """The shipped default's criteria for the learned rule ``name`` (mean final training loss over seeds)."""
+    lines, within, below, diverged = [], 0, 0, 0
+    for task in TASKS:
+        final = lambda opt, lr: [r["train"][-1] for r in by.get((task, opt, lr), [])]  # noqa: E731
+        adam = {lr: statistics.mean(final("adam", lr)) for lr in ADAM_LRS if final("adam", lr)}
+        mine = final(name, 1.0)
+        if not adam or not mine:
+            continue
+        tuned = min(adam.values())
+        ratio = statistics.mean(mine) / tuned
+        within += ratio <= 1.1
+        below += statistics.mean(mine) < adam.get(1e-3, math.inf)
+        diverged += sum(r["diverged"] for r in by[(task, name, 1.0)])
+        lines.append(f"| {task} | {statistics.mean(mine):.4f} | {tuned:.4f} | {ratio:.2f}x | {adam.get(1e-3, math.nan):.4f} |")
+    head = [f"| task | {name}: final training loss | tuned Adam (constant) | ratio | Adam lr 1e-3 |", "|---|---|---|---|---|"]
+    return head + lines + ["", f"{name}: within 1.1x tuned Adam on {within}/{len(lines)} tasks (target: all), below "
+                               f"Adam at 1e-3 on {below}/{len(lines)} (target: >= 4 of 6), {diverged} diverged runs."]
+
+
+def summarise(rows: list[dict], out: Path, candidate: str = "") -> str:
     by = {}
     for r in rows:
         by.setdefault((r["task"], r["opt"], r["lr"]), []).append(r)
@@ -92,9 +119,12 @@ def summarise(rows: list[dict], out: Path) -> str:
     lines.append("Mean train-loss speed-up over the tasks: " + ", ".join(
         f"{k} {statistics.mean(v):.2f}" for k, v in means.items()) + ". Tasks at >= 1.0x: " + ", ".join(
         f"{k} {sum(x >= 1.0 for x in v)}/{len(v)}" for k, v in means.items()) + ".")
+    if candidate:
+        lines += [""] + criteria(by, "unf") + [""] + criteria(by, candidate)
     text = "\n".join(lines)
-    atomic_write(out / "lopt_eval.md", lambda tmp: Path(tmp).write_text(text + "\n"))
-    _plot(curves, out / "lopt_eval.png")
+    stem = f"lopt_eval.rule-{candidate}" if candidate else "lopt_eval"
+    atomic_write(out / f"{stem}.md", lambda tmp: Path(tmp).write_text(text + "\n"))
+    _plot(curves, out / f"{stem}.png")
     return text
 
 
@@ -124,25 +154,37 @@ def main(argv=None):
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the task names")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th (one process per core)")
     ap.add_argument("--table-only", action="store_true", help="table and figure from OUT/lopt_eval*.jsonl, no runs")
+    ap.add_argument("--rule", default=None, metavar="NAME=FILE",
+                    help="evaluate a candidate rule (weights file) against the committed baselines")
     args = ap.parse_args(argv)
+    candidate = ""
+    if args.rule:
+        candidate, _, path = args.rule.partition("=")
+        if not candidate or not path or candidate in ("adam", "sgdm", *LEARNED) or not Path(path).is_file():
+            ap.error(f"--rule {args.rule!r}: NAME=FILE with a new name and an existing weights file")
+        LEARNED[candidate] = Path(path)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     i, n = (int(v) for v in args.shard.split("/"))
-    log = out / ("lopt_eval.jsonl" if n == 1 else f"lopt_eval.shard{i}.jsonl")
+    stem = f"lopt_eval.rule-{candidate}" if candidate else "lopt_eval"
+    log = out / (f"{stem}.jsonl" if n == 1 else f"{stem}.shard{i}.jsonl")
     rows = [json.loads(line) for f in sorted(out.glob("lopt_eval*.jsonl")) for line in f.read_text().splitlines()]
+    if not candidate:  # the committed table: baselines and the shipped rules only
+        rows = [r for r in rows if r["opt"] in ("adam", "sgdm", *LEARNED)]
     if args.table_only:
         if not rows:
             ap.error(f"--table-only: no lopt_eval*.jsonl results in {out}")
-        print(summarise(rows, out))
+        print(summarise(rows, out, candidate))
         return
     done = {(r["task"], r["opt"], r["lr"], r["seed"]) for r in rows}
     names = args.tasks.split(",") if args.tasks else list(TASKS)
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         ap.error(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
-    jobs = [(t, o, lr, s) for t in names for s in range(args.seeds)
-            for o, grid in (("adam", ADAM_LRS), ("sgdm", SGD_LRS), *((k, [1.0]) for k in LEARNED)) for lr in grid]
+    grids = (("adam", ADAM_LRS), ("sgdm", SGD_LRS), *((k, [1.0]) for k in LEARNED)) if not candidate else \
+        ((candidate, [1.0]),)  # a candidate runs alone; the baselines are the committed runs
+    jobs = [(t, o, lr, s) for t in names for s in range(args.seeds) for o, grid in grids for lr in grid]
     todo = [j for j in jobs[i::n] if j not in done]
     from tqdm.auto import tqdm
 
@@ -152,7 +194,7 @@ def main(argv=None):
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
-    print(summarise(rows, out))
+    print(summarise(rows, out, candidate))
 
 
 if __name__ == "__main__":
