@@ -12,9 +12,9 @@ diffusion samplers offer): for the linear path ``x_t = t x_1 + (1 - t) x_0`` fro
 
 has the ODE's marginals for every ``churn >= 0`` (exactly when source and data points are paired independently;
 with minibatch OT pairs the source point is not independent of its target and the score is an approximation). The
-drift pulls each sample back towards where the field's
-data lie, and the fresh noise breaks ties an equivariant field cannot break alone: two hidden units that became
-equal stay equal under any equivariant ODE (BENCHMARKS.md, the orbit rung). Each step is the chosen solver's ODE step
+drift pulls each sample back towards where the field's data lie, and the fresh noise breaks ties an equivariant
+field cannot break alone: two hidden units that became equal stay equal under any equivariant ODE (BENCHMARKS.md,
+the orbit rung). Each step is the chosen solver's ODE step
 plus an Euler-Maruyama step of the correction with the step's first velocity (no extra evaluations); the noise
 fades to zero at ``t = 1`` and the last step adds none. The pull is explicit, so ``churn`` times the step
 ``1 / steps`` must stay well below 1 (``churn * h <= 0.2`` is checked).
