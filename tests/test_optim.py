@@ -314,10 +314,10 @@ def test_optimizer_step_equals_the_weight_space_rule():
 
 
 def test_rule_core_traces_as_one_graph():
-    """``compile=True`` pays off only if the whole rule is one graph: no graph break on an MLP or a CNN spec."""
+    """``compile=True`` pays off only if the rule's network is one graph: no graph break on an MLP or a CNN spec."""
     import torch._dynamo as dynamo
 
-    from unf.optim.rule import flat_core
+    from unf.optim.rule import flat_features, flat_head
     from unf.weights import segment_sizes
 
     torch.manual_seed(0)
@@ -329,10 +329,11 @@ def test_rule_core_traces_as_one_graph():
         sizes = segment_sizes(spec)
         n = sum(sizes)
         index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        args = (rule, plan, torch.randn(1, n), torch.randn(1, n), torch.randn(1, 3, n), torch.rand(1, n),
-                torch.tensor(1.5), torch.tensor(2.0), torch.rand(3, len(sizes)), index)
+        feats, base, base_rms, _, _ = flat_features(
+            rule, plan, torch.randn(1, n), torch.randn(1, n), torch.randn(1, 3, n), torch.rand(1, n),
+            torch.tensor(1.5), torch.tensor(2.0), torch.rand(3, len(sizes)), index)
         dynamo.reset()
-        explained = dynamo.explain(flat_core)(*args)
+        explained = dynamo.explain(flat_head)(rule, plan, feats, base, base_rms, index)
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
@@ -356,10 +357,20 @@ def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch):
     def broken(*args, **kw):
         raise RuntimeError("inductor: no C++ compiler")
 
-    opt._core = broken
+    opt._head.fn = broken
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
         lc = _train(c, opt, 4)
-    assert lc == pytest.approx(la, rel=1e-6) and opt._core is None
+    assert lc == pytest.approx(la, rel=1e-6) and opt._head.fn is None
+
+
+def test_all_finite_flags_each_tensor_across_dtypes():
+    from unf.optim.optimizer import _all_finite
+
+    nan, inf = float("nan"), float("inf")
+    ts = [torch.ones(3), torch.tensor([1.0, nan]), torch.empty(0), torch.tensor([-inf]),
+          torch.ones(2, dtype=torch.float64), torch.tensor([inf], dtype=torch.float64), torch.tensor([3e38, -3e38])]
+    assert _all_finite(ts) == [True, False, True, False, True, False, True]
+    assert _all_finite([]) == []
 
 
 def test_non_finite_gradient_skips_that_tensor_and_keeps_its_state():
@@ -507,7 +518,7 @@ def test_meta_train_wires_the_estimator(monkeypatch, estimator):
     dim = sum(p.numel() for p in LearnedRule(RuleConfig(**cfg.rule)).parameters())
     c = torch.randn(dim, generator=torch.Generator().manual_seed(0))
 
-    def linear_unroll(self, rule, stacked, steps, loss_clip, log_loss=False):
+    def linear_unroll(self, rule, stacked, steps, loss_clip, log_loss=False, head=None):
         self.t += steps
         return torch.cat([v.reshape(v.shape[0], -1) for v in stacked.values()], 1) @ c
 

@@ -61,6 +61,9 @@ def register(sub) -> None:
                    help="held-out tasks per validation (default 2)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
+    p.add_argument("--compile", action="store_true",
+                   help="run the rule's network through torch.compile (a compile of tens of seconds per architecture, "
+                        "counted in the budget; same steps to float rounding, so a run resumes with or without it)")
 
     grid = ",".join(f"{v:g}" for v in ADAM_LRS)
     sgd_grid = ",".join(f"{v:g}" for v in SGD_LRS)
@@ -171,7 +174,7 @@ def run_meta_train(args) -> int:
             bar.refresh()
 
     with user_error("--out", types=(CheckpointError,)):
-        rule, history = meta_train(cfg, family, out=out, log=on_step)
+        rule, history = meta_train(cfg, family, out=out, log=on_step, compile=args.compile)
     if rank == 0:
         bar.close()
         log.close()

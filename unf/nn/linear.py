@@ -118,12 +118,19 @@ def accumulate(terms: list, main, b: int, cout: int, sizes: tuple,
         x = x.reshape(b, x.shape[1], -1)
         if acc is None:
             acc = torch.bmm(w, x)
+        elif _compiling():  # inductor fuses the add into the kernel that reads the sum next (no base copy)
+            acc = torch.bmm(w, x).view(b, cout, *sizes) + acc
         elif acc.numel() == full and acc.shape[0] == b:
             acc = torch.baddbmm(acc.reshape(b, cout, -1), w, x)  # in place (baddbmm_) measured 20-30% slower
         else:
             acc = torch.bmm(w, x).view(b, cout, *sizes).add_(acc)  # bmm's backward does not need its output
         acc = acc.view(b, cout, *sizes)
     return acc.expand(b, cout, *sizes)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class _Reductions:

@@ -26,7 +26,7 @@ from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
 from .basis import Plan, embed
 from .layout import Layout
-from .linear import _Reductions, accumulate
+from .linear import _Reductions, _compiling, accumulate
 
 BASES = ("unf", "deepsets", "pointwise")
 RELATIONS = ("self", "same-tensor", "other", "bias")
@@ -239,11 +239,6 @@ class SharedUNFLinear(nn.Module):
             blocks.append(accumulate(terms, main, b, cout, sizes))
         out = {n: layout.insert(n, [blocks[i] for i in layout.by_tensor[n]], cout) for n in layout.spec.float_names}
         return WeightSpace(layout.spec, out, ws.extras)
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def _reordered(y: torch.Tensor, reorder: tuple) -> torch.Tensor:

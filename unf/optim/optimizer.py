@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..nn.shared import SharedUNFLinear
 from ..spec import TensorSpec, WeightSpaceSpec
-from .rule import LearnedRule, flat_core, flat_step, segment_index
+from .rule import CompiledHead, LearnedRule, flat_step, segment_index
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "default.safetensors"
 # SHA-256 of the shipped file: loading "default" checks it, so a damaged or swapped file is refused
@@ -83,7 +83,7 @@ class UNFOptimizer(torch.optim.Optimizer):
         self._rules: dict = {}  # (device, dtype) -> rule copy
         self._plans: dict = {}  # tuple of names -> (spec, plan)
         self._flat: dict = {}  # device -> _FlatState
-        self._core = torch.compile(flat_core, dynamic=False) if compile else None
+        self._head = CompiledHead() if compile else None
         if self.rule.spec is not None:  # weights for one architecture: check it now, not at the first step
             tensors = {self._names[id(p)]: p for g in self.param_groups for p in g["params"]}
             self._plan(tuple(tensors), tensors)
@@ -140,16 +140,17 @@ class UNFOptimizer(torch.optim.Optimizer):
                 out = closure()
         by_device: dict = {}
         bad = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"UNFOptimizer does not support sparse gradients ({self._names[id(p)]!r})")
-                if not torch.isfinite(p.grad).all():
-                    bad.append(self._names[id(p)])
-                    continue
-                by_device.setdefault(p.device, []).append((self._names[id(p)], p, g["lr"]))
+        stepped = [(p, g["lr"]) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p, _ in stepped:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"UNFOptimizer does not support sparse gradients ({self._names[id(p)]!r})")
+        # one max-norm per gradient in one foreach kernel and one host sync (a NaN or inf propagates into it)
+        finite = _all_finite([p.grad for p, _ in stepped])
+        for (p, lr), ok in zip(stepped, finite):
+            if not ok:
+                bad.append(self._names[id(p)])
+                continue
+            by_device.setdefault(p.device, []).append((self._names[id(p)], p, lr))
         if bad:
             warnings.warn(f"UNFOptimizer: non-finite gradients in {bad}; their step is skipped", RuntimeWarning,
                           stacklevel=2)
@@ -167,15 +168,7 @@ class UNFOptimizer(torch.optim.Optimizer):
         cat = lambda ts: torch.cat([t.reshape(1, -1).to(dtype) for t in ts], 1)  # noqa: E731
         args = (rule, plan, cat(params), cat([p.grad for p in params]), flat.m[None].to(dtype), flat.v[None].to(dtype),
                 [s + 1 for s in flat.steps])
-        try:
-            direction, m, v = flat_step(*args, index=flat.index, core=self._core)
-        except Exception as e:  # noqa: BLE001 -- a compiler failure must not stop training; eager errors re-raise
-            if self._core is None:
-                raise
-            warnings.warn(f"UNFOptimizer: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); stepping "
-                          "eagerly from now on", RuntimeWarning, stacklevel=3)
-            self._core = None
-            direction, m, v = flat_step(*args, index=flat.index)
+        direction, m, v = flat_step(*args, index=flat.index, head=self._head)
         flat.m.copy_(m[0])
         flat.v.copy_(v[0])
         flat.steps = [s + 1 for s in flat.steps]
@@ -215,6 +208,20 @@ class UNFOptimizer(torch.optim.Optimizer):
             flat.steps.append(int(st["step"].item()))
         self._flat[device] = flat
         return flat
+
+
+def _all_finite(tensors: list) -> list[bool]:
+    """For every tensor: are all its entries finite? (One host sync per device.)"""
+    out = [True] * len(tensors)
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        if t.numel():  # an empty tensor is finite (and has no max-norm)
+            by_device.setdefault((t.device, t.dtype), []).append(i)
+    for idx in by_device.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], float("inf")))
+        for i, ok in zip(idx, torch.isfinite(norms).tolist()):
+            out[i] = ok
+    return out
 
 
 @dataclass

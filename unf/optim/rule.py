@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Union
 
@@ -185,14 +186,14 @@ def _expand(v: torch.Tensor, sizes: list[int], index: Optional[torch.Tensor]) ->
 
 def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
               v: torch.Tensor, t: Union[int, list[int]], params: Optional[Mapping[str, torch.Tensor]] = None,
-              index: Optional[torch.Tensor] = None, core=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              index: Optional[torch.Tensor] = None, head=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One update of the rule on flat buffers (every tensor of ``plan``'s spec flattened, in spec order).
 
     ``p``, ``g``, ``v``: ``[B, N]``; ``m``: ``[B, K, N]``; ``t``: the step number (1-based), or one per tensor.
     Returns the direction ``alpha * (base + beta * f)`` ``[B, N]`` (to be scaled by ``-lr``) and the new ``m``, ``v``
     (the inputs are not changed). ``index``: ``[N]`` long, the tensor of every entry (pass it to save building it
-    each step). ``params``: the rule's parameters stacked ``[B, ...]`` (one set per batch member). ``core``: a
-    compiled :func:`flat_core` (the step number enters it as tensors, so a compiled core is not rebuilt per step)."""
+    each step). ``params``: the rule's parameters stacked ``[B, ...]`` (one set per batch member). ``head``: a
+    compiled :func:`flat_head` (the features are built eagerly; see :func:`flat_core`)."""
     c = rule.config
     sizes = segment_sizes(plan.layout.spec)
     if len(sizes) > 1 and index is None:
@@ -205,19 +206,19 @@ def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
         bc1 = _expand(p.new_tensor([1 / (1 - 0.9 ** s) for s in steps]), sizes, index)
         sbc2 = _expand(p.new_tensor([math.sqrt(1 / (1 - c.beta2 ** s)) for s in steps]), sizes, index)
     times = p.new_tensor([[math.tanh(s / ts) for s in steps] for ts in c.time_scales])  # [S, T]
-    plan.tensors(p.device, p.dtype)  # fill the plan's cache here, so that a compiled core traces one graph, not two
-    return (core or flat_core)(rule, plan, p, g, m, v, bc1, sbc2, times, index, params)
+    plan.tensors(p.device, p.dtype)  # fill the plan's cache here, so that a compiled head traces one graph, not two
+    return flat_core(rule, plan, p, g, m, v, bc1, sbc2, times, index, params, head)
 
 
-def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
-              v: torch.Tensor, bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor,
-              index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`flat_step` after the step count became tensors: Adam's bias corrections ``bc1`` and ``sqrt(bc2)``
-    (``[]`` or ``[N]``) and the time features ``times`` ``[S, T]``. Tensors in, tensors out: what ``torch.compile``
-    traces as one graph."""
-    c, spec = rule.config, plan.layout.spec
-    sizes = segment_sizes(spec)
+def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
+                  v: torch.Tensor, bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor,
+                  index: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """The rule's inputs: ``feats`` ``[B, 4 + K + S, N]`` (``p, g, m_k..., sqrt(v), base``, each RMS-normalised per
+    tensor and clipped, then the time features), Adam's direction ``base`` ``[B, N]``, its per-tensor RMS ``[B, T]``
+    and the new ``m``, ``v``. Adam's bias corrections ``bc1`` and ``sqrt(bc2)`` are ``[]`` or ``[N]``; ``times``
+    ``[S, T]``."""
+    c, sizes = rule.config, segment_sizes(plan.layout.spec)
     k, nk, nt = c.decays.index(0.9), len(c.decays), times.shape[0]
     # every input channel is written once into one [B, 4 + K + S, N] buffer and normalised there in place: with
     # 17 stacked members of a 26k-parameter MLP (PES meta-training) the concatenations and the [B, C, N] expansion
@@ -235,23 +236,64 @@ def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
     raw = feats[:, :4 + nk]  # [B, 4 + K, N]: p, g, m_k..., sqrt(v), base
     rms = _per_tensor_rms(raw, sizes)  # [B, C, T]; the last channel is the base's
     inv = (rms + 1e-30).reciprocal()
-    if len(sizes) <= _SEGMENT_LOOP:  # a few tensors: scale each one's slice, no [B, C, N] expansion of the scales
+    if len(sizes) <= _SEGMENT_LOOP:  # a few tensors: each one's slice, no [B, C, N] expansion of per-tensor values
         start = 0
         for i, n in enumerate(sizes):
             raw[:, :, start:start + n].mul_(inv[:, :, i:i + 1])
+            feats[:, 4 + nk:, start:start + n] = times[:, i:i + 1]
             start += n
     else:  # many small tensors: one multiplication beats a loop of tiny ones
         raw.mul_(_expand(inv, sizes, index))
+        feats[:, 4 + nk:] = _expand(times, sizes, index)  # [S, N], broadcast over the batch
     raw.clamp_(-c.clip, c.clip)
-    feats[:, 4 + nk:] = _expand(times, sizes, index)  # [S, N], broadcast over the batch
+    return feats, base, rms[:, -1], m, v
+
+
+def flat_head(rule: LearnedRule, plan: SharedPlan, feats: torch.Tensor, base: torch.Tensor, base_rms: torch.Tensor,
+              index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+    """The rule's network on the features of :func:`flat_features`: the direction ``alpha * (base + beta * f)``
+    ``[B, N]``. Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
+    c, spec = rule.config, plan.layout.spec
+    sizes = segment_sizes(spec)
     args = (WeightSpace.from_channels(spec, feats), plan)
     f, log_alpha = rule(*args) if params is None else torch.func.functional_call(rule, dict(params), args)
     learned = c.beta * f.channels_flat()[:, 0]  # [B, N]
     if c.trust > 0:  # the learned term never outgrows the base step (per tensor: invariant, so equivariant)
-        ratio = (c.trust * rms[:, -1] / (_per_tensor_rms(learned[:, None], sizes)[:, 0] + 1e-30)).clamp_(max=1.0)
+        ratio = (c.trust * base_rms / (_per_tensor_rms(learned[:, None], sizes)[:, 0] + 1e-30)).clamp_(max=1.0)
         learned = learned * _expand(ratio, sizes, index)
     alpha = log_alpha.exp().reshape(-1, 1)  # [1, 1] or, with stacked meta-weights, [B, 1]
-    return alpha * (base + learned), m, v
+    return alpha * (base + learned)
+
+
+class CompiledHead:
+    """:func:`flat_head` through ``torch.compile`` (one graph per spec and batch size, compiled at its first call and
+    not again), falling back to eager for good, with a warning, if compiling or running the compiled graph fails:
+    a compiler problem must not stop training."""
+
+    def __init__(self):
+        self.fn = torch.compile(flat_head, dynamic=False)
+
+    def __call__(self, *args, **kw) -> torch.Tensor:
+        if self.fn is not None:
+            try:
+                return self.fn(*args, **kw)
+            except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor; eager gives the same steps
+                warnings.warn(f"torch.compile failed for the learned rule ({type(e).__name__}: {str(e)[:200]}); "
+                              "stepping eagerly from now on", RuntimeWarning, stacklevel=3)
+                self.fn = None
+        return flat_head(*args, **kw)
+
+
+def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
+              v: torch.Tensor, bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor,
+              index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None, head=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`flat_step` after the step count became tensors: :func:`flat_features`, then :func:`flat_head` (or
+    ``head``, a compiled one). Only the head is worth compiling: inductor turns the in-place per-tensor scaling of
+    the features into one kernel that tests every entry against every tensor's range (about 4x the eager features'
+    time on the 112k-parameter MLP, benchmarks/lopt_overhead.py), while the eager features are a few full passes."""
+    feats, base, base_rms, m, v = flat_features(rule, plan, p, g, m, v, bc1, sbc2, times, index)
+    return (head or flat_head)(rule, plan, feats, base, base_rms, index, params), m, v
 
 
 def segment_index(sizes: list[int], device=None) -> torch.Tensor:
@@ -273,5 +315,5 @@ def step_direction(rule: LearnedRule, plan: SharedPlan, p: WeightSpace, g: Weigh
     return ws(d[:, None]), {"m": ws(m), "v": ws(v[:, None])}
 
 
-__all__ = ["FORMAT", "LearnedRule", "RuleConfig", "VARIANTS", "flat_core", "flat_step", "init_state", "segment_index",
-           "step_direction"]
+__all__ = ["FORMAT", "CompiledHead", "LearnedRule", "RuleConfig", "VARIANTS", "flat_core", "flat_features", "flat_head", "flat_step",
+           "init_state", "segment_index", "step_direction"]
