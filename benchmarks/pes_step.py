@@ -10,6 +10,9 @@ one task; the first step (it builds the task, the plans and the caches) is the w
 run's own per-step log. Wall seconds and the process's CPU seconds per step (``time.process_time``, less sensitive to
 other load on the cores) are both reported: median, min, max.
 
+``--compile``: this tree meta-trains with ``meta_train(compile=True)`` (the rule's network through
+``torch.compile``; the compile falls in each process's warm-up step).
+
 ``--against DIR``: a second source tree (e.g. ``git worktree add /tmp/old d9720ec``), measured in the same run,
 alternating with this one (round by round), and the ratio old/new printed. A tree without task families (before
 issue 29) runs the equivalent fixed MLP task (digits, widths 128,128, ReLU, batch 64, initialisation scale 1, horizon
@@ -41,7 +44,7 @@ def _config(steps: int):
                       rule=dict(variant="unf"), seed=0)
 
 
-def _run(steps: int, phases: dict | None = None) -> list[dict]:
+def _run(steps: int, phases: dict | None = None, compile: bool = False) -> list[dict]:
     """``meta_train`` on the digits-MLP family (or the equivalent task) for ``steps`` outer steps; its log."""
     import torch
 
@@ -64,11 +67,12 @@ def _run(steps: int, phases: dict | None = None) -> list[dict]:
         fixed = meta.Task("digits-flat", (128, 128), "relu", 64, 1.0, 1000, 12345)
         meta.sample_task = lambda gen, cfg: fixed
     torch.manual_seed(0)
-    _, history = meta.meta_train(cfg, family, log=log) if family is not None else meta.meta_train(cfg, log=log)
+    kw = {"compile": True} if compile else {}
+    _, history = meta.meta_train(cfg, family, log=log, **kw) if family is not None else meta.meta_train(cfg, log=log)
     return [{"seconds": h["seconds"], "cpu_seconds": c, "meta_loss": h["meta_loss"]} for h, c in zip(history, cpu)]
 
 
-def _profile() -> None:
+def _profile(compile: bool = False) -> None:
     """Phases of one outer step (after one warm-up step) and the top ATen ops by self CPU time."""
     sys.path.insert(0, str(ROOT))  # this tree's unf, not an installed one
     import torch
@@ -115,23 +119,25 @@ def _profile() -> None:
         fixed = meta.Task("digits-flat", (128, 128), "relu", 64, 1.0, 1000, 12345)
         meta.sample_task = lambda gen, cfg: fixed
     torch.manual_seed(0)
-    meta.meta_train(cfg, family, log=log) if family is not None else meta.meta_train(cfg, log=log)
+    kw = {"compile": True} if compile else {}
+    meta.meta_train(cfg, family, log=log, **kw) if family is not None else meta.meta_train(cfg, log=log)
     total = steps["total"]
     print(f"one outer step (profiled, so slower than the timed runs): {total:.3f} s")
     rest = total - sum(spent.values())
     for name, s in [*spent.items(), ("the rest (stacking, estimate, outer Adam, loss bookkeeping)", rest)]:
         print(f"  {name:<62} {s:7.3f} s  {100 * s / total:5.1f} %")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16))
 
 
 def _worker(args) -> None:
-    rows = _run(args.steps)
+    rows = _run(args.steps, compile=args.compile)
     print(json.dumps(rows))
 
 
-def _measure(tree: Path, steps: int) -> list[dict]:
+def _measure(tree: Path, steps: int, compile: bool = False) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps)],
+    flags = ["--compile"] if compile else []
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps), *flags],
                          env=env, capture_output=True, text=True, cwd=str(tree))
     if out.returncode:
         raise SystemExit(f"{tree}: the worker failed:\n{out.stderr[-3000:]}")
@@ -157,6 +163,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="processes per tree, alternating between the trees")
     ap.add_argument("--against", type=Path, default=None, help="another source tree to measure beside this one")
     ap.add_argument("--profile", action="store_true", help="where one outer step's time goes (this tree)")
+    ap.add_argument("--compile", action="store_true",
+                    help="this tree meta-trains with compile=True (its compile falls in the warm-up step)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -164,7 +172,7 @@ def main(argv=None) -> None:
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first is the warm-up)")
     if args.profile:
-        return _profile()
+        return _profile(args.compile)
     sys.path.insert(0, str(HERE))
     from results_io import append_jsonl
     from timing import provenance
@@ -173,7 +181,7 @@ def main(argv=None) -> None:
     timed = {k: [] for k in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            timed[name] += _measure(tree, args.steps)[1:]  # the first step is the warm-up
+            timed[name] += _measure(tree, args.steps, args.compile and name == "this")[1:]  # first: the warm-up
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"one PES outer step, digits-MLP family (17 MLPs 64-128-128-10, unroll 10), OMP_NUM_THREADS={threads}, "
           f"{args.rounds} x {args.steps - 1} timed steps per tree")
@@ -186,6 +194,7 @@ def main(argv=None) -> None:
               f"{wall['max']:.3f}); {cpu['median']:.3f} s/step CPU (min {cpu['min']:.3f}, max {cpu['max']:.3f})")
         append_jsonl(HERE / "results" / "pes_step.jsonl",
                      {**provenance(), "tree": str(tree), "code": _code(tree), "role": name, "omp_threads": threads,
+                      "compile": bool(args.compile and name == "this"),
                       "rounds": args.rounds, "steps": args.steps, "wall_s": wall, "cpu_s": cpu})
     if "against" in stats:
         w = stats["against"][0]["median"] / stats["this"][0]["median"]

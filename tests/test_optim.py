@@ -337,9 +337,17 @@ def test_rule_core_traces_as_one_graph():
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch):
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-graph", "network-only"])
+def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch, whole):
+    """Both compiled paths (the whole rule, for small weight spaces; the network alone, above
+    ``WHOLE_GRAPH_ENTRIES``) take the eager steps, compile once, and fall back to eager on a compiler failure."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
+
+    from unf.optim import rule as rule_module
+
+    if not whole:
+        monkeypatch.setattr(rule_module, "WHOLE_GRAPH_ENTRIES", 0)
 
     a, b = _mlp(), _mlp()
     spec = unf.spec_from_module(a, torch.randn(1, 6))
@@ -357,10 +365,10 @@ def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch):
     def broken(*args, **kw):
         raise RuntimeError("inductor: no C++ compiler")
 
-    opt._head.fn = broken
+    opt._compiled.whole = opt._compiled.head = broken
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
         lc = _train(c, opt, 4)
-    assert lc == pytest.approx(la, rel=1e-6) and opt._head.fn is None
+    assert lc == pytest.approx(la, rel=1e-6) and opt._compiled.failed
 
 
 def test_all_finite_flags_each_tensor_across_dtypes():
@@ -518,7 +526,7 @@ def test_meta_train_wires_the_estimator(monkeypatch, estimator):
     dim = sum(p.numel() for p in LearnedRule(RuleConfig(**cfg.rule)).parameters())
     c = torch.randn(dim, generator=torch.Generator().manual_seed(0))
 
-    def linear_unroll(self, rule, stacked, steps, loss_clip, log_loss=False, head=None):
+    def linear_unroll(self, rule, stacked, steps, loss_clip, log_loss=False, compiled=None):
         self.t += steps
         return torch.cat([v.reshape(v.shape[0], -1) for v in stacked.values()], 1) @ c
 

@@ -45,7 +45,7 @@ from torch.nn.utils import parameters_to_vector
 
 from ..distributed import dist_info, init_distributed  # noqa: F401  (init_distributed: re-exported)
 from ..weights import segment_sizes
-from .rule import CompiledHead, LearnedRule, RuleConfig, flat_step, segment_index
+from .rule import CompiledRule, LearnedRule, RuleConfig, flat_step, segment_index
 from .tasks import META_SEED_BASE, TaskFamily
 
 DATASETS = ("digits-flat", "iris", "wine")
@@ -227,10 +227,10 @@ class _Inner:
         self.loss0: Optional[float] = None
 
     def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float, log_loss: bool = False,
-               head=None) -> torch.Tensor:
+               compiled=None) -> torch.Tensor:
         """Run ``steps`` inner steps; the members' meta-loss ``[n]``: the mean over the steps of the training loss
         relative to the task's initial loss, clipped at ``loss_clip`` (non-finite: the clip), or of its log.
-        ``head``: a compiled :func:`~unf.optim.rule.flat_head` (see :func:`meta_train`'s ``compile``)."""
+        ``compiled``: a :class:`~unf.optim.rule.CompiledRule` (see :func:`meta_train`'s ``compile``)."""
         from ..zoo.population import member_grads
 
         total = torch.zeros(self.pop.flat.shape[0])
@@ -243,7 +243,7 @@ class _Inner:
             with torch.no_grad():
                 # pop.flat's layout is the flat step's: parameters in spec order
                 direction, self.m, self.v = flat_step(rule, self.plan, self.pop.flat, grad, self.m, self.v, self.t,
-                                                      params=stacked, index=self.index, head=head)
+                                                      params=stacked, index=self.index, compiled=compiled)
                 self.pop.flat.sub_(direction)
                 bad = ~torch.isfinite(self.pop.flat).all(1)
                 if bad.any():  # a diverged member stays diverged: its losses count as the clip from here on
@@ -287,13 +287,13 @@ def validation_tasks(cfg: MetaConfig, family=None) -> list:
             for i in range(cfg.validate_tasks)]
 
 
-def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: list, head=None) -> float:
+def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: list, compiled=None) -> float:
     """The meta-loss of the rule with meta-parameters ``params`` (name -> ``[1, *shape]``) over whole tasks: each
     task trained for its full horizon from its seed, the mean over tasks of the mean (log) loss ratio."""
     total = 0.0
     for task in tasks:
         inner = _Inner(task, cfg, rule, 0, 0)
-        total += float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss, head=head)[0])
+        total += float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss, compiled=compiled)[0])
     return total / len(tasks)
 
 
@@ -317,7 +317,7 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
     Scores go into the log (``"valid_loss"``; the starting rule's: ``"valid_loss_start"`` of step 1), and the budget
     counts their time.
 
-    ``compile``: the rule's network runs through ``torch.compile`` (:class:`~unf.optim.rule.CompiledHead`): one
+    ``compile``: the rule runs through ``torch.compile`` (:class:`~unf.optim.rule.CompiledRule`): one
     compile per architecture and member count, tens of seconds each on a CPU, counted in the budget. The steps equal
     eager ones to float rounding, not bit for bit, so it is not a setting of the run: a run resumes with or without
     it."""
@@ -356,11 +356,11 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
     if held_out and out is not None and (out / "checkpoint.safetensors").is_file():
         best = _read_best(out)
 
-    head = CompiledHead() if compile else None
+    compiled = CompiledRule() if compile else None
 
     def validate(at: int) -> float:
         nonlocal best
-        score = validation_loss(cfg, rule, _stack(theta[None], names, shapes), held_out, head)
+        score = validation_loss(cfg, rule, _stack(theta[None], names, shapes), held_out, compiled)
         if best is None or score < best[0]:
             best = (score, at, theta.clone())
         return score
@@ -403,7 +403,7 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
             direction = eps
         # a family's horizon need not be a multiple of the unroll: the task's last truncation is shorter
         losses = inner.unroll(rule, stacked, min(cfg.unroll, inner.task.horizon - inner.t), cfg.loss_clip,
-                              cfg.log_loss, head=head)
+                              cfg.log_loss, compiled=compiled)
         k = len(my_pairs)
         grad = es_gradient(losses[:k], losses[k:2 * k], direction, cfg.sigma, cfg.pairs)
         if cfg.estimator == "es":

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..nn.shared import SharedUNFLinear
 from ..spec import TensorSpec, WeightSpaceSpec
-from .rule import CompiledHead, LearnedRule, flat_step, segment_index
+from .rule import CompiledRule, LearnedRule, flat_step, segment_index
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "default.safetensors"
 # SHA-256 of the shipped file: loading "default" checks it, so a damaged or swapped file is refused
@@ -83,7 +83,7 @@ class UNFOptimizer(torch.optim.Optimizer):
         self._rules: dict = {}  # (device, dtype) -> rule copy
         self._plans: dict = {}  # tuple of names -> (spec, plan)
         self._flat: dict = {}  # device -> _FlatState
-        self._head = CompiledHead() if compile else None
+        self._compiled = CompiledRule() if compile else None
         if self.rule.spec is not None:  # weights for one architecture: check it now, not at the first step
             tensors = {self._names[id(p)]: p for g in self.param_groups for p in g["params"]}
             self._plan(tuple(tensors), tensors)
@@ -168,7 +168,7 @@ class UNFOptimizer(torch.optim.Optimizer):
         cat = lambda ts: torch.cat([t.reshape(1, -1).to(dtype) for t in ts], 1)  # noqa: E731
         args = (rule, plan, cat(params), cat([p.grad for p in params]), flat.m[None].to(dtype), flat.v[None].to(dtype),
                 [s + 1 for s in flat.steps])
-        direction, m, v = flat_step(*args, index=flat.index, head=self._head)
+        direction, m, v = flat_step(*args, index=flat.index, compiled=self._compiled)
         flat.m.copy_(m[0])
         flat.v.copy_(v[0])
         flat.steps = [s + 1 for s in flat.steps]

@@ -186,14 +186,15 @@ def _expand(v: torch.Tensor, sizes: list[int], index: Optional[torch.Tensor]) ->
 
 def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
               v: torch.Tensor, t: Union[int, list[int]], params: Optional[Mapping[str, torch.Tensor]] = None,
-              index: Optional[torch.Tensor] = None, head=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              index: Optional[torch.Tensor] = None, compiled: Optional["CompiledRule"] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One update of the rule on flat buffers (every tensor of ``plan``'s spec flattened, in spec order).
 
     ``p``, ``g``, ``v``: ``[B, N]``; ``m``: ``[B, K, N]``; ``t``: the step number (1-based), or one per tensor.
     Returns the direction ``alpha * (base + beta * f)`` ``[B, N]`` (to be scaled by ``-lr``) and the new ``m``, ``v``
     (the inputs are not changed). ``index``: ``[N]`` long, the tensor of every entry (pass it to save building it
-    each step). ``params``: the rule's parameters stacked ``[B, ...]`` (one set per batch member). ``head``: a
-    compiled :func:`flat_head` (the features are built eagerly; see :func:`flat_core`)."""
+    each step). ``params``: the rule's parameters stacked ``[B, ...]`` (one set per batch member). ``compiled``: a
+    :class:`CompiledRule` to run instead of the eager :func:`flat_core`."""
     c = rule.config
     sizes = segment_sizes(plan.layout.spec)
     if len(sizes) > 1 and index is None:
@@ -206,8 +207,8 @@ def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
         bc1 = _expand(p.new_tensor([1 / (1 - 0.9 ** s) for s in steps]), sizes, index)
         sbc2 = _expand(p.new_tensor([math.sqrt(1 / (1 - c.beta2 ** s)) for s in steps]), sizes, index)
     times = p.new_tensor([[math.tanh(s / ts) for s in steps] for ts in c.time_scales])  # [S, T]
-    plan.tensors(p.device, p.dtype)  # fill the plan's cache here, so that a compiled head traces one graph, not two
-    return flat_core(rule, plan, p, g, m, v, bc1, sbc2, times, index, params, head)
+    plan.tensors(p.device, p.dtype)  # fill the plan's cache here, so that a compiled rule traces one graph, not two
+    return (compiled or flat_core)(rule, plan, p, g, m, v, bc1, sbc2, times, index, params)
 
 
 def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
@@ -265,35 +266,46 @@ def flat_head(rule: LearnedRule, plan: SharedPlan, feats: torch.Tensor, base: to
     return alpha * (base + learned)
 
 
-class CompiledHead:
-    """:func:`flat_head` through ``torch.compile`` (one graph per spec and batch size, compiled at its first call and
-    not again), falling back to eager for good, with a warning, if compiling or running the compiled graph fails:
-    a compiler problem must not stop training."""
-
-    def __init__(self):
-        self.fn = torch.compile(flat_head, dynamic=False)
-
-    def __call__(self, *args, **kw) -> torch.Tensor:
-        if self.fn is not None:
-            try:
-                return self.fn(*args, **kw)
-            except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor; eager gives the same steps
-                warnings.warn(f"torch.compile failed for the learned rule ({type(e).__name__}: {str(e)[:200]}); "
-                              "stepping eagerly from now on", RuntimeWarning, stacklevel=3)
-                self.fn = None
-        return flat_head(*args, **kw)
-
-
 def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
               v: torch.Tensor, bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor,
               index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None, head=None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`flat_step` after the step count became tensors: :func:`flat_features`, then :func:`flat_head` (or
-    ``head``, a compiled one). Only the head is worth compiling: inductor turns the in-place per-tensor scaling of
-    the features into one kernel that tests every entry against every tensor's range (about 4x the eager features'
-    time on the 112k-parameter MLP, benchmarks/lopt_overhead.py), while the eager features are a few full passes."""
+    ``head``, a compiled one). Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
     feats, base, base_rms, m, v = flat_features(rule, plan, p, g, m, v, bc1, sbc2, times, index)
     return (head or flat_head)(rule, plan, feats, base, base_rms, index, params), m, v
+
+
+# Up to this many entries (all batch members together) the whole rule is compiled as one graph; above it only the
+# network is, and the features are built eagerly. Inductor turns the in-place per-tensor scaling of the features
+# into one kernel that tests every entry against every tensor's range: 4x the eager features' time on the
+# 112k-parameter MLP, while on small weight spaces (the 1,338-parameter digits CNN) one graph saves the dispatch of
+# the eager features (benchmarks/lopt_overhead.py, issue 27).
+WHOLE_GRAPH_ENTRIES = 1 << 16
+
+
+class CompiledRule:
+    """:func:`flat_core` through ``torch.compile``: one graph per spec and batch size, compiled at its first call and
+    not again. Small weight spaces compile whole, large ones only the network (``WHOLE_GRAPH_ENTRIES``). If compiling
+    or running a compiled graph fails, a warning says so and every later call runs eagerly (the same steps to float
+    rounding): a compiler problem must not stop training."""
+
+    def __init__(self):
+        self.whole = torch.compile(flat_core, dynamic=False)
+        self.head = torch.compile(flat_head, dynamic=False)
+        self.failed = False
+
+    def __call__(self, rule, plan, p, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.failed:
+            try:
+                if p.numel() <= WHOLE_GRAPH_ENTRIES:
+                    return self.whole(rule, plan, p, *args)
+                return flat_core(rule, plan, p, *args, head=self.head)
+            except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor
+                warnings.warn(f"torch.compile failed for the learned rule ({type(e).__name__}: {str(e)[:200]}); "
+                              "stepping eagerly from now on", RuntimeWarning, stacklevel=3)
+                self.failed = True
+        return flat_core(rule, plan, p, *args)
 
 
 def segment_index(sizes: list[int], device=None) -> torch.Tensor:
@@ -315,5 +327,5 @@ def step_direction(rule: LearnedRule, plan: SharedPlan, p: WeightSpace, g: Weigh
     return ws(d[:, None]), {"m": ws(m), "v": ws(v[:, None])}
 
 
-__all__ = ["FORMAT", "CompiledHead", "LearnedRule", "RuleConfig", "VARIANTS", "flat_core", "flat_features", "flat_head", "flat_step",
-           "init_state", "segment_index", "step_direction"]
+__all__ = ["FORMAT", "CompiledRule", "LearnedRule", "RuleConfig", "VARIANTS", "WHOLE_GRAPH_ENTRIES", "flat_core",
+           "flat_features", "flat_head", "flat_step", "init_state", "segment_index", "step_direction"]
