@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from unf import data as datasets
     from unf.flow import WeightFlow
     from unf.flow.novelty import stacked_logits
-    from unf.flow.solvers import _churn
+    from unf.flow.solvers import integrate
     from unf.flow.zoo import build_network, model_factory, select_rows
     from unf.weights import WeightSpace
     from unf.zoo import Zoo
@@ -77,16 +77,9 @@ def main(argv=None) -> None:
             x = t0 * x1 + (1 - t0) * flow.source.draw(noise)
             start_rel = (x - x1).norm(dim=1) / x1.norm(dim=1)  # the noise the field is given
             n = max(1, round(args.steps * (1 - t0)))
-            h = (1 - t0) / n
             with torch.no_grad():
-                for i in range(n):
-                    t = t0 + i * h
-                    xs = WeightSpace.from_flat(flow.spec, x)
-                    v = flow.velocity(xs, torch.full((len(x),), t), None)
-                    nxt = WeightSpace.from_flat(flow.spec, x + h * v.flatten())
-                    if args.churn and i < n - 1:
-                        nxt = _churn(nxt, xs, v, t, h, args.churn, flow.source.mean, flow.source.std, g)
-                    x = nxt.flatten()
+                x = integrate(lambda xs, t: flow.velocity(xs, t, None), WeightSpace.from_flat(flow.spec, x), n,
+                              "euler", args.churn, flow.source.mean, flow.source.std, g, t0=t0)[0].flatten()
             acc = accuracy(flow.standardizer.from_std(WeightSpace.from_flat(flow.spec, x)))
             rel = (x - x1).norm(dim=1) / x1.norm(dim=1)
             row = {"run": str(path), "set": name, "t0": t0, "num": len(rows), "steps": n, "churn": args.churn,

@@ -130,6 +130,28 @@ def test_solvers_spend_exactly_their_budget(spec, solver, nfe):
     assert err < 2.0 * (1.0 / steps) ** order  # the solver's order of accuracy
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_solvers_start_at_t0(spec, solver):
+    """``integrate(..., t0=...)`` steps over ``[t0, 1]`` only: dx/dt = -x gives x0 exp(-(1 - t0)); churn's bound
+    scales with the shorter step; a start outside [0, 1) is refused."""
+    calls = []
+
+    def field(x, t):
+        calls.append(float(t[0]))
+        return x.map(lambda z: -z)
+
+    x0 = _random_ws(spec, 2, torch.float64)
+    x1, n = integrate(field, x0, 40, solver, t0=0.75)
+    assert n == len(calls) == 40 and min(calls) == 0.75 and max(calls) <= 1.0
+    err = max((x1[k] - x0[k] * math.exp(-0.25)).abs().max().item() for k in x0.names)
+    assert err < {"euler": 5e-3, "heun": 1e-4}[solver]  # first and second order in h = 1/160
+    integrate(field, x0, 20, "euler", 12.0, generator=torch.Generator().manual_seed(0), t0=0.75)  # h = 1/80: allowed
+    with pytest.raises(ValueError, match="churn=12"):
+        integrate(field, x0, 20, "euler", 12.0)  # h = 1/20: 12 * h > 0.2
+    with pytest.raises(ValueError, match="t0=1"):
+        integrate(field, x0, 20, "euler", t0=1.0)
+
+
 def test_solver_rejects_a_budget_below_one_step(spec):
     with pytest.raises(ValueError, match="rk4"):
         integrate(lambda x, t: x, _random_ws(spec, 1), 3, "rk4")

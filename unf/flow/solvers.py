@@ -57,17 +57,23 @@ CHURN_STEP_MAX = 0.2  # churn * h above this overshoots the explicit pull (measu
 @torch.no_grad()
 def integrate(field: Field, x0: WeightSpace, nfe: int, solver: str = "euler", churn: float = 0.0,
               source_mean: Optional[torch.Tensor] = None, source_std: Optional[torch.Tensor] = None,
-              generator: Optional[torch.Generator] = None) -> tuple[WeightSpace, int]:
-    """Solve ``dx/dt = field(x, t)`` from ``x0`` at ``t = 0`` to ``t = 1``; returns ``(x1, evaluations)``.
+              generator: Optional[torch.Generator] = None, t0: float = 0.0) -> tuple[WeightSpace, int]:
+    """Solve ``dx/dt = field(x, t)`` from ``x0`` at ``t = t0`` (default 0) to ``t = 1``; returns ``(x1,
+    evaluations)``.
 
-    ``field(x, t)`` takes ``t`` ``[B]``. Uniform steps; Heun's last evaluation stays inside ``[0, 1]``. ``churn > 0``:
-    the SDE with the same marginals (module docstring) for a source ``N(source_mean, source_std^2)`` over the flat
-    entries ``[D]`` (default ``N(0, I)``); its noise is drawn on the CPU from ``generator``, so a seed gives the same
-    networks on any device."""
+    ``field(x, t)`` takes ``t`` ``[B]``. Uniform steps over ``[t0, 1]``; Heun's last evaluation stays inside it.
+    ``churn > 0``: the SDE with the same marginals (module docstring) for a source ``N(source_mean, source_std^2)``
+    over the flat entries ``[D]`` (default ``N(0, I)``); its noise is drawn on the CPU from ``generator``, so a seed
+    gives the same networks on any device. ``t0 > 0`` starts from a point of the path (``x0`` noised to ``t0``),
+    as denoising does."""
+    if not 0.0 <= t0 < 1.0:
+        raise ValueError(f"t0={t0}: the start time must be in [0, 1)")
     steps = steps_for(solver, nfe)
-    if churn < 0 or churn / steps > CHURN_STEP_MAX:
-        raise ValueError(f"churn={churn} with {steps} {solver} steps: use 0 <= churn <= {CHURN_STEP_MAX} * steps "
-                         f"(= {CHURN_STEP_MAX * steps:g}), or more steps")
+    x, h = x0, (1.0 - t0) / steps
+    if churn < 0 or churn * h > CHURN_STEP_MAX:
+        limit = CHURN_STEP_MAX / h
+        raise ValueError(f"churn={churn} with {steps} {solver} steps over [{t0:g}, 1]: use 0 <= churn <= "
+                         f"{CHURN_STEP_MAX} / step size (= {limit:g}), or more steps")
     count = 0
 
     def f(x: WeightSpace, t: float) -> WeightSpace:
@@ -75,9 +81,8 @@ def integrate(field: Field, x0: WeightSpace, nfe: int, solver: str = "euler", ch
         count += 1
         return field(x, torch.full((x.batch_size,), t, dtype=x.dtype, device=x.device))
 
-    x, h = x0, 1.0 / steps
     for i in range(steps):
-        t = i * h
+        t = t0 + i * h
         k1 = f(x, t)
         if solver == "euler":
             nxt = _axpy(x, h, k1)
