@@ -11,7 +11,7 @@ run's own per-step log. Wall seconds and the process's CPU seconds per step (``t
 other load on the cores) are both reported: median, min, max.
 
 ``--compile``: this tree meta-trains with ``meta_train(compile=True)`` (the rule's network through
-``torch.compile``; the compile falls in each process's warm-up step).
+``torch.compile``; the compile falls in each process's warm-up step); ``--compile-against``: so does the other tree.
 
 ``--against DIR``: a second source tree (e.g. ``git worktree add /tmp/old d9720ec``), measured in the same run,
 alternating with this one (round by round), and the ratio old/new printed. A tree without task families (before
@@ -165,6 +165,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="where one outer step's time goes (this tree)")
     ap.add_argument("--compile", action="store_true",
                     help="this tree meta-trains with compile=True (its compile falls in the warm-up step)")
+    ap.add_argument("--compile-against", action="store_true", help="so does the --against tree")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -181,7 +182,8 @@ def main(argv=None) -> None:
     timed = {k: [] for k in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            timed[name] += _measure(tree, args.steps, args.compile and name == "this")[1:]  # first: the warm-up
+            compiled = args.compile if name == "this" else args.compile_against
+            timed[name] += _measure(tree, args.steps, compiled)[1:]  # the first step is the warm-up
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"one PES outer step, digits-MLP family (17 MLPs 64-128-128-10, unroll 10), OMP_NUM_THREADS={threads}, "
           f"{args.rounds} x {args.steps - 1} timed steps per tree")
@@ -194,7 +196,7 @@ def main(argv=None) -> None:
               f"{wall['max']:.3f}); {cpu['median']:.3f} s/step CPU (min {cpu['min']:.3f}, max {cpu['max']:.3f})")
         append_jsonl(HERE / "results" / "pes_step.jsonl",
                      {**provenance(), "tree": str(tree), "code": _code(tree), "role": name, "omp_threads": threads,
-                      "compile": bool(args.compile and name == "this"),
+                      "compile": bool(args.compile if name == "this" else args.compile_against),
                       "rounds": args.rounds, "steps": args.steps, "wall_s": wall, "cpu_s": cpu})
     if "against" in stats:
         w = stats["against"][0]["median"] / stats["this"][0]["median"]

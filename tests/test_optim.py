@@ -329,7 +329,7 @@ def test_rule_core_traces_as_one_graph():
         sizes = segment_sizes(spec)
         n = sum(sizes)
         index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        feats, base, base_rms, _, _ = flat_features(
+        feats, base, base_rms, _, _, _ = flat_features(
             rule, plan, torch.randn(1, n), torch.randn(1, n), torch.randn(1, 3, n), torch.rand(1, n),
             torch.tensor(1.5), torch.tensor(2.0), torch.rand(3, len(sizes)), index)
         dynamo.reset()

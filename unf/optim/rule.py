@@ -213,12 +213,12 @@ def flat_step(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
 
 def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
                   v: torch.Tensor, bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor,
-                  index: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
+                  index: Optional[torch.Tensor], normalise: bool = True) -> tuple:
     """The rule's inputs: ``feats`` ``[B, 4 + K + S, N]`` (``p, g, m_k..., sqrt(v), base``, each RMS-normalised per
-    tensor and clipped, then the time features), Adam's direction ``base`` ``[B, N]``, its per-tensor RMS ``[B, T]``
-    and the new ``m``, ``v``. Adam's bias corrections ``bc1`` and ``sqrt(bc2)`` are ``[]`` or ``[N]``; ``times``
-    ``[S, T]``."""
+    tensor and clipped, then the time features), Adam's direction ``base`` ``[B, N]``, its per-tensor RMS ``[B, T]``,
+    the new ``m``, ``v``, and ``None``. Adam's bias corrections ``bc1`` and ``sqrt(bc2)`` are ``[]`` or ``[N]``;
+    ``times`` ``[S, T]``. ``normalise=False`` leaves the first ``4 + K`` channels raw and returns their per-tensor
+    reciprocal RMS ``[B, 4 + K, T]`` last, for :func:`flat_head` to apply."""
     c, sizes = rule.config, segment_sizes(plan.layout.spec)
     k, nk, nt = c.decays.index(0.9), len(c.decays), times.shape[0]
     # every input channel is written once into one [B, 4 + K + S, N] buffer and normalised there in place: with
@@ -240,23 +240,35 @@ def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch
     if len(sizes) <= _SEGMENT_LOOP:  # a few tensors: each one's slice, no [B, C, N] expansion of per-tensor values
         start = 0
         for i, n in enumerate(sizes):
-            raw[:, :, start:start + n].mul_(inv[:, :, i:i + 1])
+            if normalise:
+                raw[:, :, start:start + n].mul_(inv[:, :, i:i + 1])
             feats[:, 4 + nk:, start:start + n] = times[:, i:i + 1]
             start += n
     else:  # many small tensors: one multiplication beats a loop of tiny ones
-        raw.mul_(_expand(inv, sizes, index))
+        if normalise:
+            raw.mul_(_expand(inv, sizes, index))
         feats[:, 4 + nk:] = _expand(times, sizes, index)  # [S, N], broadcast over the batch
+    if not normalise:
+        return feats, base, rms[:, -1], m, v, inv
     raw.clamp_(-c.clip, c.clip)
-    return feats, base, rms[:, -1], m, v
+    return feats, base, rms[:, -1], m, v, None
 
 
 def flat_head(rule: LearnedRule, plan: SharedPlan, feats: torch.Tensor, base: torch.Tensor, base_rms: torch.Tensor,
-              index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+              index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None,
+              inv: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The rule's network on the features of :func:`flat_features`: the direction ``alpha * (base + beta * f)``
-    ``[B, N]``. Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
+    ``[B, N]``. ``inv``: the per-tensor reciprocal RMS of the first channels when ``flat_features`` left them raw
+    (``normalise=False``). Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
     c, spec = rule.config, plan.layout.spec
     sizes = segment_sizes(spec)
-    args = (WeightSpace.from_channels(spec, feats), plan)
+    ws = WeightSpace.from_channels(spec, feats)
+    if inv is not None:  # tensor by tensor, so that inductor fuses the scaling into the first layer's reads
+        nr = inv.shape[1]
+        ws = WeightSpace(spec, {n: torch.cat([(t[:, :nr] * inv[:, :, i].reshape(*inv.shape[:2], *[1] * (t.dim() - 2))
+                                               ).clamp(-c.clip, c.clip), t[:, nr:]], 1)
+                                for i, (n, t) in enumerate((n, ws[n]) for n in spec.float_names)}, ws.extras)
+    args = (ws, plan)
     f, log_alpha = rule(*args) if params is None else torch.func.functional_call(rule, dict(params), args)
     learned = c.beta * f.channels_flat()[:, 0]  # [B, N]
     if c.trust > 0:  # the learned term never outgrows the base step (per tensor: invariant, so equivariant)
@@ -272,8 +284,9 @@ def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`flat_step` after the step count became tensors: :func:`flat_features`, then :func:`flat_head` (or
     ``head``, a compiled one). Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
-    feats, base, base_rms, m, v = flat_features(rule, plan, p, g, m, v, bc1, sbc2, times, index)
-    return (head or flat_head)(rule, plan, feats, base, base_rms, index, params), m, v
+    feats, base, base_rms, m, v, inv = flat_features(rule, plan, p, g, m, v, bc1, sbc2, times, index,
+                                                      normalise=head is None)
+    return (head or flat_head)(rule, plan, feats, base, base_rms, index, params, inv), m, v
 
 
 # Up to this many entries (all batch members together) the whole rule is compiled as one graph; above it only the
