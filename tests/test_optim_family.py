@@ -469,13 +469,17 @@ def test_broad_mix_leaves_the_held_out_tasks_out_and_the_cli_meta_trains_a_mix(t
                          str(tmp_path / "r3")], "unf-exact", "mix")
 
 
-def test_compiled_meta_training_matches_eager_and_falls_back(monkeypatch):
-    """``meta_train(compile=True)`` runs the rule's network compiled (one graph for the meta-training members, one
-    for validation's single member) and takes the same outer steps as eager to float rounding; a compiler failure
-    warns and continues eagerly."""
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-graph", "network-only"])
+def test_compiled_meta_training_matches_eager_and_falls_back(monkeypatch, whole):
+    """``meta_train(compile=True)`` runs the rule compiled (one graph for the meta-training members, one for
+    validation's single member; the whole rule, or above ``WHOLE_GRAPH_ENTRIES`` its network alone) and takes the
+    same outer steps as eager to float rounding; a compiler failure warns and continues eagerly."""
     import torch._dynamo as dynamo
 
     from unf.optim import rule as rule_module
+
+    if not whole:
+        monkeypatch.setattr(rule_module, "WHOLE_GRAPH_ENTRIES", 0)
 
     family = _regression_family(horizon=4)
     cfg = MetaConfig(steps=3, pairs=2, sigma=0.05, unroll=2, outer_lr=0.1, rule=dict(SMALL_RULE), validate_every=2,

@@ -227,13 +227,18 @@ def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch
     feats = p.new_empty(p.shape[0], 4 + nk + nt, p.shape[1])
     feats[:, 0], feats[:, 1] = p, g
     d = torch.tensor(c.decays, dtype=p.dtype, device=p.device).view(1, -1, 1)
-    m = torch.lerp(g[:, None], m, d)  # d m + (1 - d) g
-    feats[:, 2:2 + nk] = m
     v = torch.lerp(g * g, v, c.beta2)
-    sv = v.sqrt()
-    feats[:, 2 + nk] = sv
-    base = m[:, k] * bc1 / (sv * sbc2 + c.eps)
-    feats[:, 3 + nk] = base
+    if normalise:  # the buffer is normalised in place below: the state and the base must not live in it
+        m = torch.lerp(g[:, None], m, d)  # d m + (1 - d) g
+        feats[:, 2:2 + nk] = m
+        sv = v.sqrt()
+        feats[:, 2 + nk] = sv
+        base = m[:, k] * bc1 / (sv * sbc2 + c.eps)
+        feats[:, 3 + nk] = base
+    else:  # left raw: m, sqrt(v) and the base are computed straight into it (three copies fewer)
+        m = torch.lerp(g[:, None], m, d, out=feats[:, 2:2 + nk])
+        sv = torch.sqrt(v, out=feats[:, 2 + nk])
+        base = torch.div(m[:, k] * bc1, sv * sbc2 + c.eps, out=feats[:, 3 + nk])
     raw = feats[:, :4 + nk]  # [B, 4 + K, N]: p, g, m_k..., sqrt(v), base
     rms = _per_tensor_rms(raw, sizes)  # [B, C, T]; the last channel is the base's
     inv = (rms + 1e-30).reciprocal()
