@@ -540,7 +540,7 @@ def test_meta_train_wires_the_estimator(monkeypatch, estimator):
 
 
 def test_many_tensor_branch_of_the_features_equals_the_per_slice_one(monkeypatch):
-    """``flat_core`` scales the features slice by slice up to ``_SEGMENT_LOOP`` tensors and by one expanded
+    """``flat_features`` scales the features slice by slice up to ``_SEGMENT_LOOP`` tensors and by one expanded
     multiplication above; both give the same step (forced here on a 6-tensor MLP)."""
     from unf.optim import rule as rule_module
 

@@ -176,7 +176,7 @@ def _per_tensor_rms(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
                         for part, n in zip(x.split(sizes, dim=2), sizes)], 2)
 
 
-_SEGMENT_LOOP = 16  # flat_core scales up to this many tensors slice by slice (more: one expanded multiplication)
+_SEGMENT_LOOP = 16  # flat_features scales up to this many tensors slice by slice (more: one expanded multiplication)
 
 
 def _expand(v: torch.Tensor, sizes: list[int], index: Optional[torch.Tensor]) -> torch.Tensor:
