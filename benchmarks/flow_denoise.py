@@ -8,8 +8,8 @@ integrates the flow from ``t0`` to 1 (Euler, ``--steps`` over the whole interval
 ``--churn`` > 0: the stochastic sampler). Reported per ``t0``: the test accuracy of the results, and their distance
 to the network they started from, over that network's norm (standardised coordinates), beside the same distance of
 the noised start (a field that removes noise ends nearer than it started; one that passes it through, as far).
-``t0 = 0`` is plain sampling. A field that knows the data returns near-equal accuracy from a late ``t0``; the ``t0`` where accuracy falls away
-says at which noise level the field stops knowing the networks. One JSON line per (set, t0) in
+``t0 = 0`` is plain sampling. A field that knows the data returns near-equal accuracy from a late ``t0``; the ``t0``
+where accuracy falls away says at which noise level the field stops knowing the networks. One JSON line per (set, t0) in
 ``benchmarks/results/flow_denoise.jsonl``.
 """
 from __future__ import annotations
