@@ -211,7 +211,7 @@ class UNFOptimizer(torch.optim.Optimizer):
 
 
 def _all_finite(tensors: list) -> list[bool]:
-    """For every tensor: are all its entries finite? (One host sync per device.)"""
+    """For every tensor: are all its entries finite? (One host sync per device and dtype.)"""
     out = [True] * len(tensors)
     by_device: dict = {}
     for i, t in enumerate(tensors):

@@ -295,7 +295,8 @@ def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
 
 
 # Up to this many entries (all batch members together) the whole rule is compiled as one graph; above it only the
-# network is, and the features are built eagerly. Inductor turns the in-place per-tensor scaling of the features
+# network is (with the features' per-tensor scaling, tensor by tensor) and the rest of the features are built
+# eagerly. Inductor turns the in-place per-tensor scaling of the flat features
 # into one kernel that tests every entry against every tensor's range: 4x the eager features' time on the
 # 112k-parameter MLP, while on small weight spaces (the 1,338-parameter digits CNN) one graph saves the dispatch of
 # the eager features (benchmarks/lopt_overhead.py, issue 27).
