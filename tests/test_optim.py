@@ -123,6 +123,50 @@ def _assert_equivariant(layer, spec, plan):
     assert max(float((a[k] - b[k]).abs().max()) for k in spec.float_names) < 1e-12
 
 
+@pytest.mark.parametrize("basis", ["unf", "deepsets", "pointwise"])
+def test_shared_layer_constant_channels_equal_written_ones(basis):
+    """``const``: channels constant over every tensor, applied without writing them, give the same output as the
+    same channels written out in full (float64), for an MLP and a CNN spec, one coefficient set or one per member;
+    a plan with diagonal embeddings (an LSTM) refuses them with a clear error."""
+    from torch.func import functional_call, stack_module_state
+
+    gen = torch.Generator().manual_seed(1)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))
+    for model, x in ((_mlp(), torch.randn(1, 6)), (cnn, torch.randn(1, 1, 8, 8))):
+        spec = unf.spec_from_module(model, x)
+        plan = SharedPlan(spec, basis)
+        assert plan.constant_channels
+        names = spec.float_names
+        ws = unf.WeightSpace(spec, {k: torch.randn(3, 2, *spec[k].shape, dtype=torch.float64, generator=gen)
+                                    for k in names})
+        const = torch.randn(3, 2, len(names), dtype=torch.float64, generator=gen)  # [B, S, T]
+        full = unf.WeightSpace(spec, {k: torch.cat([ws[k], const[:, :, i].reshape(3, 2, *[1] * len(spec[k].shape)
+                                                                                    ).expand_as(ws[k])], 1)
+                                      for i, k in enumerate(names)})
+        layers = [SharedUNFLinear(4, 3, basis, hyper_hidden=8).double() for _ in range(3)]
+        for layer in layers:
+            torch.nn.init.normal_(layer.b2, generator=gen)  # a nonzero bias term too
+        with torch.no_grad():
+            a, b = layers[0](full, plan), layers[0](ws, plan, const)
+            assert max(float((a[k] - b[k]).abs().max()) for k in names) < 1e-12
+            assert max(float(a[k].abs().max()) for k in names) > 1e-3
+            one = layers[0](ws, plan, const[:1])  # one constant set for every member
+            ref = layers[0](unf.WeightSpace(spec, {k: torch.cat(
+                [ws[k], const[:1, :, i].reshape(1, 2, *[1] * len(spec[k].shape)).expand_as(ws[k])], 1)
+                for i, k in enumerate(names)}), plan)
+            assert max(float((one[k] - ref[k]).abs().max()) for k in names) < 1e-12
+            stacked = stack_module_state(layers)[0]  # [B, ...]: one coefficient set per member
+            a = functional_call(layers[0], stacked, (full, plan))
+            b = functional_call(layers[0], stacked, (ws, plan, const))
+            assert max(float((a[k] - b[k]).abs().max()) for k in names) < 1e-12
+        with pytest.raises(ValueError, match=r"const has shape \(3, 2, 1\); expected"):
+            layers[0](ws, plan, const[:, :, :1])
+    lstm = _lstm_spec()
+    ws = unf.WeightSpace(lstm, {k: torch.randn(1, 1, *lstm[k].shape) for k in lstm.float_names})
+    with pytest.raises(ValueError, match="diagonal"):
+        SharedUNFLinear(2, 3)(ws, SharedPlan(lstm), torch.zeros(1, 1, len(lstm.float_names)))
+
+
 def test_shared_layer_parameter_count_does_not_depend_on_the_model():
     layer = SharedUNFLinear(3, 4).double()
     n = sum(p.numel() for p in layer.parameters())
@@ -329,11 +373,12 @@ def test_rule_core_traces_as_one_graph():
         sizes = segment_sizes(spec)
         n = sum(sizes)
         index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        times = torch.rand(3, len(sizes))
         feats, base, base_rms, _, _, _ = flat_features(
             rule, plan, torch.randn(1, n), torch.randn(1, n), torch.randn(1, 3, n), torch.rand(1, n),
-            torch.tensor(1.5), torch.tensor(2.0), torch.rand(3, len(sizes)), index)
+            torch.tensor(1.5), torch.tensor(2.0), times, index)
         dynamo.reset()
-        explained = dynamo.explain(flat_head)(rule, plan, feats, base, base_rms, index)
+        explained = dynamo.explain(flat_head)(rule, plan, feats, base, base_rms, index, times=times)
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 

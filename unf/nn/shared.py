@@ -123,18 +123,31 @@ class SharedPlan:
                     term_scale += [1.0 / count[d] / fan for *_, d in mine]
             self.groups.append(out)
         self.descriptors, self.exact = list(descs), exact
+        # per term, the float tensor its input comes from (len(spec.float_names) for the bias' constant 1), and per
+        # output piece its terms: what a layer needs to apply channels that are constant over every tensor without
+        # materialising them (SharedUNFLinear.forward's ``const``)
+        tensor_id = {n: i for i, n in enumerate(spec.float_names)}
+        sources = [self.reductions[r].source for groups in self.groups for g in groups for r, _ in g.inputs]
+        self.term_tensor = torch.tensor([tensor_id[self.layout.pieces[s].tensor] if s >= 0 else len(tensor_id)
+                                         for s in sources], dtype=torch.long)  # [T]
+        self.term_piece = torch.tensor([q for q, groups in enumerate(self.groups) for g in groups
+                                        for _ in g.inputs], dtype=torch.long)  # [T]
+        # a diagonal embedding puts a constant on a diagonal only: its output is not constant over the piece
+        self.constant_channels = not any(g.embedding.diagonal for groups in self.groups for g in groups)
         self.features = (torch.zeros(len(descs), NUM_DESCRIPTOR_FEATURES) if exact else  # [U, F]
                          torch.tensor([descriptor_features(d) for d in self.descriptors]))
         self.term_desc = torch.tensor(term_desc, dtype=torch.long)  # [T]: descriptor id of every term
         self.term_scale = torch.tensor(term_scale, dtype=torch.float64)  # [T]: 1 / (same-descriptor terms) / sqrt(fan)
         self._on: dict = {}
 
-    def tensors(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``features``, ``term_desc`` and ``term_scale`` on ``device`` (cached: moved once)."""
+    def tensors(self, device, dtype) -> tuple[torch.Tensor, ...]:
+        """``features``, ``term_desc``, ``term_scale``, ``term_tensor`` and ``term_piece`` on ``device`` (cached:
+        moved once)."""
         key = (str(device), dtype)
         if key not in self._on:
             self._on[key] = (self.features.to(device, dtype), self.term_desc.to(device),
-                             self.term_scale.to(device, dtype))
+                             self.term_scale.to(device, dtype), self.term_tensor.to(device),
+                             self.term_piece.to(device))
         return self._on[key]
 
 
@@ -201,7 +214,7 @@ class SharedUNFLinear(nn.Module):
         batched = coef.dim() == 4
         if batched and coef.shape[0] != b:
             raise ValueError(f"batched coefficients for {coef.shape[0]} members, but the weight space has {b}")
-        _, idx, scale = plan.tensors(coef.device, coef.dtype)
+        _, idx, scale, *_ = plan.tensors(coef.device, coef.dtype)
         cout = self.out_channels
         if batched:
             wall = (coef[:, idx] * scale[:, None, None]).permute(0, 2, 1, 3).reshape(b, cout, -1)
@@ -211,14 +224,35 @@ class SharedUNFLinear(nn.Module):
             self.__dict__["_wall_cache"] = (plan, params, versions, wall)
         return wall.expand(b, -1, -1)
 
-    def forward(self, ws: WeightSpace, plan: SharedPlan) -> WeightSpace:
-        if ws.channels != self.in_channels:
-            raise ValueError(f"SharedUNFLinear expects {self.in_channels} channels, got {ws.channels}")
+    def forward(self, ws: WeightSpace, plan: SharedPlan, const: Optional[torch.Tensor] = None) -> WeightSpace:
+        """``ws`` ``[B, C_in]`` -> ``[B, C_out]``. ``const`` ``[B or 1, S, T]`` (``T`` float tensors in spec order):
+        the last ``S`` input channels, each constant over every tensor; then ``ws`` carries the first ``C_in - S``.
+        The same output as those channels written out in full (to float rounding), without reading or writing them
+        at full size: every mean of a constant is that constant, so their terms add one ``[B, C_out]`` vector per
+        output piece. Needs ``plan.constant_channels`` (no diagonal embedding)."""
+        nc = 0 if const is None else const.shape[1]
+        if ws.channels + nc != self.in_channels:
+            raise ValueError(f"SharedUNFLinear expects {self.in_channels} channels, got {ws.channels}"
+                             + (f" plus {nc} constant ones" if nc else ""))
         layout, b, cout = plan.layout, ws.batch_size, self.out_channels
         wall = self._wall(plan, b)
-        cin = self.in_channels
+        cin = self.in_channels - nc
+        pieces_const = None
+        if nc:
+            if not plan.constant_channels:
+                raise ValueError("constant channels need a plan without diagonal embeddings (plan.constant_channels "
+                                 "is False for this spec): write them into the weight space instead")
+            ntensors = len(layout.spec.float_names)
+            if const.dim() != 3 or const.shape[2] != ntensors or const.shape[0] not in (1, b):
+                raise ValueError(f"const has shape {tuple(const.shape)}; expected [{b} or 1, {nc}, {ntensors}]")
+            wall = wall.view(b, cout, -1, self.in_channels)
+            wall, wc = wall[..., :cin].reshape(b, cout, -1), wall[..., cin:]  # [B, C_out, T*C], [B, C_out, T, S]
+            _, _, _, term_tensor, term_piece = plan.tensors(ws.device, wall.dtype)
+            src = torch.cat([const, const.new_ones(*const.shape[:2], 1)], 2).expand(b, -1, -1)  # bias: constant 1
+            per_term = torch.einsum("bots,bst->bot", wc, src[:, :, term_tensor])  # [B, C_out, T]
+            pieces_const = per_term.new_zeros(b, cout, len(layout.pieces)).index_add_(2, term_piece, per_term)
         xs = [layout.extract(p, ws[p.tensor]) for p in layout.pieces]
-        reduced = _Reductions(xs, plan.reductions, xs[0].new_ones(b, self.in_channels))  # bias: [C_out, C_in] @ 1
+        reduced = _Reductions(xs, plan.reductions, xs[0].new_ones(b, cin))  # bias: [C_out, C_in] @ 1
         blocks = []
         for q, groups in enumerate(plan.groups):
             sizes = layout.pieces[q].kept_sizes
@@ -234,6 +268,8 @@ class SharedUNFLinear(nn.Module):
                     continue
                 y = torch.bmm(w, x)
                 terms.append(embed(y.view(b, cout, *parts[0].shape[2:]), g.embedding, sizes))
+            if pieces_const is not None:
+                terms.append(pieces_const[:, :, q].reshape(b, cout, *([1] * len(sizes))))
             if main is None and not terms:
                 terms = [xs[q].new_zeros(b, cout, *([1] * len(sizes)))]
             blocks.append(accumulate(terms, main, b, cout, sizes))

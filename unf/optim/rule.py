@@ -115,12 +115,15 @@ class LearnedRule(nn.Module):
             exact.log_alpha.copy_(rule.log_alpha)
         return exact.requires_grad_(rule.log_alpha.requires_grad)
 
-    def forward(self, feats: WeightSpace, plan: SharedPlan) -> tuple[WeightSpace, torch.Tensor]:
-        """``f`` ``[B, in_channels] -> [B, 1]`` and ``log_alpha`` (``[]``, or ``[B]`` with stacked parameters)."""
-        h = feats
+    def forward(self, feats: WeightSpace, plan: SharedPlan, times: Optional[torch.Tensor] = None
+                ) -> tuple[WeightSpace, torch.Tensor]:
+        """``f`` ``[B, in_channels] -> [B, 1]`` and ``log_alpha`` (``[]``, or ``[B]`` with stacked parameters).
+        ``times`` ``[S, T]``: the time features as per-tensor constants (see ``SharedUNFLinear``'s ``const``); then
+        ``feats`` carries the other ``in_channels - S`` channels."""
+        h, const = feats, None if times is None else times[None]
         for layer in self.layers:
-            h = layer(h, plan).map(F.relu)
-        return self.out(h, plan), self.log_alpha
+            h, const = layer(h, plan, const).map(F.relu), None
+        return self.out(h, plan, const), self.log_alpha
 
     # -- the weights file: safetensors with the configuration in its metadata ------------------------------------------
     def save(self, path) -> None:
@@ -218,12 +221,16 @@ def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch
     tensor and clipped, then the time features), Adam's direction ``base`` ``[B, N]``, its per-tensor RMS ``[B, T]``,
     the new ``m``, ``v``, and ``None``. Adam's bias corrections ``bc1`` and ``sqrt(bc2)`` are ``[]`` or ``[N]``;
     ``times`` ``[S, T]``. ``normalise=False`` leaves the first ``4 + K`` channels raw and returns their per-tensor
-    reciprocal RMS ``[B, 4 + K, T]`` last, for :func:`flat_head` to apply."""
+    reciprocal RMS ``[B, 4 + K, T]`` last, for :func:`flat_head` to apply. Where the plan allows it
+    (``plan.constant_channels``) the time features are not written: ``feats`` is ``[B, 4 + K, N]`` and the network
+    takes ``times`` as per-tensor constants."""
     c, sizes = rule.config, segment_sizes(plan.layout.spec)
     k, nk, nt = c.decays.index(0.9), len(c.decays), times.shape[0]
     # every input channel is written once into one [B, 4 + K + S, N] buffer and normalised there in place: with
     # 17 stacked members of a 26k-parameter MLP (PES meta-training) the concatenations and the [B, C, N] expansion
     # of the per-tensor scales were fresh 12-17 MB tensors each step, and the features cost 3.3x this (pes_step.py)
+    if plan.constant_channels:  # the network takes the time features per tensor (3 of 10 channels never written)
+        nt = 0
     feats = p.new_empty(p.shape[0], 4 + nk + nt, p.shape[1])
     feats[:, 0], feats[:, 1] = p, g
     d = torch.tensor(c.decays, dtype=p.dtype, device=p.device).view(1, -1, 1)
@@ -247,12 +254,14 @@ def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch
         for i, n in enumerate(sizes):
             if normalise:
                 raw[:, :, start:start + n].mul_(inv[:, :, i:i + 1])
-            feats[:, 4 + nk:, start:start + n] = times[:, i:i + 1]
+            if nt:
+                feats[:, 4 + nk:, start:start + n] = times[:, i:i + 1]
             start += n
     else:  # many small tensors: one multiplication beats a loop of tiny ones
         if normalise:
             raw.mul_(_expand(inv, sizes, index))
-        feats[:, 4 + nk:] = _expand(times, sizes, index)  # [S, N], broadcast over the batch
+        if nt:
+            feats[:, 4 + nk:] = _expand(times, sizes, index)  # [S, N], broadcast over the batch
     if not normalise:
         return feats, base, rms[:, -1], m, v, inv
     raw.clamp_(-c.clip, c.clip)
@@ -261,24 +270,34 @@ def flat_features(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch
 
 def flat_head(rule: LearnedRule, plan: SharedPlan, feats: torch.Tensor, base: torch.Tensor, base_rms: torch.Tensor,
               index: Optional[torch.Tensor], params: Optional[Mapping[str, torch.Tensor]] = None,
-              inv: Optional[torch.Tensor] = None) -> torch.Tensor:
+              inv: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The rule's network on the features of :func:`flat_features`: the direction ``alpha * (base + beta * f)``
     ``[B, N]``. ``inv``: the per-tensor reciprocal RMS of the first channels when ``flat_features`` left them raw
-    (``normalise=False``). Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
+    (``normalise=False``). ``times`` ``[S, T]``: the time features, when ``feats`` lacks them (per-tensor
+    constants). Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
     c, spec = rule.config, plan.layout.spec
     sizes = segment_sizes(spec)
     ws = WeightSpace.from_channels(spec, feats)
     if inv is not None:  # tensor by tensor, so that inductor fuses the scaling into the first layer's reads
         nr = inv.shape[1]
-        ws = WeightSpace(spec, {n: torch.cat([(t[:, :nr] * inv[:, :, i].reshape(*inv.shape[:2], *[1] * (t.dim() - 2))
-                                               ).clamp(-c.clip, c.clip), t[:, nr:]], 1)
+        scaled = lambda i, t: (t[:, :nr] * inv[:, :, i].reshape(*inv.shape[:2], *[1] * (t.dim() - 2))  # noqa: E731
+                               ).clamp(-c.clip, c.clip)
+        ws = WeightSpace(spec, {n: scaled(i, t) if t.shape[1] == nr else torch.cat([scaled(i, t), t[:, nr:]], 1)
                                 for i, (n, t) in enumerate((n, ws[n]) for n in spec.float_names)}, ws.extras)
-    args = (ws, plan)
+    args = (ws, plan, times)
     f, log_alpha = rule(*args) if params is None else torch.func.functional_call(rule, dict(params), args)
-    learned = c.beta * f.channels_flat()[:, 0]  # [B, N]
-    if c.trust > 0:  # the learned term never outgrows the base step (per tensor: invariant, so equivariant)
-        ratio = (c.trust * base_rms / (_per_tensor_rms(learned[:, None], sizes)[:, 0] + 1e-30)).clamp_(max=1.0)
-        learned = learned * _expand(ratio, sizes, index)
+    if c.trust > 0 and len(sizes) <= _SEGMENT_LOOP:
+        # the learned term never outgrows the base step (per tensor: invariant, so equivariant); tensor by tensor,
+        # because inductor turns the expanded per-tensor ratio into an entry-by-entry gather (5 ms per PES step)
+        parts = [c.beta * t.reshape(t.shape[0], -1) for t in f.values()]
+        learned = torch.cat([x * (c.trust * base_rms[:, i:i + 1] / (
+            torch.linalg.vector_norm(x, dim=1, keepdim=True) / math.sqrt(n) + 1e-30)).clamp(max=1.0)
+            for i, (x, n) in enumerate(zip(parts, sizes))], 1)  # [B, N]
+    else:
+        learned = c.beta * f.channels_flat()[:, 0]  # [B, N]
+        if c.trust > 0:
+            ratio = (c.trust * base_rms / (_per_tensor_rms(learned[:, None], sizes)[:, 0] + 1e-30)).clamp_(max=1.0)
+            learned = learned * _expand(ratio, sizes, index)
     alpha = log_alpha.exp().reshape(-1, 1)  # [1, 1] or, with stacked meta-weights, [B, 1]
     return alpha * (base + learned)
 
@@ -291,7 +310,8 @@ def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
     ``head``, a compiled one). Tensors in, tensors out: what ``torch.compile`` traces as one graph."""
     feats, base, base_rms, m, v, inv = flat_features(rule, plan, p, g, m, v, bc1, sbc2, times, index,
                                                       normalise=head is None)
-    return (head or flat_head)(rule, plan, feats, base, base_rms, index, params, inv), m, v
+    times = times if plan.constant_channels else None  # else written into feats
+    return (head or flat_head)(rule, plan, feats, base, base_rms, index, params, inv, times), m, v
 
 
 # Up to this many entries (all batch members together) the whole rule is compiled as one graph; above it only the
