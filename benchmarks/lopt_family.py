@@ -1,7 +1,7 @@
 """Learned optimizers meta-trained on a task family, tested on new seeds of it (issue 29, items 2-3).
 
     python benchmarks/lopt_family.py run [--families F,...] [--rules R,...] [--budget-min 5] [--seeds 0,1,2,3,4]
-                                         [--stage meta|eval|all]
+                                         [--stage meta|eval|all] [--compile] [--runs DIR] [--out FILE]
     python benchmarks/lopt_family.py table          # markdown tables and the figure from the results file
 
 Families: ``unf.optim.tasks.FAMILIES`` (``digits-mlp``, ``digits-cnn-family``, ``majority-gru-family``). Rules: the
@@ -70,14 +70,14 @@ def initial_rule(variant: str, family) -> tuple[LearnedRule, str]:
     return LearnedRule.load(WEIGHTS / SHIPPED[variant]), f"shipped {SHIPPED[variant]}"
 
 
-def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path) -> None:
+def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path, compile: bool = False) -> None:
     family = FAMILIES[fam_name]
     base = variant.split("+")[0]
     rule, start = initial_rule(base, family)
     cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base},
                      validate_every=VALIDATE_EVERY if variant.endswith("+val") else 0)
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
-    rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule,
+    rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule, compile=compile,
                                log=lambda h: append_jsonl(log, {k: h[k] for k in ("step", "meta_loss", "seconds",
                                                                                  "valid_loss_start", "valid_loss")
                                                                    if k in h}))
@@ -86,7 +86,7 @@ def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Pa
                        "inner_tasks": len({h["task"]["seed"] for h in history}), "warm_start": start,
                        "meta_loss_first20": statistics.mean(h["meta_loss"] for h in history[:20]),
                        "meta_loss_last20": statistics.mean(h["meta_loss"] for h in history[-20:]),
-                       "alpha": float(rule.log_alpha.detach().exp()), "config": cfg.__dict__,
+                       "alpha": float(rule.log_alpha.detach().exp()), "config": cfg.__dict__, "compile": compile,
                        "validations": [{"step": 0, "valid_loss": h["valid_loss_start"]} for h in history[:1]
                                        if "valid_loss_start" in h]
                        + [{"step": h["step"], "valid_loss": h["valid_loss"]} for h in history if "valid_loss" in h],
@@ -238,6 +238,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stage", choices=["meta", "eval", "all"], default="all")
     ap.add_argument("--runs", default="/work/runs/lopt_family", help="meta-training run directories")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lopt_family.jsonl"))
+    ap.add_argument("--compile", action="store_true", help="meta-train with the rule through torch.compile")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, runs = Path(args.out), Path(args.runs)
@@ -258,7 +259,7 @@ def main(argv=None) -> None:
         if args.stage in ("meta", "all"):
             for variant in (r for r in rules if r != "shipped"):
                 if (fam_name, "meta", variant) not in {key(r) for r in load_jsonl(out, key)}:
-                    run_meta(fam_name, variant, args.budget_min, runs, out)
+                    run_meta(fam_name, variant, args.budget_min, runs, out, args.compile)
         if args.stage in ("eval", "all"):
             run_eval(fam_name, rules, seeds, runs, out)
 
