@@ -1,6 +1,6 @@
 """UNFLinear against nfn's NPLinear on one MLP weight space, and UNF term counts/timings on larger specs.
 
-    python benchmarks/unf_linear.py [--repeats 10]
+    python benchmarks/unf_linear.py [--repeats 10] [--compile]
 
 1. Forward+backward time of ``UNFLinear`` (every fixed axis a pseudo-group: the NFN-NP setting) and ``nfn.NPLinear``
    on the weights of 64 MLPs 64-128-128-10, 16 -> 16 channels, float32, measured in one run; and the memory-bound
@@ -51,10 +51,22 @@ def random_ws(spec, batch, channels, requires_grad=False):
                                                  requires_grad=requires_grad) for n in spec.float_names})
 
 
-def versus_nfn(repeats: int, batch: int = 64) -> None:
+def versus_nfn(repeats: int, batch: int = 64, compile: bool = False) -> None:
     rows = _mlp_case(batch)
     if "nfn NPLinear" not in rows:
         raise SystemExit("part 1 compares with nfn's NPLinear: pip install nfn")
+    if compile:  # the same layer and input through torch.compile (compiled here, before the timing)
+        fn, layer = rows["unf UNFLinear (fold_max=0)"]
+        compiled = torch.compile(layer)
+        ws = fn.ws
+
+        def run_compiled():
+            sum(t.square().sum() for t in compiled(ws).values()).backward()
+
+        t0 = time.perf_counter()
+        run_compiled()
+        print(f"torch.compile of UNFLinear: {time.perf_counter() - t0:.1f} s (first call)")
+        rows = {**rows, "unf UNFLinear, compiled": (run_compiled, layer)}
     res = {name: timed(fn, repeats) for name, (fn, _) in rows.items()}
     print(f"\n1. MLP 64-128-128-10 weight space, {batch} networks, 16 -> 16 channels, float32, forward+backward, "
           f"{DEVICE.type}")
@@ -72,7 +84,11 @@ def _mlp_case(batch: int) -> dict:
     ws = random_ws(spec, batch, 16, requires_grad=True)
     ours = UNFLinear(spec, 16, 16, fold_max=0).to(DEVICE)
     names = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")
-    rows = {"unf UNFLinear (fold_max=0)": (lambda: sum(t.square().sum() for t in ours(ws).values()).backward(), ours),
+    def run_ours():
+        sum(t.square().sum() for t in ours(ws).values()).backward()
+
+    run_ours.ws = ws  # the input, for a compiled copy of the same call
+    rows = {"unf UNFLinear (fold_max=0)": (run_ours, ours),
             "floor: w*2+1": (lambda: sum((ws[n] * 2 + 1).square().sum() for n in names).backward(), None)}
     try:
         from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
@@ -202,6 +218,7 @@ def main() -> None:
                     help="only part 4: part 1's layers alone and beside a second process (JSON lines to --out)")
     ap.add_argument("--out", default="benchmarks/results/unf_linear_contention.jsonl")
     ap.add_argument("--load-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help="part 1 also times UNFLinear through torch.compile")
     args = ap.parse_args()
     if args.memory_child is not None:
         _memory_child(args.memory_child, args.train)
@@ -220,7 +237,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {platform.machine()}, median of {args.repeats}")
     for batch in args.batch:
-        versus_nfn(args.repeats, batch)
+        versus_nfn(args.repeats, batch, args.compile)
     if DEVICE.type == "cpu":
         memory(args.memory_batch)
     larger_specs(args.repeats)
