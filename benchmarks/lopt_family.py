@@ -45,11 +45,12 @@ WEIGHTS = ROOT / "unf" / "optim" / "weights"
 SHIPPED = {"unf": "default.safetensors", "deepsets": "deepsets.safetensors", "mlp": "mlp.safetensors"}
 # "shipped": the shipped unf weights, not meta-trained here; "+val": meta-trained keeping the rule that scores best on
 # held-out family seeds every VALIDATE_EVERY outer steps (MetaConfig.validate_every; its time counts in the budget)
-RULES = ("unf", "unf-exact", "deepsets", "mlp", "unf+val", "unf-exact+val", "shipped")
+RULES = ("unf", "unf-exact", "deepsets", "mlp", "unf+val", "unf-exact+val", "deepsets+val", "mlp+val", "shipped")
 VALIDATE_EVERY = 50
 LABEL = {"shipped": "shipped UNF weights (not meta-trained on the family)", "unf": "UNF (shared)",
          "unf-exact": "UNF (exact, per term)", "deepsets": "DeepSets",
          "unf+val": "UNF (shared), best on held-out seeds", "unf-exact+val": "UNF (exact), best on held-out seeds",
+         "deepsets+val": "DeepSets, best on held-out seeds", "mlp+val": "per-parameter MLP, best on held-out seeds",
          "mlp": "per-parameter MLP", "adam": "tuned Adam", "sgdm": "tuned SGDM"}
 GRIDS = {"adam": ADAM_LRS, "sgdm": SGD_LRS}
 
