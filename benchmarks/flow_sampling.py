@@ -1,11 +1,13 @@
 """Time sampling from the generator's two velocity fields: 1,000 digits-mlp networks at a fixed NFE.
 
-    python benchmarks/flow_sampling.py --threads 1 --repeats 3 --out benchmarks/results/flow_sampling.jsonl
+    python benchmarks/flow_sampling.py --threads 1 --repeats 3 --out benchmarks/results/flow_sampling.jsonl [--compile]
 
 The fields have the shipped configurations (``unf flow train --velocity mlp`` and ``--velocity unf``) for the
 digits-mlp architecture, with fresh (untrained) weights: sampling runs the same operations whatever the weights hold,
 so its time does not depend on training. Appends one JSON line per field and solver (date, machine, torch version,
 threads, load average at the start, since other jobs may share the cores) to ``--out`` and prints the table.
+``--compile``: each field and solver is also timed with ``sample(compile=True)``; its first call, which compiles
+every block shape, is reported on its own (``first_call_s``) and not in the median.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per field and solver (after a warm-up on 8)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--out", default="benchmarks/results/flow_sampling.jsonl")
+    ap.add_argument("--compile", action="store_true", help="also time sample(compile=True)")
     args = ap.parse_args()
 
     from unf.io import atomic_write
@@ -62,16 +66,23 @@ def main() -> None:
     lines = []
     for kind in args.field or ["mlp", "unf"]:
         flow, params = field(kind, spec, ws)
-        for solver in args.solver or ["heun", "euler"]:
-            nfe = {}
+        for solver, compiled in [(s, c) for s in args.solver or ["heun", "euler"]
+                                 for c in ([False, True] if args.compile else [False])]:
+            nfe, first = {}, {}
 
             def run():
-                nfe["done"] = flow.sample(args.num, args.nfe, solver, seed=0)[1]
+                nfe["done"] = flow.sample(args.num, args.nfe, solver, seed=0, compile=compiled)[1]
 
             with torch.no_grad():
-                flow.sample(8, args.nfe, solver)  # warm-up
+                if compiled:  # the first call compiles every block shape of --num networks: timed on its own
+                    t0 = time.perf_counter()
+                    run()
+                    first["first_call_s"] = time.perf_counter() - t0
+                else:
+                    flow.sample(8, args.nfe, solver)  # warm-up
                 times = wall_times(run, repeats=args.repeats, warmup=False)
             lines.append({**meta, "field": kind, "parameters": params, "solver": solver, "nfe": nfe["done"],
+                          "compile": compiled, **first,
                           "seconds_median": statistics.median(times), "seconds": times,
                           "per_eval": statistics.median(times) / nfe["done"], "loadavg_end": list(os.getloadavg())})
             print(json.dumps(lines[-1]), flush=True)
@@ -79,12 +90,13 @@ def main() -> None:
     old = out.read_text() if out.is_file() else ""
     atomic_write(out, lambda tmp: Path(tmp).write_text(old + "".join(json.dumps(x) + "\n" for x in lines)))
     print(f"\n| field | parameters | solver | {args.num:,} networks, {args.nfe} NFE (median of {args.repeats}) "
-          "| per evaluation | load average at start |")
-    print("|---|---|---|---|---|---|")
+          "| per evaluation | compiled: first call | load average at start |")
+    print("|---|---|---|---|---|---|---|")
     for x in lines:
-        print(f"| {x['field']} | {x['parameters']:,} | {x['solver']} | {x['seconds_median']:.2f} s "
-              f"({min(x['seconds']):.2f}-{max(x['seconds']):.2f}) | {x['per_eval']:.3f} s | "
-              f"{x['loadavg_start'][0]:.2f} |")
+        first = f"{x['first_call_s']:.1f} s" if x["compile"] else "-"
+        print(f"| {x['field']}{', compiled' if x['compile'] else ''} | {x['parameters']:,} | {x['solver']} | "
+              f"{x['seconds_median']:.2f} s ({min(x['seconds']):.2f}-{max(x['seconds']):.2f}) | "
+              f"{x['per_eval']:.3f} s | {first} | {x['loadavg_start'][0]:.2f} |")
 
 
 if __name__ == "__main__":

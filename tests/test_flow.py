@@ -217,6 +217,53 @@ def test_churn_breaks_a_tie_an_equivariant_field_cannot(spec):
     assert (sde[name][:, :, 0] - sde[name][:, :, 1]).abs().min() > 0
 
 
+def test_compiled_sampling_matches_eager_and_falls_back(spec, monkeypatch):
+    """``sample(compile=True)`` gives eager's networks to float tolerance: the MLP field through inductor, and the UNF
+    field in blocks (one compiled block function, compiled once per block shape and layout; here with dynamo's eager
+    backend, since inductor's C++ compile of a UNF field takes a minute); a compiler failure warns and samples
+    eagerly."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    import unf.flow.velocity as velocity
+
+    std = Standardizer.fit(_random_ws(spec, 6))
+    mlp_flow = WeightFlow(spec, MLPVelocity(spec, hidden=8, layers=1, emb=4), std)
+    for p in mlp_flow.velocity.out.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # a nonzero field
+    ref, _ = mlp_flow.sample(5, nfe=4, solver="heun", seed=3)
+    out, _ = mlp_flow.sample(5, nfe=4, solver="heun", seed=3, compile=True)
+    assert torch.allclose(out.flatten(), ref.flatten(), atol=1e-5) and ref.flatten().std() > 0
+    mlp_flow.sample(5, nfe=4, seed=3)  # compile=False again: back to eager
+    assert mlp_flow.velocity._inference is None
+
+    unf_flow = WeightFlow(spec, UNFVelocity(spec, hidden=4, depth=1, emb=4, pos_dim=2), std)
+    for p in unf_flow.velocity.out.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    numel = sum(math.prod(spec[n].shape) for n in spec.float_names)
+    monkeypatch.setattr(velocity, "CHUNK_ENTRIES", numel * 4 * 3)  # blocks of 3 networks: 3, 3, 1
+    ref, _ = unf_flow.sample(7, nfe=2, solver="euler", seed=3)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    dynamo.reset()
+    counters.clear()
+    out, _ = unf_flow.sample(7, nfe=2, solver="euler", seed=3, compile=True)
+    assert torch.allclose(out.flatten(), ref.flatten(), atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 4  # per block size (3, 1) and input layout (the noise's views, later steps' fresh tensors)
+    unf_flow.sample(7, nfe=3, solver="euler", seed=4, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again: not per step, not per call
+
+    def broken(*args):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    unf_flow.velocity.compile_inference()
+    unf_flow.velocity._inference.compiled = broken
+    with pytest.warns(RuntimeWarning, match="sampling: torch.compile failed .*no C\\+\\+ compiler"):
+        out, _ = unf_flow.sample(7, nfe=2, solver="euler", seed=3, compile=True)
+    assert torch.allclose(out.flatten(), ref.flatten(), atol=1e-6)
+
+
 def test_churn_is_checked_and_seeded(spec):
     with pytest.raises(ValueError, match="churn=5"):
         integrate(lambda x, t: x, _random_ws(spec, 1), 20, "euler", 5.0)  # 5 / 20 steps > 0.2

@@ -120,6 +120,10 @@ def register(sub) -> None:
                         "units that an equivariant field keeps (default 0: the ODE). At most 0.2 x the solver's "
                         "steps; BENCHMARKS.md gives the measured effect (with churn, a network depends on "
                         "--batch-size too)")
+    p.add_argument("--compile", action="store_true",
+                   help="evaluate the field through torch.compile: about a minute of compiling at the first "
+                        "evaluation (less when inductor's on-disk cache already holds it), then about 1.4x faster "
+                        "for the UNF field on a CPU; the same networks to float rounding")
 
     p = add_command(flow, "eval", run=run_eval,
                     help="accuracy and novelty of a generated zoo against the flow's training and held-out networks",
@@ -286,7 +290,7 @@ def run_sample(args) -> int:
     with user_error("--nfe/--churn", (ValueError,)):
         ws, nfe = flow.sample(args.num, args.nfe, args.solver, condition, seed=args.seed,
                               batch_size=args.batch_size, device=args.device, progress=args.progress,
-                              churn=args.churn)
+                              churn=args.churn, compile=args.compile)
     seconds = time.perf_counter() - start
     info(f"{args.num} networks in {seconds:.2f} s ({nfe} velocity evaluations per batch, {args.solver}"
          + (f", churn {args.churn:g})" if args.churn else ")"))

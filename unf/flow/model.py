@@ -162,14 +162,18 @@ class WeightFlow:
     @torch.no_grad()
     def sample(self, num: int, nfe: int = 20, solver: str = "heun", condition: Optional[Mapping] = None,
                seed: int = 0, batch_size: int = 1000, device=None, dtype: torch.dtype = torch.float32,
-               progress: bool = False, churn: float = 0.0) -> tuple[WeightSpace, int]:
+               progress: bool = False, churn: float = 0.0, compile: bool = False) -> tuple[WeightSpace, int]:
         """``num`` new weight spaces ``[num, 1]`` in the zoo's coordinates, and the velocity evaluations spent per
         batch. The source noise is drawn on the CPU from ``seed``, so a seed gives the same networks on any device
         (to float rounding). ``condition``: column -> value (unset columns are "unknown"). ``churn > 0``: stochastic
         sampling, the SDE with the flow's marginals (:mod:`unf.flow.solvers`); its noise is drawn per batch, so
-        with churn a network depends on ``batch_size`` too."""
+        with churn a network depends on ``batch_size`` too. ``compile``: evaluate the field through ``torch.compile``
+        (the same networks to float rounding; the compile, about a minute for the UNF field on a CPU, is paid at the
+        first evaluation and pays off over many: :meth:`VelocityField.compile_inference`)."""
         device = torch.device(device) if device is not None else next(self.velocity.parameters()).device
         self.velocity.to(device).eval()
+        if compile != (self.velocity._inference is not None):
+            self.velocity.compile_inference(compile)
         cond_row = dict(condition or {})
         unknown = [k for k in cond_row if k not in self.conditioning.names]
         if unknown:

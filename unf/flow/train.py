@@ -28,7 +28,7 @@ from ..weights import WeightSpace
 from .canonical import canonicalize
 from .coupling import align_source, align_target, aligned_ot_pairing, ot_pairing
 from .model import Conditioning, Source, Standardizer, WeightFlow
-from .velocity import build_velocity, num_parameters
+from .velocity import Compiled, build_velocity, num_parameters
 
 DEFAULT_VELOCITY = {"unf": dict(hidden=16, depth=2, emb=64, fold_max=2),
                     "mlp": dict(hidden=512, layers=3, emb=64, prediction="data")}
@@ -87,24 +87,6 @@ class _Objective(nn.Module):
             return (self.velocity.predict(xt, t, cond).flatten() - x1).square().mean()
         v = self.velocity(xt, t, cond)
         return (v.flatten() - target.flatten()).square().mean()
-
-
-class _Compiled:
-    """``torch.compile(module)`` with an eager fallback: a compiler failure (no C++ compiler, an unsupported op)
-    warns once and the run goes on eagerly; an error of the model itself re-raises from the eager call."""
-
-    def __init__(self, module: nn.Module):
-        self.eager, self.compiled = module, torch.compile(module)
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # noqa: BLE001 -- see the class docstring
-                warnings.warn(f"train_flow: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training "
-                              "eagerly from now on", RuntimeWarning, stacklevel=2)
-                self.compiled = None
-        return self.eager(*args)
 
 
 def _ema_fn(decay: float):
@@ -233,7 +215,7 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda"
                                                         else None)
     if compile:
-        objective = _Compiled(objective)
+        objective = Compiled(objective, "train_flow")
     first = len(history)
     steps = range(first, cfg.steps)
     if progress and rank == 0:

@@ -13,7 +13,8 @@ indices of the conditioning columns' values (0 = unknown / dropped). Both fields
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+import warnings
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -58,10 +59,29 @@ class Embedding(nn.Module):
 PREDICTIONS = ("velocity", "data")
 
 
+class Compiled:
+    """``torch.compile(fn)`` (a module or a function) with an eager fallback: a compiler failure (no C++ compiler, an
+    unsupported op) warns once, naming ``what``, and the work goes on eagerly; an error of the model itself re-raises
+    from the eager call."""
+
+    def __init__(self, fn: Callable, what: str):
+        self.eager, self.compiled, self.what = fn, torch.compile(fn, dynamic=False), what
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 -- see the class docstring
+                warnings.warn(f"{self.what}: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); going on "
+                              "eagerly", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.eager(*args)
+
+
 class VelocityField(nn.Module):
     """Base class: ``forward(x: WeightSpace[B, 1], t: [B], cond: [B, K] | None) -> WeightSpace[B, 1]``, the velocity.
 
-    Subclasses implement ``predict``, whose output is read according to ``prediction``:
+    Subclasses implement ``_predict``, whose output is read according to ``prediction``:
 
     - ``"velocity"``: the output is the velocity itself;
     - ``"data"``: the output is the network's estimate of the clean weights ``x1``, and the velocity of the linear
@@ -77,6 +97,13 @@ class VelocityField(nn.Module):
     config: dict
     prediction: str = "velocity"
     min_gap: float = 0.05
+    _inference: Optional[Compiled] = None  # set by compile_inference
+
+    def compile_inference(self, on: bool = True) -> None:
+        """Evaluate without gradients through ``torch.compile`` from now on (sampling; training compiles its own
+        step): one compile per input shape, paid at the first call and then kept (inductor also caches the generated
+        code on disk for later processes); ``on=False`` goes back to eager."""
+        self._inference = Compiled(self._predict, "sampling") if on else None
 
     def _set_prediction(self, prediction: str, min_gap: float) -> None:
         if prediction not in PREDICTIONS:
@@ -85,8 +112,14 @@ class VelocityField(nn.Module):
             raise ValueError(f"min_gap {min_gap} must be in (0, 1]")
         self.prediction, self.min_gap = prediction, float(min_gap)
 
-    def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+    def _predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         raise NotImplementedError
+
+    def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+        """The network's output (velocity or clean weights, by ``prediction``) ``[B, 1]``."""
+        if self._inference is not None and not torch.is_grad_enabled():
+            return self._inference(x, t, cond)
+        return self._predict(x, t, cond)
 
     def forward(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         out = self.predict(x, t, cond)
@@ -164,11 +197,14 @@ class UNFVelocity(VelocityField):
     def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         # without gradients (sampling) evaluate in chunks whose hidden state stays in the last-level cache: every
         # layer streams the whole hidden state several times, and every member is computed on its own anyway
+        if torch.is_grad_enabled():
+            return self._predict(x, t, cond)
+        run = self._inference or self._predict  # compile_inference compiles the block, not the loop over blocks
         numel = sum(t[0, 0].numel() for t in x.values())
         size = max(1, CHUNK_ENTRIES // (numel * max(self.config["hidden"], x.channels)))
-        if torch.is_grad_enabled() or x.batch_size <= size:
-            return self._predict(x, t, cond)
-        return WeightSpace.cat([self._predict(xc, t[a:a + size], None if cond is None else cond[a:a + size])
+        if x.batch_size <= size:
+            return run(x, t, cond)
+        return WeightSpace.cat([run(xc, t[a:a + size], None if cond is None else cond[a:a + size])
                                 for a, xc in zip(range(0, x.batch_size, size), x.split(size))])
 
     def _predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
@@ -203,7 +239,7 @@ class MLPVelocity(VelocityField):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
+    def _predict(self, x: WeightSpace, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> WeightSpace:
         if x.channels != 1:
             raise ValueError(f"MLPVelocity takes 1-channel weight spaces, got {x.channels} channels")
         h = self.inp(x.flatten()) + self.temb(self.embed(t, cond))
