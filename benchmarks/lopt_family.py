@@ -1,7 +1,8 @@
 """Learned optimizers meta-trained on a task family, tested on new seeds of it (issue 29, items 2-3).
 
     python benchmarks/lopt_family.py run [--families F,...] [--rules R,...] [--budget-min 5] [--seeds 0,1,2,3,4]
-                                         [--stage meta|eval|all] [--compile] [--runs DIR] [--out FILE]
+                                         [--stage meta|eval|all] [--compile] [--rollback D] [--runs DIR]
+                                         [--out FILE]
     python benchmarks/lopt_family.py table          # markdown tables and the figure from the results file
 
 Families: ``unf.optim.tasks.FAMILIES`` (``digits-mlp``, ``digits-cnn-family``, ``majority-gru-family``). Rules: the
@@ -71,12 +72,14 @@ def initial_rule(variant: str, family) -> tuple[LearnedRule, str]:
     return LearnedRule.load(WEIGHTS / SHIPPED[variant]), f"shipped {SHIPPED[variant]}"
 
 
-def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path, compile: bool = False) -> None:
+def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path, compile: bool = False,
+             rollback: float = 0.0) -> None:
     family = FAMILIES[fam_name]
     base = variant.split("+")[0]
     rule, start = initial_rule(base, family)
     cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base},
-                     validate_every=VALIDATE_EVERY if variant.endswith("+val") else 0)
+                     validate_every=VALIDATE_EVERY if variant.endswith("+val") else 0,
+                     rollback=rollback if variant.endswith("+val") else 0.0)
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
     rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule, compile=compile,
                                log=lambda h: append_jsonl(log, {k: h[k] for k in ("step", "meta_loss", "seconds",
@@ -240,6 +243,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default="/work/runs/lopt_family", help="meta-training run directories")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lopt_family.jsonl"))
     ap.add_argument("--compile", action="store_true", help="meta-train with the rule through torch.compile")
+    ap.add_argument("--rollback", type=float, default=0.0,
+                    help="+val rules: MetaConfig.rollback (restart from the best rule at half the outer rate)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, runs = Path(args.out), Path(args.runs)
@@ -260,7 +265,7 @@ def main(argv=None) -> None:
         if args.stage in ("meta", "all"):
             for variant in (r for r in rules if r != "shipped"):
                 if (fam_name, "meta", variant) not in {key(r) for r in load_jsonl(out, key)}:
-                    run_meta(fam_name, variant, args.budget_min, runs, out, args.compile)
+                    run_meta(fam_name, variant, args.budget_min, runs, out, args.compile, args.rollback)
         if args.stage in ("eval", "all"):
             run_eval(fam_name, rules, seeds, runs, out)
 

@@ -189,6 +189,44 @@ def test_validation_keeps_the_best_rule_on_held_out_tasks_and_resumes(tmp_path, 
         MetaConfig(validate_every=-1)
 
 
+def test_rollback_restarts_from_the_best_rule_at_half_the_outer_rate_and_resumes(tmp_path, monkeypatch):
+    """``rollback``: a validation score more than ``rollback`` above the best sends the meta-parameters back to the
+    best rule, restarts the outer Adam at half its rate and starts a new inner task (here a wrong-way meta-gradient
+    makes every step worse); the next outer step then moves the rule by at most the halved rate per entry (a fresh
+    Adam's first step), and a resumed run rolls back at the same steps with the same rates."""
+    family = _regression_family(horizon=4)
+    cfg = MetaConfig(steps=6, pairs=2, unroll=2, outer_lr=0.5, sigma=0.05, rule=SMALL_RULE, validate_every=1,
+                     rollback=1e-9)
+    seen = []
+    score = meta.validation_loss
+
+    def recording(cfg_, rule_, params, tasks, compiled=None):
+        seen.append(torch.cat([p.reshape(-1) for p in params.values()]).clone())
+        return score(cfg_, rule_, params, tasks, compiled)
+
+    ascent = meta.es_gradient
+    with monkeypatch.context() as m:
+        m.setattr(meta, "es_gradient", lambda *a: -ascent(*a))
+        m.setattr(meta, "validation_loss", recording)
+        rule, hist = meta_train(cfg, family)
+        thetas = list(seen)
+        meta_train(MetaConfig(**{**cfg.__dict__, "steps": 3}), family, out=tmp_path / "a", checkpoint_every=1)
+        again, h_again = meta_train(cfg, family, out=tmp_path / "a", checkpoint_every=1)
+    rolls = [(h["step"], h["rollback"]) for h in hist if "rollback" in h]
+    assert rolls and rolls[0] == (1, {"to_step": 0, "outer_lr": 0.25})  # step 1 is worse than the start
+    assert [r["outer_lr"] for _, r in rolls] == [0.5 * 0.5 ** (i + 1) for i in range(len(rolls))]
+    # validations see theta_0 (start), theta_1 (worse: rolled back), then one fresh-Adam step from theta_0
+    step2 = (thetas[2] - thetas[0]).abs().max()
+    assert 0 < step2 <= 0.25 * (1 + 1e-5) and (thetas[1] - thetas[0]).abs().max() > 0.25 * (1 + 1e-5)
+    scores = [hist[0]["valid_loss_start"]] + [h["valid_loss"] for h in hist]
+    assert len(scores) == len(thetas) == 7
+    assert torch.equal(_theta(rule), thetas[min(range(7), key=scores.__getitem__)])  # the best-scored rule
+    assert [h.get("rollback") for h in h_again] == [h.get("rollback") for h in hist]
+    assert torch.equal(_theta(again), _theta(rule))
+    with pytest.raises(ValueError, match="rollback"):
+        MetaConfig(rollback=1.0)  # acts on validation scores: needs validate_every
+
+
 def test_fingerprint_names_what_the_rule_depends_on():
     a, b = _regression_family(), _regression_family()
     assert a.fingerprint() == b.fingerprint()

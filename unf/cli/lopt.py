@@ -59,6 +59,9 @@ def register(sub) -> None:
                         "the lowest meta-loss there instead of the last (default 0: keep the last)")
     p.add_argument("--validate-tasks", type=at_least(1), default=2, metavar="N",
                    help="held-out tasks per validation (default 2)")
+    p.add_argument("--rollback", type=float, default=0.0, metavar="D",
+                   help="with --validate-every: a validation score D above the best so far (log-loss units; e.g. 1) "
+                        "restarts from the best rule with half the outer learning rate (default 0: off)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
     p.add_argument("--compile", action="store_true",
@@ -145,12 +148,13 @@ def run_meta_train(args) -> int:
     steps = args.steps if args.steps is not None or budget is not None else 2000
     if family is not None:  # the family fixes the horizon; the mix's fields (unused) only need to stay valid
         min_h, max_h = max(args.unroll, 50), max(args.unroll, 200)
-    with user_error("--variant/--widths/--datasets", types=(ValueError,)):
+    with user_error("--variant/--widths/--datasets/--rollback", types=(ValueError,)):
         cfg = MetaConfig(steps=steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
                          max_horizon=max_h, min_horizon=min_h, estimator=args.estimator,
                          outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
                          datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget,
-                         validate_every=args.validate_every, validate_tasks=args.validate_tasks)
+                         validate_every=args.validate_every, validate_tasks=args.validate_tasks,
+                         rollback=args.rollback)
         if family is None:
             cfg.check_mix()
     out.mkdir(parents=True, exist_ok=True)

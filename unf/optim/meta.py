@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -74,6 +74,7 @@ class MetaConfig:
     budget_s: Optional[float] = None  # stop after this many seconds of meta-training, counted over resumes
     validate_every: int = 0  # > 0: every that many outer steps score the rule on held-out tasks; keep the best
     validate_tasks: int = 2  # held-out tasks per validation (family seeds VALIDATION_SEED + i; see meta_train)
+    rollback: float = 0.0  # > 0 (with validation): a score this much above the best restarts from the best rule
 
     def __post_init__(self):
         if self.steps is None and self.budget_s is None:
@@ -90,6 +91,9 @@ class MetaConfig:
         if self.validate_every < 0 or self.validate_tasks < 1:
             raise ValueError(f"need validate_every >= 0 ({self.validate_every}) and validate_tasks >= 1 "
                              f"({self.validate_tasks})")
+        if self.rollback < 0 or (self.rollback > 0 and not self.validate_every):
+            raise ValueError(f"rollback {self.rollback}: must be >= 0, and > 0 only with validate_every > 0 (it acts "
+                             "on validation scores)")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
         if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
@@ -315,7 +319,10 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
     not the small seeds evaluations use), each trained for its whole horizon (:func:`validation_loss`); the result is
     the rule with the lowest score, not the last one (PES can walk a rule into a diverging region late in a run).
     Scores go into the log (``"valid_loss"``; the starting rule's: ``"valid_loss_start"`` of step 1), and the budget
-    counts their time.
+    counts their time. With ``cfg.rollback > 0`` a score more than that above the best one sends the run back: the
+    meta-parameters become the best rule's, the outer Adam restarts at half its learning rate, and a new inner task
+    begins (logged as ``"rollback": {"to_step", "outer_lr"}``). A diverging rule otherwise stays diverged: its
+    clipped meta-loss is flat, so PES has no gradient to leave the region by.
 
     ``compile``: the rule runs through ``torch.compile`` (:class:`~unf.optim.rule.CompiledRule`): one
     compile per architecture and member count, tens of seconds each on a CPU, counted in the budget. The steps equal
@@ -349,6 +356,9 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
     if out is not None and (out / "checkpoint.safetensors").is_file():
         history = load_checkpoint(out, cfg, theta, opt, family=identity)
         start = len(history)
+        for h in history:  # the outer learning rate after the rollbacks the run has had
+            if "rollback" in h:
+                opt.param_groups[0]["lr"] = h["rollback"]["outer_lr"]
     saved = start
     elapsed = sum(h["seconds"] for h in history)  # the budget counts the steps the checkpoint holds
     held_out = validation_tasks(cfg, fams or None) if cfg.validate_every else []
@@ -431,8 +441,15 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
             t0 = time.perf_counter()
             score = validate(step)
             history[-1]["seconds"] += time.perf_counter() - t0
+        restart = False
         if score is not None:
             history[-1]["valid_loss"] = score
+            if cfg.rollback > 0 and score > best[0] + cfg.rollback:
+                theta.copy_(best[2])
+                opt.state.clear()
+                opt.param_groups[0]["lr"] *= 0.5
+                history[-1]["rollback"] = {"to_step": best[1], "outer_lr": opt.param_groups[0]["lr"]}
+                restart = True
         if initial is not None and step == 1:
             history[-1]["valid_loss_start"] = initial[0]
             history[-1]["seconds"] += initial[1]
@@ -440,7 +457,9 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
             log(history[-1])
         if bar is not None:
             bar.update(1)
-        done = inner.t >= inner.task.horizon
+        done = inner.t >= inner.task.horizon or restart
+        if restart:  # the inner task's state (PES noise, momenta) belongs to the abandoned meta-parameters
+            inner.t = inner.task.horizon
         last = step == cfg.steps or over()
         if out is not None and rank == 0 and done and (step - saved >= checkpoint_every or last):
             save_checkpoint(out, cfg, theta, opt, history, family=identity, best=best)
@@ -529,9 +548,13 @@ def load_checkpoint(out: Path, cfg: MetaConfig, theta: torch.Tensor, opt: torch.
             f"task family {f['name']!r} (spec hash {f['spec_hash']})"  # noqa: E731
         raise CheckpointError(f"{path} was meta-trained on {what(theirs)}, not on {what(family)}; use another --out "
                               "or the same task to resume")
-    # steps and budget may change: a run may be extended
+    # steps and budget may change: a run may be extended; a setting added since the checkpoint was written counts
+    # at its default
     same = lambda c: {k: v for k, v in c.items() if k not in ("steps", "budget_s")}  # noqa: E731
-    if same(meta["config"]) != same(json.loads(json.dumps(asdict(cfg)))):
+    defaults = {f.name: f.default for f in fields(MetaConfig) if f.default is not MISSING}
+    stored = {**json.loads(json.dumps({k: v for k, v in defaults.items() if k not in meta["config"]})),
+              **meta["config"]}
+    if same(stored) != same(json.loads(json.dumps(asdict(cfg)))):
         raise CheckpointError(f"{path} was written with other settings ({json.dumps(meta['config'])}); use another "
                               "--out or the same settings to resume")
     if tensors["theta"].shape != theta.shape:
