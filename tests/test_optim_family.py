@@ -227,6 +227,27 @@ def test_rollback_restarts_from_the_best_rule_at_half_the_outer_rate_and_resumes
         MetaConfig(rollback=1.0)  # acts on validation scores: needs validate_every
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(tmp_path):
+    """A run directory written before ``MetaConfig`` gained a field (here ``rollback``) resumes: the missing field
+    counts at its default; a stored value that differs from this run's still refuses."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    family = _regression_family(horizon=4)
+    cfg = MetaConfig(steps=2, pairs=2, unroll=2, rule=SMALL_RULE)
+    meta_train(cfg, family, out=tmp_path, checkpoint_every=1)
+    path = tmp_path / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        md, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old = json.loads(md["config"])
+    del old["rollback"]
+    save_file(tensors, str(path), metadata={**md, "config": json.dumps(old)})
+    _, hist = meta_train(MetaConfig(**{**cfg.__dict__, "steps": 4}), family, out=tmp_path, checkpoint_every=1)
+    assert len(hist) == 4
+    with pytest.raises(CheckpointError, match="other settings"):
+        meta_train(MetaConfig(**{**cfg.__dict__, "steps": 6, "pairs": 3}), family, out=tmp_path)
+
+
 def test_fingerprint_names_what_the_rule_depends_on():
     a, b = _regression_family(), _regression_family()
     assert a.fingerprint() == b.fingerprint()
