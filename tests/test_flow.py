@@ -241,7 +241,7 @@ def test_compiled_sampling_matches_eager_and_falls_back(spec, monkeypatch):
     for p in unf_flow.velocity.out.parameters():
         torch.nn.init.normal_(p, std=0.3)
     numel = sum(math.prod(spec[n].shape) for n in spec.float_names)
-    monkeypatch.setattr(velocity, "CHUNK_ENTRIES", numel * 4 * 3)  # blocks of 3 networks: 3, 3, 1
+    monkeypatch.setattr(velocity, "COMPILED_CHUNK_ENTRIES", numel * 4 * 3)  # compiled blocks of 3 networks: 3, 3, 1
     ref, _ = unf_flow.sample(7, nfe=2, solver="euler", seed=3)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
