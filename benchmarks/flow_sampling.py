@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--out", default="benchmarks/results/flow_sampling.jsonl")
     ap.add_argument("--compile", action="store_true", help="also time sample(compile=True)")
+    ap.add_argument("--compiled-chunk", type=int, default=None, metavar="FLOATS",
+                    help="hidden-state floats per compiled block of the UNF field (default: the library's, "
+                         "unf.flow.velocity.COMPILED_CHUNK_ENTRIES)")
     args = ap.parse_args()
 
     from unf.io import atomic_write
@@ -54,6 +57,10 @@ def main() -> None:
     from unf.zoo.builtin import mlp
 
     torch.set_num_threads(args.threads)
+    if args.compiled_chunk is not None:
+        import unf.flow.velocity as velocity
+
+        velocity.COMPILED_CHUNK_ENTRIES = args.compiled_chunk
     load = os.getloadavg()
     torch.manual_seed(0)
     net = mlp()
@@ -62,7 +69,8 @@ def main() -> None:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{cpu_name()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_start": list(load),
-            "weights": "untrained (timing does not depend on them)", "num": args.num}
+            "weights": "untrained (timing does not depend on them)", "num": args.num,
+            "compiled_chunk": args.compiled_chunk}
     lines = []
     for kind in args.field or ["mlp", "unf"]:
         flow, params = field(kind, spec, ws)
