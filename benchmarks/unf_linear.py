@@ -75,6 +75,16 @@ def versus_nfn(repeats: int, batch: int = 64, compile: bool = False) -> None:
         n = sum(p.numel() for p in mod.parameters()) if mod is not None else 0
         print(f"{name:<28} {n:>8} {res[name] * 1e3:>10.1f} {res[name] / res['nfn NPLinear']:>7.2f} "
               f"{res[name] / res['floor: w*2+1']:>9.2f}")
+    # the roofline of the UNF layer: what its plan needs (UNFLinear.cost) against this machine's peaks, measured now
+    from timing import machine_peaks
+
+    peaks = machine_peaks(DEVICE, _sync)
+    plan = rows["unf UNFLinear (fold_max=0)"][1].cost(batch, backward=True)
+    for name in [k for k in res if k.startswith("unf")]:
+        print(f"{name}: the plan's {plan['flops'] / 1e9:.2f} GFLOP and {plan['bytes'] / 1e6:.0f} MB per forward+"
+              f"backward -> {plan['flops'] / res[name] / 1e9:.1f} GFLOP/s (square matmul "
+              f"{peaks['matmul_gflops']:.0f}), {plan['bytes'] / res[name] / 1e9:.2f} GB/s (copy "
+              f"{peaks['copy_gbs']:.1f})")
 
 
 def _mlp_case(batch: int) -> dict:

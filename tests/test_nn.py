@@ -208,6 +208,27 @@ def test_unf_linear_spans_all_equivariant_maps(name):
     assert span_dim(maps) == equivariant_dim(spec, names, names)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn_flatten", "resnet_basic", "transformer_hand_attention"])
+def test_unf_linear_plan_cost_counts_the_products_it_runs(name):
+    """``UNFLinear.cost``: the plan's FLOPs equal what torch's FLOP counter sees the layer compute, forward and
+    forward+backward (folded pieces, pseudo-groups, diagonal terms and biases included), and its bytes are the
+    input, output and coefficients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = arch_spec(name)
+    layer = UNFLinear(Layout(spec), 3, 2)
+    ws = random_ws(spec, batch=4, channels=3).map(lambda t: t.float().requires_grad_())
+    with FlopCounterMode(display=False) as fwd:
+        out = layer(ws)
+    with FlopCounterMode(display=False) as both:
+        sum(t.sum() for t in layer(ws).values()).backward()
+    assert layer.cost(4)["flops"] == fwd.get_total_flops() > 0
+    assert layer.cost(4, backward=True)["flops"] == both.get_total_flops()
+    n = sum(t[0, 0].numel() for t in out.values())
+    params = sum(p.numel() for p in layer.parameters())
+    assert layer.cost(4)["bytes"] == 4 * (4 * n * (3 + 2) + params)
+
+
 def test_recurrent_term_counts():
     spec = _tiny_specs()["recurrent"]
     terms = UNFLinear(spec, 1, 1, bias=False).num_terms()

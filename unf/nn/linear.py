@@ -56,6 +56,30 @@ class UNFLinear(nn.Module):
             out[key] = out.get(key, 0) + n
         return out
 
+    def cost(self, batch: int, backward: bool = False, itemsize: int = 4) -> dict[str, int]:
+        """What one pass over ``batch`` weight spaces needs by the plan, whatever the implementation does: ``flops``
+        of the channel-mixing products (2 per multiply-add) and ``bytes``, the fewest a pass can move (input read
+        and output written once, coefficients read once; reductions and broadcast terms are smaller than a piece
+        and not counted). With ``backward`` the pass is forward and backward: the products of the input and
+        coefficient gradients (3x the flops), the input read twice, the output gradient read, the input gradient
+        and the coefficient gradients written. Achieved rates against these (FLOP/s against the matmul peak,
+        bytes/s against the copy bandwidth) say how far a timing is from the hardware's limits."""
+        pieces = self.layout.pieces
+        flops = 0
+        for q, groups in enumerate(self.plan.groups):
+            cout = self.out_channels * pieces[q].fold
+            for g, slot in zip(groups, self._slots[q]):
+                red = self.plan.reductions[g.inputs[0][0]]  # a group's inputs share their kept shape
+                m = 1 if red.source < 0 else math.prod(pieces[red.source].kept_sizes[blk[0]]
+                                                       for blk, k in zip(red.blocks, red.kept) if k)
+                flops += 2 * batch * cout * self.weights[slot].shape[1] * m
+        n = sum(math.prod(self.layout.spec[name].shape) for name in self.layout.spec.float_names)
+        params = sum(w.numel() for w in self.weights)
+        cin, cout = self.in_channels, self.out_channels
+        if not backward:
+            return {"flops": flops, "bytes": itemsize * (batch * n * (cin + cout) + params)}
+        return {"flops": 3 * flops, "bytes": itemsize * (batch * n * (3 * cin + 2 * cout) + 3 * params)}
+
     def forward(self, ws: WeightSpace, residual: Optional[WeightSpace] = None) -> WeightSpace:
         """``residual`` (``[B, out_channels]``, optional) is added to the output in the same passes: ``residual +
         layer(ws)`` with one full-size pass less than adding it afterwards."""
