@@ -48,6 +48,7 @@ SHIPPED = {"unf": "default.safetensors", "deepsets": "deepsets.safetensors", "ml
 # held-out family seeds every VALIDATE_EVERY outer steps (MetaConfig.validate_every; its time counts in the budget)
 RULES = ("unf", "unf-exact", "deepsets", "mlp", "unf+val", "unf-exact+val", "deepsets+val", "mlp+val", "shipped")
 VALIDATE_EVERY = 50
+LOGGED = ("step", "meta_loss", "seconds", "rollback", "valid_loss_start", "valid_loss")  # per outer step, in log.jsonl
 LABEL = {"shipped": "shipped UNF weights (not meta-trained on the family)", "unf": "UNF (shared)",
          "unf-exact": "UNF (exact, per term)", "deepsets": "DeepSets",
          "unf+val": "UNF (shared), best on held-out seeds", "unf-exact+val": "UNF (exact), best on held-out seeds",
@@ -82,9 +83,7 @@ def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Pa
                      rollback=rollback if variant.endswith("+val") else 0.0)
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
     rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule, compile=compile,
-                               log=lambda h: append_jsonl(log, {k: h[k] for k in ("step", "meta_loss", "seconds",
-                                                                                 "valid_loss_start", "valid_loss")
-                                                                   if k in h}))
+                               log=lambda h: append_jsonl(log, {k: h[k] for k in LOGGED if k in h}))
     append_jsonl(out, {"kind": "meta", "family": fam_name, "rule": variant, "budget_min": budget_min,
                        "minutes": sum(h["seconds"] for h in history) / 60, "outer_steps": len(history),
                        "inner_tasks": len({h["task"]["seed"] for h in history}), "warm_start": start,
