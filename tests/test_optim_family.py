@@ -368,6 +368,22 @@ def test_cli_validation_reports_the_kept_rule(tmp_path, capsys):
     assert (row["valid_loss"], row["selected_step"]) == min(scores)
 
 
+def test_cli_rollback_needs_validation_and_runs_with_it(tmp_path, capsys, monkeypatch):
+    """``--rollback D`` acts on validation scores: without ``--validate-every`` it is a user error naming both;
+    with it, a validation D worse than the best rolls back, and the log says so."""
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    base = ["lopt", "meta-train", "--task", f"{task}:family", "--variant", "mlp", "--pairs", "1", "--unroll", "2",
+            "--steps", "2"]
+    _user_error(capsys, base + ["--out", str(tmp_path / "a"), "--rollback", "1"], "--rollback", "validate_every")
+    out = tmp_path / "b"
+    scores = iter([0.0, 2.0, 0.5])  # start, step 1 (2 above the best: roll back), step 2
+    monkeypatch.setattr(meta, "validation_loss", lambda *a, **k: next(scores))
+    assert main(base + ["--out", str(out), "--validate-every", "1", "--validate-tasks", "1", "--rollback", "1"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h.get("rollback") for h in log] == [{"to_step": 0, "outer_lr": 1.5e-3}, None]
+
+
 def test_cli_budget_alone_stops_meta_training(tmp_path, capsys):
     """``--budget-min`` without ``--steps``: the run ends once the budget is spent (a few steps here, not 2,000)."""
     task = tmp_path / "my_task.py"

@@ -199,8 +199,8 @@ def run_meta_train(args) -> int:
 
 
 def _log_row(h: dict) -> dict:
-    return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds", "valid_loss_start", "valid_loss")
-            if k in h}
+    return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds", "valid_loss_start", "valid_loss",
+                              "rollback") if k in h}
 
 
 def _lrs(text: str, option: str, allow_none: bool = False) -> list:
