@@ -122,7 +122,7 @@ def register(sub) -> None:
                         "--batch-size too)")
     p.add_argument("--compile", action="store_true",
                    help="evaluate the field through torch.compile: about a minute of compiling at the first "
-                        "evaluation (less when inductor's on-disk cache already holds it), then about 1.4x faster "
+                        "evaluation (less when inductor's on-disk cache already holds it), then about 1.9x faster "
                         "for the UNF field on a CPU; the same networks to float rounding")
 
     p = add_command(flow, "eval", run=run_eval,
