@@ -2,7 +2,7 @@
 
     python benchmarks/lopt_family.py run [--families F,...] [--rules R,...] [--budget-min 5] [--seeds 0,1,2,3,4]
                                          [--stage meta|eval|all] [--compile] [--rollback D] [--runs DIR]
-                                         [--out FILE]
+                                         [--start shipped|adam] [--loss-floor F] [--out FILE]
     python benchmarks/lopt_family.py table          # markdown tables and the figure from the results file
 
 Families: ``unf.optim.tasks.FAMILIES`` (``digits-mlp``, ``digits-cnn-family``, ``majority-gru-family``). Rules: the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import append_jsonl, load_jsonl  # noqa: E402
 
 from unf.io import atomic_write  # noqa: E402
-from unf.optim import LearnedRule, MetaConfig, UNFOptimizer, meta_train  # noqa: E402
+from unf.optim import LearnedRule, MetaConfig, UNFOptimizer, meta_train, tuned_adam_rule  # noqa: E402
 from unf.optim.tasks import ADAM_LRS, FAMILIES, SCHEDULES, SGD_LRS, speedup, train_curve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,11 @@ def key(r: dict) -> tuple:
     return r["family"], "rule", r["rule"], r["seed"]
 
 
-def initial_rule(variant: str, family) -> tuple[LearnedRule, str]:
+def initial_rule(variant: str, family, start: str = "shipped") -> tuple[LearnedRule, str]:
     """The warm start of ``variant`` on ``family`` and where it came from."""
+    if start == "adam":
+        rule, lr = tuned_adam_rule(family, {"variant": variant})
+        return rule, f"tuned Adam (lr {lr:g} on the held-out validation seeds), zero learned term"
     if variant == "unf-exact":
         return LearnedRule.exact_from(LearnedRule.load(WEIGHTS / SHIPPED["unf"]), family.spec()), \
             f"shipped {SHIPPED['unf']} written per term (LearnedRule.exact_from)"
@@ -74,11 +77,11 @@ def initial_rule(variant: str, family) -> tuple[LearnedRule, str]:
 
 
 def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path, compile: bool = False,
-             rollback: float = 0.0) -> None:
+             rollback: float = 0.0, warm: str = "shipped", loss_floor: float = 1e-3) -> None:
     family = FAMILIES[fam_name]
     base = variant.split("+")[0]
-    rule, start = initial_rule(base, family)
-    cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base},
+    rule, start = initial_rule(base, family, warm)
+    cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base}, loss_floor=loss_floor,
                      validate_every=VALIDATE_EVERY if variant.endswith("+val") else 0,
                      rollback=rollback if variant.endswith("+val") else 0.0)
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
@@ -244,6 +247,9 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="meta-train with the rule through torch.compile")
     ap.add_argument("--rollback", type=float, default=0.0,
                     help="+val rules: MetaConfig.rollback (restart from the best rule at half the outer rate)")
+    ap.add_argument("--start", choices=["shipped", "adam"], default="shipped",
+                    help="warm start: the shipped weights (default) or tuned Adam with a zero learned term")
+    ap.add_argument("--loss-floor", type=float, default=1e-3, help="MetaConfig.loss_floor of the meta-loss")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, runs = Path(args.out), Path(args.runs)
@@ -264,7 +270,8 @@ def main(argv=None) -> None:
         if args.stage in ("meta", "all"):
             for variant in (r for r in rules if r != "shipped"):
                 if (fam_name, "meta", variant) not in {key(r) for r in load_jsonl(out, key)}:
-                    run_meta(fam_name, variant, args.budget_min, runs, out, args.compile, args.rollback)
+                    run_meta(fam_name, variant, args.budget_min, runs, out, args.compile, args.rollback, args.start,
+                             args.loss_floor)
         if args.stage in ("eval", "all"):
             run_eval(fam_name, rules, seeds, runs, out)
 

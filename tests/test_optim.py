@@ -571,7 +571,7 @@ def test_meta_train_wires_the_estimator(monkeypatch, estimator):
     dim = sum(p.numel() for p in LearnedRule(RuleConfig(**cfg.rule)).parameters())
     c = torch.randn(dim, generator=torch.Generator().manual_seed(0))
 
-    def linear_unroll(self, rule, stacked, steps, loss_clip, log_loss=False, compiled=None):
+    def linear_unroll(self, rule, stacked, steps, loss_clip, log_loss=False, compiled=None, floor=1e-3):
         self.t += steps
         return torch.cat([v.reshape(v.shape[0], -1) for v in stacked.values()], 1) @ c
 

@@ -3,6 +3,7 @@ fallback where vmap cannot batch, and the ``unf lopt --task FILE.py:FN`` command
 import json
 import math
 import types
+from pathlib import Path
 import warnings
 
 import pytest
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 from test_cli import _user_error  # noqa: E402  (tests/ is on sys.path under pytest)
 from unf.cli import main
-from unf.optim import LearnedRule, MetaConfig, RuleConfig, TaskFamily, UNFOptimizer, meta_train, train_curve
+from unf.optim import (DEFAULT_WEIGHTS, LearnedRule, MetaConfig, RuleConfig, TaskFamily, UNFOptimizer, meta_train,
+                       train_curve)
 from unf.optim import meta
 from unf.optim.meta import CheckpointError, FamilyTask, _Inner
 from unf.optim.tasks import FAMILIES, META_SEED_BASE, TASKS, GRUClassifier, get_family
@@ -581,3 +583,70 @@ def test_compiled_meta_training_matches_eager_and_falls_back(monkeypatch, whole)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*eagerly"):
         fallback, h_fb = meta_train(cfg, family, compile=True)
     assert [h["meta_loss"] for h in h_fb] == [h["meta_loss"] for h in h_eager]
+
+
+def test_tuned_adam_rule_takes_adams_steps_at_the_rate_best_on_held_out_seeds(monkeypatch):
+    """The start of ``--start adam``: a new rule (zero learned term) with alpha = the grid's best constant Adam rate
+    on the held-out validation seeds (never evaluation or meta-training seeds); its steps are Adam's."""
+    family = _regression_family(horizon=20)
+    seen = []
+    real = meta.train_curve
+    monkeypatch.setattr(meta, "train_curve", lambda f, make, seed, **k: seen.append(seed) or real(f, make, seed, **k))
+    rule, lr = meta.tuned_adam_rule(family, dict(SMALL_RULE), lrs=(1e-5, 3e-2, 1e3), tasks=2)
+    assert lr == 3e-2 and rule.log_alpha.exp().item() == pytest.approx(3e-2)  # 1e-5 barely moves, 1e3 diverges
+    assert set(seen) == {meta.VALIDATION_SEED, meta.VALIDATION_SEED + 1} and len(seen) == 3 * 2
+    torch.manual_seed(0)
+    a, b = TwoLayer(), TwoLayer()
+    b.load_state_dict(a.state_dict())
+    x, y = _regression_data()[:2]
+    adam, learned = torch.optim.Adam(a.parameters(), lr=lr), UNFOptimizer.for_model(b, x[:1], weights=rule)
+    for _ in range(5):
+        for model, opt in ((a, adam), (b, learned)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="needs a task family"):
+        meta.tuned_adam_rule(None)
+
+
+def test_loss_floor_sets_where_the_meta_loss_stops_seeing_progress():
+    """The log meta-loss clamps loss / initial loss at ``loss_floor``: with the default 1e-3 an inner task that is
+    below it scores log(1e-3) (as far as the meta-loss can see), with 1e-12 it scores its own log ratio."""
+    family = _regression_family(horizon=40)
+    task = FamilyTask(family, META_SEED_BASE)
+    scores = {}
+    for floor in (1e-3, 1e-12):
+        cfg = MetaConfig(steps=1, rule=dict(SMALL_RULE, alpha=3e-2), loss_floor=floor, unroll=4)
+        rule = LearnedRule(RuleConfig(**cfg.rule))
+        inner = _Inner(task, cfg, rule, 0, 0)
+        inner.unroll(rule, None, 1, cfg.loss_clip, True, floor=floor)
+        inner.loss0 *= 1e8  # as if the task had trained to 1e-8 of its initial loss
+        scores[floor] = float(inner.unroll(rule, None, 1, cfg.loss_clip, True, floor=floor)[0])
+    assert scores[1e-3] == pytest.approx(math.log(1e-3)) and math.log(1e-9) < scores[1e-12] < math.log(1e-7)
+    with pytest.raises(ValueError, match="loss_floor"):
+        MetaConfig(loss_floor=0.0)
+
+
+def test_cli_start_options(tmp_path, capsys, monkeypatch):
+    """``--start adam`` needs a family and starts from tuned Adam; ``--start FILE`` loads a rule of --variant;
+    anything else is a user error naming --start."""
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    base = ["lopt", "meta-train", "--pairs", "1", "--unroll", "2", "--steps", "1", "--json"]
+    _user_error(capsys, base + ["--out", str(tmp_path / "a"), "--start", "adam"], "--start adam", "--task")
+    _user_error(capsys, base + ["--out", str(tmp_path / "b"), "--start", str(tmp_path / "none.safetensors")],
+                "--start", "not 'new', 'adam'")
+    shipped = LearnedRule.load(Path(DEFAULT_WEIGHTS).parent / "mlp.safetensors")
+    shipped.save(tmp_path / "mlp.safetensors")
+    _user_error(capsys, base + ["--out", str(tmp_path / "c"), "--start", str(tmp_path / "mlp.safetensors")],
+                "--start", "'mlp' rule", "--variant is 'unf'")
+    monkeypatch.setattr(meta, "tuned_adam_rule", lambda fam, rule, **k: (LearnedRule(RuleConfig(**{
+        **rule, "alpha": 0.02})), 0.02))
+    out = tmp_path / "d"
+    assert main(base + ["--task", f"{task}:family", "--variant", "mlp", "--out", str(out), "--start", "adam",
+                        "--loss-floor", "1e-6"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["start"] == "adam" and run["config"]["loss_floor"] == 1e-6
+    assert LearnedRule.load(out / "rule.safetensors").log_alpha.exp().item() == pytest.approx(0.02, rel=0.05)

@@ -62,6 +62,16 @@ def register(sub) -> None:
     p.add_argument("--rollback", type=float, default=0.0, metavar="D",
                    help="with --validate-every: a validation score D above the best so far (log-loss units; e.g. 1) "
                         "restarts from the best rule with half the outer learning rate (default 0: off)")
+    p.add_argument("--start", default="new", metavar="new|adam|FILE",
+                   help="the rule meta-training starts from: 'new' (Adam at step 1e-3 plus a zero learned term), "
+                        "'adam' (the same at the constant Adam learning rate that trains the --task family's "
+                        "held-out validation seeds best, from the grid 1e-4..1e-1: meta-training starts at tuned "
+                        "Adam) or a weights file (e.g. the shipped unf/optim/weights/default.safetensors); ignored "
+                        "when --out holds a checkpoint")
+    p.add_argument("--loss-floor", type=positive_float, default=1e-3, metavar="F",
+                   help="floor of the meta-loss's log(loss / initial loss): progress below F times the initial "
+                        "loss is not seen (default 1e-3; lower it, e.g. to 1e-6, where tuned Adam trains the family "
+                        "below that)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
     p.add_argument("--compile", action="store_true",
@@ -154,12 +164,13 @@ def run_meta_train(args) -> int:
                          outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
                          datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget,
                          validate_every=args.validate_every, validate_tasks=args.validate_tasks,
-                         rollback=args.rollback)
+                         rollback=args.rollback, loss_floor=args.loss_floor)
         if family is None:
             cfg.check_mix()
+    rule = _start_rule(args.start, family, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        rec = json.dumps(run_record(config=cfg.__dict__, task=task_name), indent=1)
+        rec = json.dumps(run_record(config=cfg.__dict__, task=task_name, start=args.start), indent=1)
         atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(rec))
     with user_error("--out", types=(CheckpointError,)):
         done = checkpoint_history(out)
@@ -178,7 +189,7 @@ def run_meta_train(args) -> int:
             bar.refresh()
 
     with user_error("--out", types=(CheckpointError,)):
-        rule, history = meta_train(cfg, family, out=out, log=on_step, compile=args.compile)
+        rule, history = meta_train(cfg, family, out=out, rule=rule, log=on_step, compile=args.compile)
     if rank == 0:
         bar.close()
         log.close()
@@ -196,6 +207,33 @@ def run_meta_train(args) -> int:
               "minutes": minutes, "meta_loss_last20": mean, "alpha": float(rule.log_alpha.detach().exp()),
               "selected_step": kept[1] if kept else None, "valid_loss": kept[0] if kept else None})
     return 0
+
+
+def _start_rule(start: str, family, cfg, out: Path):
+    """``--start`` -> the rule meta-training starts from (``None``: a new one from ``cfg.rule``)."""
+    from ..optim import LearnedRule
+    from ..optim.meta import tuned_adam_rule
+
+    if start == "new":
+        return None
+    if start == "adam":
+        if family is None:
+            raise UserError("--start adam tunes Adam on the --task family's held-out seeds: give --task")
+        if (out / "checkpoint.safetensors").is_file():  # resumed: the parameters (alpha too) come from there
+            return None
+        with user_error("--start/--variant", types=(ValueError,)):
+            rule, lr = tuned_adam_rule(family, cfg.rule)
+        info(f"--start adam: Adam's best constant learning rate on the held-out seeds: {lr:g}")
+        return rule
+    path = Path(start)
+    if not path.is_file():
+        raise UserError(f"--start {start}: not 'new', 'adam' or an existing weights file (.safetensors)")
+    with user_error("--start", types=(ValueError, OSError)):
+        rule = LearnedRule.load(path)
+    if rule.config.variant != cfg.rule["variant"]:
+        raise UserError(f"--start {start}: holds a {rule.config.variant!r} rule, but --variant is "
+                        f"{cfg.rule['variant']!r}")
+    return rule
 
 
 def _log_row(h: dict) -> dict:

@@ -4,7 +4,7 @@
 ``meta_train`` meta-trains rules with evolution strategies over batched inner tasks: on a :class:`TaskFamily` of
 the user's own (model, data, loss, batch size, horizon), or on the built-in MLP task mix.
 """
-from .meta import MetaConfig, meta_train
+from .meta import MetaConfig, meta_train, tuned_adam_rule
 from .optimizer import DEFAULT_WEIGHTS, UNFOptimizer, load_rule
 from .psg import PSG
 from .rule import LearnedRule, RuleConfig, init_state, step_direction
@@ -12,4 +12,5 @@ from .tasks import TaskFamily, train_curve
 from .wrapper import GradientWrapper
 
 __all__ = ["DEFAULT_WEIGHTS", "GradientWrapper", "LearnedRule", "MetaConfig", "PSG", "RuleConfig", "TaskFamily",
-           "UNFOptimizer", "init_state", "load_rule", "meta_train", "step_direction", "train_curve"]
+           "UNFOptimizer", "init_state", "load_rule", "meta_train", "step_direction", "train_curve",
+           "tuned_adam_rule"]

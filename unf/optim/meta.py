@@ -10,8 +10,10 @@ call with stacked meta-parameters), and estimate the meta-gradient from the meta
   the task began, which removes the truncation bias.
 
 Meta-loss: the mean over the unroll of the log of the training loss divided by the task's initial loss, clipped to
-[1e-3, ``loss_clip``] (non-finite values count as the clip): the log weighs reaching a low loss as much as the first
-drop. Outer optimizer: Adam with gradient-norm clipping.
+[``loss_floor``, ``loss_clip``] (non-finite values count as the clip): the log weighs reaching a low loss as much as
+the first drop. The floor (default 1e-3) is where the meta-loss stops seeing progress: a family on which tuned Adam
+ends far below it (digits-mlp: about 4e-5 of the initial loss) needs a lower one, or a rule that stalls at the floor
+scores as well as Adam. Outer optimizer: Adam with gradient-norm clipping.
 
 Tasks: with a :class:`~unf.optim.tasks.TaskFamily` (``meta_train(cfg, family)``), every inner task is that family
 at a new seed, drawn from ``[META_SEED_BASE, 2**31)`` (evaluation seeds are below it); with a list of families (a
@@ -46,7 +48,7 @@ from torch.nn.utils import parameters_to_vector
 from ..distributed import dist_info, init_distributed  # noqa: F401  (init_distributed: re-exported)
 from ..weights import segment_sizes
 from .rule import CompiledRule, LearnedRule, RuleConfig, flat_step, segment_index
-from .tasks import META_SEED_BASE, TaskFamily
+from .tasks import ADAM_LRS, META_SEED_BASE, TaskFamily, train_curve
 
 DATASETS = ("digits-flat", "iris", "wine")
 ACTIVATIONS = ("relu", "tanh", "gelu")
@@ -66,7 +68,8 @@ class MetaConfig:
     outer_lr: float = 3e-3
     grad_clip: float = 1.0
     loss_clip: float = 2.0
-    log_loss: bool = True  # meta-loss: mean of log(loss / initial loss), floored at 1e-3 (else the plain ratio)
+    log_loss: bool = True  # meta-loss: mean of log(loss / initial loss), floored at loss_floor (else the plain ratio)
+    loss_floor: float = 1e-3  # the log meta-loss's floor on loss / initial loss
     seed: int = 0
     rule: dict = field(default_factory=dict)  # RuleConfig fields
     datasets: tuple = DATASETS
@@ -94,6 +97,8 @@ class MetaConfig:
         if self.rollback < 0 or (self.rollback > 0 and not self.validate_every):
             raise ValueError(f"rollback {self.rollback}: must be >= 0, and > 0 only with validate_every > 0 (it acts "
                              "on validation scores)")
+        if not 0 < self.loss_floor < 1:
+            raise ValueError(f"loss_floor {self.loss_floor}: must be in (0, 1) (a fraction of the initial loss)")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
         if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
@@ -231,9 +236,10 @@ class _Inner:
         self.loss0: Optional[float] = None
 
     def unroll(self, rule: LearnedRule, stacked: dict, steps: int, loss_clip: float, log_loss: bool = False,
-               compiled=None) -> torch.Tensor:
+               compiled=None, floor: float = 1e-3) -> torch.Tensor:
         """Run ``steps`` inner steps; the members' meta-loss ``[n]``: the mean over the steps of the training loss
-        relative to the task's initial loss, clipped at ``loss_clip`` (non-finite: the clip), or of its log.
+        relative to the task's initial loss, clipped at ``loss_clip`` (non-finite: the clip), or of its log (the ratio
+        floored at ``floor`` first).
         ``compiled``: a :class:`~unf.optim.rule.CompiledRule` (see :func:`meta_train`'s ``compile``)."""
         from ..zoo.population import member_grads
 
@@ -253,7 +259,7 @@ class _Inner:
                 if bad.any():  # a diverged member stays diverged: its losses count as the clip from here on
                     self.pop.flat[bad] = torch.nan
             norm = (losses / self.loss0).nan_to_num(loss_clip, loss_clip, loss_clip).clamp(0, loss_clip)
-            total += norm.clamp_min(1e-3).log() if log_loss else norm
+            total += norm.clamp_min(floor).log() if log_loss else norm
         return total / steps
 
     def sync_to_mean(self) -> None:
@@ -297,8 +303,40 @@ def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: lis
     total = 0.0
     for task in tasks:
         inner = _Inner(task, cfg, rule, 0, 0)
-        total += float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss, compiled=compiled)[0])
+        total += float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss, compiled=compiled,
+                                    floor=cfg.loss_floor)[0])
     return total / len(tasks)
+
+
+def tuned_adam_rule(family: Union[TaskFamily, Sequence[TaskFamily]], rule: Optional[dict] = None,
+                    lrs: Sequence[float] = ADAM_LRS, tasks: int = 2) -> tuple[LearnedRule, float]:
+    """A new rule that takes Adam's steps at the constant learning rate that trains ``family`` best, and that rate.
+
+    A new rule's last layer is zero, so it is its base: Adam with step ``alpha``. Each rate of ``lrs`` trains each
+    family at its held-out seeds ``VALIDATION_SEED + i`` (``i < tasks``: those of :func:`validation_tasks`, never a
+    meta-training or evaluation seed) for its horizon; the rate with the lowest mean over them of
+    ``log(lowest training loss / initial loss)`` becomes ``alpha``. Meta-training from this start begins at tuned
+    Adam, so what it keeps (with validation) is never worse than Adam there. ``rule``: ``RuleConfig`` fields
+    (``variant="unf-exact"`` takes the one family's spec)."""
+    fams = _families(family)
+    if not fams:
+        raise TypeError("tuned_adam_rule: needs a task family (or a list of them)")
+
+    def score(lr: float) -> float:
+        total = 0.0
+        for f in fams:
+            for i in range(tasks):
+                curve = train_curve(f, lambda m, x: torch.optim.Adam(m.parameters(), lr=lr), VALIDATION_SEED + i)
+                low = min((v for v in curve["train"] if v is not None), default=math.inf)
+                total += math.log(max(low, 1e-30) / curve["train"][0]) if math.isfinite(low) else math.inf
+        return total / (len(fams) * tasks)
+
+    best = min(lrs, key=score)
+    config = RuleConfig(**{**(rule or {}), "alpha": best})
+    spec = fams[0].spec() if config.variant == "unf-exact" else None
+    if spec is not None and len(fams) > 1:
+        raise ValueError("variant 'unf-exact' learns for one architecture: give one family, not a mix")
+    return LearnedRule(config, spec=spec), best
 
 
 def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], None] = None,
@@ -413,7 +451,7 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
             direction = eps
         # a family's horizon need not be a multiple of the unroll: the task's last truncation is shorter
         losses = inner.unroll(rule, stacked, min(cfg.unroll, inner.task.horizon - inner.t), cfg.loss_clip,
-                              cfg.log_loss, compiled=compiled)
+                              cfg.log_loss, compiled=compiled, floor=cfg.loss_floor)
         k = len(my_pairs)
         grad = es_gradient(losses[:k], losses[k:2 * k], direction, cfg.sigma, cfg.pairs)
         if cfg.estimator == "es":
