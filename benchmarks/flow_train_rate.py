@@ -72,7 +72,8 @@ def main(argv=None) -> None:
 
     import torch._dynamo as dynamo
 
-    from unf.flow.train import DEFAULT_VELOCITY, _Compiled, _Objective
+    from unf.flow.train import DEFAULT_VELOCITY, _Objective
+    from unf.nn.compiled import Compiled
     from unf.flow.velocity import build_velocity, num_parameters
     from unf.spec import spec_from_module
     from unf.weights import WeightSpace
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
             objective = _Objective(velocity)
             if mode == "compiled":
                 dynamo.reset()
-                objective = _Compiled(objective)
+                objective = Compiled(objective, "flow_train_rate")
             opt = torch.optim.AdamW(velocity.parameters(), lr=1e-4)
 
             def step():

@@ -410,7 +410,7 @@ def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch, whole):
     def broken(*args, **kw):
         raise RuntimeError("inductor: no C++ compiler")
 
-    opt._compiled.whole = opt._compiled.head = broken
+    opt._compiled.whole.compiled = opt._compiled.head.compiled = broken
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
         lc = _train(c, opt, 4)
     assert lc == pytest.approx(la, rel=1e-6) and opt._compiled.failed

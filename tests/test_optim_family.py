@@ -575,9 +575,11 @@ def test_compiled_meta_training_matches_eager_and_falls_back(monkeypatch, whole)
     def broken(*args, **kw):
         raise RuntimeError("inductor: no C++ compiler")
 
+    real_init = rule_module.CompiledRule.__init__
+
     def init(self):
-        self.whole = self.head = broken
-        self.failed = False
+        real_init(self)
+        self.whole.compiled = self.head.compiled = broken
 
     monkeypatch.setattr(rule_module.CompiledRule, "__init__", init)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*eagerly"):

@@ -28,7 +28,8 @@ from ..weights import WeightSpace
 from .canonical import canonicalize
 from .coupling import align_source, align_target, aligned_ot_pairing, ot_pairing
 from .model import Conditioning, Source, Standardizer, WeightFlow
-from .velocity import Compiled, build_velocity, num_parameters
+from ..nn.compiled import Compiled
+from .velocity import build_velocity, num_parameters
 
 DEFAULT_VELOCITY = {"unf": dict(hidden=16, depth=2, emb=64, fold_max=2),
                     "mlp": dict(hidden=512, layers=3, emb=64, prediction="data")}

@@ -13,8 +13,7 @@ indices of the conditioning columns' values (0 = unknown / dropped). Both fields
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -22,6 +21,7 @@ import torch.nn as nn
 from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace
 from ..nn import Layout, Pointwise, PositionalEncoding, UNFLinear, UnitMLP, WSNorm
+from ..nn.compiled import Compiled
 from ..nn.layout import DEFAULT_FOLD_MAX
 
 
@@ -57,25 +57,6 @@ class Embedding(nn.Module):
 
 
 PREDICTIONS = ("velocity", "data")
-
-
-class Compiled:
-    """``torch.compile(fn)`` (a module or a function) with an eager fallback: a compiler failure (no C++ compiler, an
-    unsupported op) warns once, naming ``what``, and the work goes on eagerly; an error of the model itself re-raises
-    from the eager call."""
-
-    def __init__(self, fn: Callable, what: str):
-        self.eager, self.compiled, self.what = fn, torch.compile(fn, dynamic=False), what
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # noqa: BLE001 -- see the class docstring
-                warnings.warn(f"{self.what}: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); going on "
-                              "eagerly", RuntimeWarning, stacklevel=2)
-                self.compiled = None
-        return self.eager(*args)
 
 
 class VelocityField(nn.Module):

@@ -495,9 +495,9 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
             log(history[-1])
         if bar is not None:
             bar.update(1)
-        done = inner.t >= inner.task.horizon or restart
         if restart:  # the inner task's state (PES noise, momenta) belongs to the abandoned meta-parameters
             inner.t = inner.task.horizon
+        done = inner.t >= inner.task.horizon
         last = step == cfg.steps or over()
         if out is not None and rank == 0 and done and (step - saved >= checkpoint_every or last):
             save_checkpoint(out, cfg, theta, opt, history, family=identity, best=best)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Union
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from ..spec import WeightSpaceSpec
 from ..weights import WeightSpace, segment_sizes
+from ..nn.compiled import Compiled
 from ..nn.shared import SharedPlan, SharedUNFLinear
 
 FORMAT = "unf.optim.LearnedRule"
@@ -325,26 +325,22 @@ WHOLE_GRAPH_ENTRIES = 1 << 16
 
 class CompiledRule:
     """:func:`flat_core` through ``torch.compile``: one graph per spec and batch size, compiled at its first call and
-    not again. Small weight spaces compile whole, large ones only the network (``WHOLE_GRAPH_ENTRIES``). If compiling
-    or running a compiled graph fails, a warning says so and every later call runs eagerly (the same steps to float
-    rounding): a compiler problem must not stop training."""
+    not again. Small weight spaces compile whole, large ones only the network (``WHOLE_GRAPH_ENTRIES``). Each graph is
+    a :class:`~unf.nn.compiled.Compiled`: if compiling or running it fails, a warning says so and it runs eagerly
+    from then on (the same steps to float rounding)."""
 
     def __init__(self):
-        self.whole = torch.compile(flat_core, dynamic=False)
-        self.head = torch.compile(flat_head, dynamic=False)
-        self.failed = False
+        self.whole = Compiled(flat_core, "the learned rule")
+        self.head = Compiled(flat_head, "the learned rule's network")
+
+    @property
+    def failed(self) -> bool:
+        return self.whole.failed or self.head.failed
 
     def __call__(self, rule, plan, p, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.failed:
-            try:
-                if p.numel() <= WHOLE_GRAPH_ENTRIES:
-                    return self.whole(rule, plan, p, *args)
-                return flat_core(rule, plan, p, *args, head=self.head)
-            except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor
-                warnings.warn(f"torch.compile failed for the learned rule ({type(e).__name__}: {str(e)[:200]}); "
-                              "stepping eagerly from now on", RuntimeWarning, stacklevel=3)
-                self.failed = True
-        return flat_core(rule, plan, p, *args)
+        if p.numel() <= WHOLE_GRAPH_ENTRIES:
+            return self.whole(rule, plan, p, *args)
+        return flat_core(rule, plan, p, *args, head=self.head)
 
 
 def segment_index(sizes: list[int], device=None) -> torch.Tensor:
