@@ -2,7 +2,8 @@
 
     python benchmarks/lopt_family.py run [--families F,...] [--rules R,...] [--budget-min 5] [--seeds 0,1,2,3,4]
                                          [--stage meta|eval|all] [--compile] [--rollback D] [--runs DIR]
-                                         [--start shipped|adam] [--loss-floor F] [--out FILE]
+                                         [--start shipped|adam] [--loss-floor F] [--beta B] [--sigma S]
+                                         [--outer-lr LR] [--validate-every K] [--out FILE]
     python benchmarks/lopt_family.py table          # markdown tables and the figure from the results file
 
 Families: ``unf.optim.tasks.FAMILIES`` (``digits-mlp``, ``digits-cnn-family``, ``majority-gru-family``). Rules: the
@@ -65,10 +66,11 @@ def key(r: dict) -> tuple:
     return r["family"], "rule", r["rule"], r["seed"]
 
 
-def initial_rule(variant: str, family, start: str = "shipped") -> tuple[LearnedRule, str]:
-    """The warm start of ``variant`` on ``family`` and where it came from."""
+def initial_rule(variant: str, family, start: str = "shipped", beta: float = 1.0) -> tuple[LearnedRule, str]:
+    """The warm start of ``variant`` on ``family`` and where it came from (``beta``: ``RuleConfig.beta`` of a rule
+    started from tuned Adam)."""
     if start == "adam":
-        rule, lr = tuned_adam_rule(family, {"variant": variant})
+        rule, lr = tuned_adam_rule(family, {"variant": variant, "beta": beta})
         return rule, f"tuned Adam (lr {lr:g} on the held-out validation seeds), zero learned term"
     if variant == "unf-exact":
         return LearnedRule.exact_from(LearnedRule.load(WEIGHTS / SHIPPED["unf"]), family.spec()), \
@@ -77,12 +79,14 @@ def initial_rule(variant: str, family, start: str = "shipped") -> tuple[LearnedR
 
 
 def run_meta(fam_name: str, variant: str, budget_min: float, runs: Path, out: Path, compile: bool = False,
-             rollback: float = 0.0, warm: str = "shipped", loss_floor: float = 1e-3) -> None:
+             rollback: float = 0.0, warm: str = "shipped", loss_floor: float = 1e-3, beta: float = 1.0,
+             sigma: float = 0.01, outer_lr: float = 3e-3, validate_every: int = VALIDATE_EVERY) -> None:
     family = FAMILIES[fam_name]
     base = variant.split("+")[0]
-    rule, start = initial_rule(base, family, warm)
-    cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base}, loss_floor=loss_floor,
-                     validate_every=VALIDATE_EVERY if variant.endswith("+val") else 0,
+    rule, start = initial_rule(base, family, warm, beta)
+    cfg = MetaConfig(steps=None, budget_s=60.0 * budget_min, rule={"variant": base, "beta": rule.config.beta},
+                     loss_floor=loss_floor, sigma=sigma, outer_lr=outer_lr,
+                     validate_every=validate_every if variant.endswith("+val") else 0,
                      rollback=rollback if variant.endswith("+val") else 0.0)
     log = runs / fam_name / variant / "log.jsonl"  # every outer step (a checkpoint holds whole tasks only)
     rule, history = meta_train(cfg, family, out=runs / fam_name / variant, rule=rule, compile=compile,
@@ -250,6 +254,11 @@ def main(argv=None) -> None:
     ap.add_argument("--start", choices=["shipped", "adam"], default="shipped",
                     help="warm start: the shipped weights (default) or tuned Adam with a zero learned term")
     ap.add_argument("--loss-floor", type=float, default=1e-3, help="MetaConfig.loss_floor of the meta-loss")
+    ap.add_argument("--beta", type=float, default=1.0, help="with --start adam: RuleConfig.beta, the learned term's "
+                    "scale (a smaller one makes PES's perturbations of a zero learned term smaller)")
+    ap.add_argument("--sigma", type=float, default=0.01, help="MetaConfig.sigma (PES perturbation scale)")
+    ap.add_argument("--outer-lr", type=float, default=3e-3, help="MetaConfig.outer_lr")
+    ap.add_argument("--validate-every", type=int, default=VALIDATE_EVERY, help="+val rules: MetaConfig.validate_every")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, runs = Path(args.out), Path(args.runs)
@@ -271,7 +280,8 @@ def main(argv=None) -> None:
             for variant in (r for r in rules if r != "shipped"):
                 if (fam_name, "meta", variant) not in {key(r) for r in load_jsonl(out, key)}:
                     run_meta(fam_name, variant, args.budget_min, runs, out, args.compile, args.rollback, args.start,
-                             args.loss_floor)
+                             args.loss_floor, args.beta, args.sigma, args.outer_lr,
+                             args.validate_every)
         if args.stage in ("eval", "all"):
             run_eval(fam_name, rules, seeds, runs, out)
 
