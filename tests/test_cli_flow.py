@@ -135,7 +135,7 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     assert main(["flow", "train", "--zoo", str(zoo), "--out", str(run), "--steps", "2", "--batch-size", "4",
                  "--where", "activation=relu", "--unit-hidden", "units", "--align-target", "--ot-candidates", "2",
                  "--unit-activation", "sinkhorn", "--unit-rank", "2", "--unit-attention", "1", "--hidden", "6",
-                 "--depth", "3", "--time-sampling", "logit-normal", "--json", "--quiet"]) == 0
+                 "--unit-channels", "4", "--depth", "3", "--time-sampling", "logit-normal", "--json", "--quiet"]) == 0
     from unf.flow import WeightFlow
 
     flow = WeightFlow.load(run / "flow.safetensors")
@@ -144,7 +144,8 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
     assert flow.info["config"]["ot_candidates"] == 2
     assert all(b.unit is not None and b.unit.activation == "sinkhorn" and b.unit.rank == 2 and len(b.unit.mix)
                for b in flow.velocity.blocks)
-    assert flow.velocity.config["unit_attention"] == 1
+    assert flow.velocity.config["unit_attention"] == 1 and flow.velocity.config["unit_channels"] == 4
+    assert all(b.down.weight.shape == (len(b.names), 4, 6) for b in flow.velocity.blocks)  # reloaded as trained
     assert flow.velocity.config["hidden"] == 6 and len(flow.velocity.blocks) == 3
     assert flow.info["config"]["time_sampling"] == "logit-normal"
     capsys.readouterr()
@@ -152,6 +153,8 @@ def test_train_with_unit_mlps_and_aligned_targets(zoo, tmp_path, capsys):
                          "activation=relu", "--unit-activation", "sinkhorn"], "--unit-activation sinkhorn")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--unit-attention", "2"], "--unit-attention 2", "--unit-hidden")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--unit-channels", "8"], "--unit-channels 8", "--unit-hidden")
 
 
 def test_train_with_selection_keeps_a_scored_snapshot(zoo, tmp_path, capsys):

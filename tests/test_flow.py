@@ -31,16 +31,18 @@ def _random_ws(spec, n, dtype=torch.float32, seed=0):
                               for k in spec.float_names})
 
 
-@pytest.mark.parametrize("fold_max,prediction,unit_hidden,unit_rank,unit_activation,unit_attention", [
-    (0, "velocity", 0, 0, "silu", 0), (4, "velocity", 0, 0, "silu", 0), (4, "data", 0, 0, "silu", 0),
-    (2, "data", 8, 0, "silu", 0), (2, "velocity", 8, 3, "silu", 0), (2, "velocity", 8, 3, "softmax", 0),
-    (2, "velocity", "units", 3, "sinkhorn", 1)])
+@pytest.mark.parametrize("fold_max,prediction,unit_hidden,unit_rank,unit_activation,unit_attention,unit_channels", [
+    (0, "velocity", 0, 0, "silu", 0, 0), (4, "velocity", 0, 0, "silu", 0, 0), (4, "data", 0, 0, "silu", 0, 0),
+    (2, "data", 8, 0, "silu", 0, 0), (2, "velocity", 8, 3, "silu", 0, 0), (2, "velocity", 8, 3, "softmax", 0, 0),
+    (2, "velocity", "units", 3, "sinkhorn", 1, 0), (2, "velocity", "units", 3, "sinkhorn", 0, 3)])
 def test_unf_velocity_is_equivariant(spec, fold_max, prediction, unit_hidden, unit_rank, unit_activation,
-                                     unit_attention):
+                                     unit_attention, unit_channels):
     torch.manual_seed(0)
     v = UNFVelocity(spec, hidden=6, depth=2, emb=8, vocab=[3], fold_max=fold_max, prediction=prediction,
                     unit_hidden=unit_hidden, unit_rank=unit_rank, unit_activation=unit_activation,
-                    unit_attention=unit_attention).double()
+                    unit_attention=unit_attention, unit_channels=unit_channels).double()
+    if unit_channels:  # the unit MLPs work on their own narrower channels
+        assert all(b.down.weight.shape[1:] == (unit_channels, 6) and b.unit is not None for b in v.blocks)
     with torch.no_grad():  # the output layer (and each unit MLP's last layer) starts at zero: make it non-trivial
         for p in v.out.parameters():
             p.normal_()

@@ -91,6 +91,9 @@ def register(sub) -> None:
     p.add_argument("--unit-attention", type=at_least(0), default=0, metavar="L",
                    help="with --unit-hidden: L self-attention layers across the units of each layer, so that a "
                         "network's units decide together (default 0: each unit alone)")
+    p.add_argument("--unit-channels", type=at_least(0), default=0, metavar="U",
+                   help="with --unit-hidden: the unit MLPs read and write a U-channel projection of a wider field's "
+                        "channels, which keeps their parameters those of a U-wide field (default 0: all channels)")
     p.add_argument("--compile", action="store_true",
                    help="compile the training step with torch.compile (a one-time compile of 1-3 minutes, then "
                         "1.5-3.8x the steps per second of the UNF field on MLP zoos; falls back to eager with a "
@@ -156,12 +159,13 @@ def run_train(args) -> int:
     if args.select_num is not None and args.select_every == 0:
         raise UserError(f"--select-num {args.select_num}: networks sampled per selection, but there is no selection "
                         "without --select-every K (K > 0)")
-    if args.velocity is None and (args.unit_hidden or args.unit_activation or args.unit_rank or args.unit_attention):
+    if args.velocity is None and (args.unit_hidden or args.unit_activation or args.unit_rank or args.unit_attention
+                                  or args.unit_channels):
         args.velocity = "unf"  # options of the unf field name it
     if args.unit_hidden and args.velocity not in (None, "unf"):
         raise UserError(f"--unit-hidden {args.unit_hidden}: only the unf field has unit MLPs (--velocity unf)")
     for flag, value in (("--unit-activation", args.unit_activation), ("--unit-rank", args.unit_rank),
-                        ("--unit-attention", args.unit_attention)):
+                        ("--unit-attention", args.unit_attention), ("--unit-channels", args.unit_channels)):
         if value and not args.unit_hidden:
             raise UserError(f"{flag} {value}: it sets the unit MLPs, which need --unit-hidden W (W > 0)")
     if args.ot_candidates and (args.no_ot or not args.align_target):
@@ -213,7 +217,8 @@ def run_train(args) -> int:
                                       **({"unit_hidden": args.unit_hidden} if args.unit_hidden else {}),
                                       **({"unit_activation": args.unit_activation} if args.unit_activation else {}),
                                       **({"unit_rank": args.unit_rank} if args.unit_rank else {}),
-                                      **({"unit_attention": args.unit_attention} if args.unit_attention else {})})
+                                      **({"unit_attention": args.unit_attention} if args.unit_attention else {}),
+                                      **({"unit_channels": args.unit_channels} if args.unit_channels else {})})
     reference = 0
     if cfg.canonicalize == "reference":  # the network best on its training split (test accuracy is for reports)
         with warnings.catch_warnings(record=True) as caught:

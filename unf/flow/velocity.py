@@ -111,18 +111,38 @@ class VelocityField(nn.Module):
                                     for n in x.names}, x.extras)
 
 
+class _ChannelMix(nn.Module):
+    """``WeightSpace[B, C_in] -> WeightSpace[B, C_out]``: one ``[C_out, C_in]`` matrix per tensor, the same at every
+    entry (a point-wise map over channels, so it commutes with every permutation of entries)."""
+
+    def __init__(self, names: Sequence[str], c_in: int, c_out: int):
+        super().__init__()
+        self.names = list(names)
+        self.weight = nn.Parameter(torch.randn(len(self.names), c_out, c_in) / math.sqrt(c_in))
+
+    def forward(self, x: WeightSpace) -> WeightSpace:
+        return WeightSpace(x.spec, {n: torch.einsum("dc,bc...->bd...", w, x[n]) for n, w in zip(self.names, self.weight)},
+                           x.extras)
+
+
 class _FiLMBlock(nn.Module):
-    """``x + Linear(act(FiLM(Norm(x), e)))``: the residual branch of a ``UNFNet`` block, modulated by ``e``."""
+    """``x + Linear(act(FiLM(Norm(x), e)))``: the residual branch of a ``UNFNet`` block, modulated by ``e``; with a
+    unit MLP, ``+ Unit(act(...))``, read and written through ``unit_channels`` channels when that is fewer."""
 
     def __init__(self, layout: Layout, channels: int, emb: int, scale: float, unit_hidden: Union[int, str] = 0,
-                 unit_rank: int = 0, unit_activation: str = "silu", unit_attention: int = 0):
+                 unit_rank: int = 0, unit_activation: str = "silu", unit_attention: int = 0, unit_channels: int = 0):
         super().__init__()
         self.names = layout.spec.float_names
         self.norm = WSNorm(layout.spec, channels)
         self.act = Pointwise("silu")
         self.linear = UNFLinear(layout, channels, channels, gain=math.sqrt(2.0) * scale)
-        self.unit = UnitMLP(layout, channels, unit_hidden, rank=unit_rank, activation=unit_activation,
+        uc = unit_channels if 0 < unit_channels < channels else channels
+        self.unit = UnitMLP(layout, uc, unit_hidden, rank=unit_rank, activation=unit_activation,
                             attention=unit_attention) if unit_hidden else None
+        # the unit MLP's input grows with channels x the entries a unit touches: its own narrower channels keep a
+        # wide field's parameters within a budget (digits MLP, width 32: 268k -> about 180k per block)
+        self.down = _ChannelMix(self.names, channels, uc) if self.unit is not None and uc < channels else None
+        self.up = _ChannelMix(self.names, uc, channels) if self.down is not None else None
         self.film = nn.Linear(emb, 2 * len(self.names) * channels)
         nn.init.zeros_(self.film.weight)  # start as the plain block
         nn.init.zeros_(self.film.bias)
@@ -131,7 +151,11 @@ class _FiLMBlock(nn.Module):
         scale, shift = self.film(e).view(len(e), 2, len(self.names), -1).unbind(1)  # [B, T, C] each
         z = self.act(self.norm(x, scale, shift))
         out = self.linear(z, residual=x)
-        return out if self.unit is None else out + self.unit(z)
+        if self.unit is None:
+            return out
+        if self.down is None:
+            return out + self.unit(z)
+        return out + self.up(self.unit(self.down(z)))
 
 
 CHUNK_ENTRIES = 1 << 23  # hidden-state floats per chunk when sampling (32 MiB in float32)
@@ -152,26 +176,33 @@ class UNFVelocity(VelocityField):
     hidden layers; ``unit_activation="softmax"`` makes it a softmax memory of ``unit_hidden`` prototypes, and
     ``"sinkhorn"`` one whose prototypes a network's units compete for; ``unit_hidden="units"`` gives each group one
     prototype per unit (the best memory measured on the orbit rung, BENCHMARKS.md); ``unit_attention=L`` puts ``L``
-    self-attention layers across the units of each group into it, so that a network's units decide together."""
+    self-attention layers across the units of each group into it, so that a network's units decide together;
+    ``unit_channels=U`` (``0 < U < hidden``) feeds it a ``U``-channel projection of the block's activations and
+    projects its output back, so that a wider field's unit memories stay the size of a ``U``-wide one's."""
 
     kind = "unf"
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, depth: int = 3, emb: int = 64,
                  vocab: Sequence[int] = (), pos_dim: int = 4, fold_max: int = DEFAULT_FOLD_MAX,
                  prediction: str = "velocity", min_gap: float = 0.05, unit_hidden: Union[int, str] = 0,
-                 unit_rank: int = 0, unit_activation: str = "silu", unit_attention: int = 0):
+                 unit_rank: int = 0, unit_activation: str = "silu", unit_attention: int = 0,
+                 unit_channels: int = 0):
         super().__init__()
         self._set_prediction(prediction, min_gap)
+        if unit_channels < 0:
+            raise ValueError(f"unit_channels {unit_channels}: must be >= 0 (0: the field's width)")
         self.config = dict(hidden=hidden, depth=depth, emb=emb, vocab=list(vocab), pos_dim=pos_dim,
                            fold_max=fold_max, prediction=prediction, min_gap=min_gap, unit_hidden=unit_hidden,
-                           unit_rank=unit_rank, unit_activation=unit_activation, unit_attention=unit_attention)
+                           unit_rank=unit_rank, unit_activation=unit_activation, unit_attention=unit_attention,
+                           unit_channels=unit_channels)
         self.layout = Layout(spec, fold_max)
         self.embed = Embedding(emb, vocab)
         self.pos = PositionalEncoding(self.layout, pos_dim) if pos_dim and self.layout.pseudo_groups() else None
         self.inp = UNFLinear(self.layout, 1 + (pos_dim if self.pos is not None else 0), hidden)
         scale = 1.0 / math.sqrt(max(depth, 1))
         self.blocks = nn.ModuleList([_FiLMBlock(self.layout, hidden, emb, scale, unit_hidden, unit_rank,
-                                                unit_activation, unit_attention) for _ in range(depth)])
+                                                unit_activation, unit_attention, unit_channels)
+                                     for _ in range(depth)])
         self.out_norm = WSNorm(spec, hidden)
         self.act = Pointwise("silu")
         self.out = UNFLinear(self.layout, hidden, 1)
