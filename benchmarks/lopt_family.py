@@ -46,15 +46,19 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "unf" / "optim" / "weights"
 SHIPPED = {"unf": "default.safetensors", "deepsets": "deepsets.safetensors", "mlp": "mlp.safetensors"}
 # "shipped": the shipped unf weights, not meta-trained here; "+val": meta-trained keeping the rule that scores best on
-# held-out family seeds every VALIDATE_EVERY outer steps (MetaConfig.validate_every; its time counts in the budget)
-RULES = ("unf", "unf-exact", "deepsets", "mlp", "unf+val", "unf-exact+val", "deepsets+val", "mlp+val", "shipped")
+# held-out family seeds every VALIDATE_EVERY outer steps (MetaConfig.validate_every; its time counts in the budget);
+# "adam-start": the start of --start adam as it is (tuned_adam_rule: Adam at the rate best on the held-out seeds, run
+# through the learned rule's code), not meta-trained
+RULES = ("unf", "unf-exact", "deepsets", "mlp", "unf+val", "unf-exact+val", "deepsets+val", "mlp+val", "shipped",
+         "adam-start")
 VALIDATE_EVERY = 50
 LOGGED = ("step", "meta_loss", "seconds", "rollback", "valid_loss_start", "valid_loss")  # per outer step, in log.jsonl
 LABEL = {"shipped": "shipped UNF weights (not meta-trained on the family)", "unf": "UNF (shared)",
          "unf-exact": "UNF (exact, per term)", "deepsets": "DeepSets",
          "unf+val": "UNF (shared), best on held-out seeds", "unf-exact+val": "UNF (exact), best on held-out seeds",
          "deepsets+val": "DeepSets, best on held-out seeds", "mlp+val": "per-parameter MLP, best on held-out seeds",
-         "mlp": "per-parameter MLP", "adam": "tuned Adam", "sgdm": "tuned SGDM"}
+         "mlp": "per-parameter MLP", "adam": "tuned Adam", "sgdm": "tuned SGDM",
+         "adam-start": "tuned-Adam start (not meta-trained)"}
 GRIDS = {"adam": ADAM_LRS, "sgdm": SGD_LRS}
 
 
@@ -128,6 +132,7 @@ def run_eval(fam_name: str, rules: list, seeds: list, runs: Path, out: Path) -> 
     family = FAMILIES[fam_name]
     rows = load_jsonl(out, key)
     done = {key(r) for r in rows}
+    start = None
     for seed in seeds:
         for opt, grid in GRIDS.items():
             maker = (lambda lr: lambda m, x: torch.optim.Adam(m.parameters(), lr=lr)) if opt == "adam" else \
@@ -145,11 +150,13 @@ def run_eval(fam_name: str, rules: list, seeds: list, runs: Path, out: Path) -> 
             row = {"kind": "rule", "family": fam_name, "rule": variant, "seed": seed}
             weights = runs / fam_name / variant / "rule.safetensors"
             meta = [r for r in rows if r["kind"] == "meta" and r["family"] == fam_name and r["rule"] == variant]
-            if variant == "shipped":  # the reference: what a user gets without meta-training
+            if variant in ("shipped", "adam-start"):  # references: what a user gets without meta-training
                 weights, meta = WEIGHTS / SHIPPED["unf"], [{"minutes": 0.0, "outer_steps": 0}]
             if key(row) in done or not meta or not weights.is_file():
                 continue
-            rule = LearnedRule.load(weights)
+            if variant == "adam-start":  # tuned once per family (about 40 s for digits-mlp)
+                start = start or tuned_adam_rule(family, {"variant": "unf"})[0]
+            rule = start if variant == "adam-start" else LearnedRule.load(weights)
             r = _summary(train_curve(family, lambda m, x: UNFOptimizer.for_model(m, x, weights=rule), seed))
             row.update(r, speedup_vs_adam=speedup(adam["train"], r["train"]),
                        speedup_test_vs_adam=speedup(adam["test"], r["test"]),
@@ -277,7 +284,7 @@ def main(argv=None) -> None:
         ap.error("--seeds: evaluation seeds are below 2**30 (meta-training seeds are not)")
     for fam_name in fams:
         if args.stage in ("meta", "all"):
-            for variant in (r for r in rules if r != "shipped"):
+            for variant in (r for r in rules if r not in ("shipped", "adam-start")):
                 if (fam_name, "meta", variant) not in {key(r) for r in load_jsonl(out, key)}:
                     run_meta(fam_name, variant, args.budget_min, runs, out, args.compile, args.rollback, args.start,
                              args.loss_floor, args.beta, args.sigma, args.outer_lr,
