@@ -141,8 +141,9 @@ class _FiLMBlock(nn.Module):
                             attention=unit_attention) if unit_hidden else None
         # the unit MLP's input grows with channels x the entries a unit touches: its own narrower channels keep a
         # wide field's parameters within a budget (digits MLP, width 32: 268k -> about 180k per block)
-        self.down = _ChannelMix(self.names, channels, uc) if self.unit is not None and uc < channels else None
-        self.up = _ChannelMix(self.names, uc, channels) if self.down is not None else None
+        narrow = self.unit is not None and uc < channels
+        self.down = _ChannelMix(self.names, channels, uc) if narrow else nn.Identity()
+        self.up = _ChannelMix(self.names, uc, channels) if narrow else nn.Identity()
         self.film = nn.Linear(emb, 2 * len(self.names) * channels)
         nn.init.zeros_(self.film.weight)  # start as the plain block
         nn.init.zeros_(self.film.bias)
@@ -151,11 +152,7 @@ class _FiLMBlock(nn.Module):
         scale, shift = self.film(e).view(len(e), 2, len(self.names), -1).unbind(1)  # [B, T, C] each
         z = self.act(self.norm(x, scale, shift))
         out = self.linear(z, residual=x)
-        if self.unit is None:
-            return out
-        if self.down is None:
-            return out + self.unit(z)
-        return out + self.up(self.unit(self.down(z)))
+        return out if self.unit is None else out + self.up(self.unit(self.down(z)))
 
 
 CHUNK_ENTRIES = 1 << 23  # hidden-state floats per chunk when sampling (32 MiB in float32)

@@ -321,6 +321,8 @@ def tuned_adam_rule(family: Union[TaskFamily, Sequence[TaskFamily]], rule: Optio
     fams = _families(family)
     if not fams:
         raise TypeError("tuned_adam_rule: needs a task family (or a list of them)")
+    if (rule or {}).get("variant") == "unf-exact" and len(fams) > 1:  # before the tuning runs, not after
+        raise ValueError("variant 'unf-exact' learns for one architecture: give one family, not a mix")
 
     def score(lr: float) -> float:
         total = 0.0
@@ -334,8 +336,6 @@ def tuned_adam_rule(family: Union[TaskFamily, Sequence[TaskFamily]], rule: Optio
     best = min(lrs, key=score)
     config = RuleConfig(**{**(rule or {}), "alpha": best})
     spec = fams[0].spec() if config.variant == "unf-exact" else None
-    if spec is not None and len(fams) > 1:
-        raise ValueError("variant 'unf-exact' learns for one architecture: give one family, not a mix")
     return LearnedRule(config, spec=spec), best
 
 
