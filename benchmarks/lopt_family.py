@@ -15,11 +15,15 @@ shipped weights and starts as the shipped ``unf`` rule written out per term for 
 
 Evaluation, per (family, seed) on seeds never meta-trained on (meta-training seeds are >= 2**30): Adam and SGD with
 momentum 0.9 over their 7-value log grids (``ADAM_LRS``, ``SGD_LRS``), constant and with cosine decay to zero over the
-horizon; per seed the tuned baseline is the run with the lowest full-batch training loss within the horizon (the
-choice ``unf lopt eval`` makes), shared by all rules of the family. Each learned rule runs with its defaults (lr 1.0,
+horizon. The table reads two tuned baselines: **tuned for the family** (the issue's "better of the two, per family":
+the one lr and schedule with the lowest mean log training loss over the evaluation seeds, used at every seed) and
+**tuned per seed** (at each seed the run with the lowest full-batch training loss within the horizon, the choice
+``unf lopt eval`` makes: an oracle over 14 draws per seed); both are picked on the evaluation seeds, which favours
+the baseline. Each learned rule runs with its defaults (lr 1.0,
 no tuning), and so do the shipped ``unf`` weights as they are (``shipped``: what a user gets without meta-training).
-Speed-up (the issue's metric) = steps the better tuned Adam needs to reach its best training loss / steps
-the rule needs to reach that loss (0: never).
+Speed-up (the issue's metric) = steps the tuned Adam needs to reach its best training loss / steps the rule needs
+to reach that loss (0: never). Where that best is the baseline's last evaluation the metric is a cliff (a rule ending
+0.1 % above it scores 0), so the table also gives the ratio of lowest training losses to the family-tuned Adam's.
 
 One JSON line per finished baseline run, per meta-training and per (family, rule, seed) in ``--out`` (default
 ``benchmarks/results/lopt_family.jsonl``); work recorded there is skipped, so the driver resumes.
@@ -128,6 +132,21 @@ def tuned(rows: list, fam_name: str, seed: int, opt: str) -> dict | None:
     return min(runs, key=lambda r: _lowest(r["train"]))
 
 
+def tuned_family(rows: list, fam_name: str, seeds: list, opt: str) -> dict | None:
+    """The baseline of ``opt`` tuned for the family: the (lr, schedule) with the lowest mean over ``seeds`` of the log
+    lowest training loss, and its run at each seed (``{seed: row}``), if all ran. One setting for every seed, as a user
+    who tunes Adam for a family uses it, chosen on the evaluation seeds themselves (which favours the baseline)."""
+    runs = [r for r in rows if r["kind"] == "baseline" and r["family"] == fam_name and r["opt"] == opt
+            and r["seed"] in seeds]
+    if len(runs) < len(GRIDS[opt]) * len(SCHEDULES) * len(seeds):
+        return None
+    score = {}
+    for r in runs:
+        score.setdefault((r["lr"], r["schedule"]), []).append(math.log(max(_lowest(r["train"]), 1e-300)))
+    lr, sch = min(score, key=lambda k: statistics.mean(score[k]))
+    return {"lr": lr, "schedule": sch, "runs": {r["seed"]: r for r in runs if (r["lr"], r["schedule"]) == (lr, sch)}}
+
+
 def run_eval(fam_name: str, rules: list, seeds: list, runs: Path, out: Path) -> None:
     family = FAMILIES[fam_name]
     rows = load_jsonl(out, key)
@@ -175,6 +194,14 @@ def _ms(values: list, digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
+def _gm(ratios: list) -> str:
+    """Geometric mean (min-max) of positive ratios."""
+    ratios = [x for x in ratios if math.isfinite(x) and x > 0]
+    if not ratios:
+        return "-"
+    return f"{math.exp(statistics.mean(map(math.log, ratios))):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def table(rows: list, out_png: Path) -> str:
     """Per family: a markdown table (mean +- sample std over seeds) and the training-loss curves (median over seeds)."""
     text, curves = [], {}
@@ -185,10 +212,19 @@ def table(rows: list, out_png: Path) -> str:
         seeds = sorted({r["seed"] for r in fr if r["kind"] == "baseline"})
         best = {opt: [b for b in (tuned(fr, fam_name, s, opt) for s in seeds) if b is not None] for opt in GRIDS}
         fam = FAMILIES[fam_name]
-        text += [f"**{fam_name}** (horizon {fam.horizon}, batch {fam.batch_size}; seeds {', '.join(map(str, seeds))})",
-                 "", "| optimizer | meta-training min (outer steps) | train-loss speed-up vs tuned Adam | vs tuned "
-                 "SGDM | final train loss | test loss | test acc % | diverged | ms/step |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        fam_adam = tuned_family(fr, fam_name, seeds, "adam")
+        vs_family = (lambda r: speedup(fam_adam["runs"][r["seed"]]["train"], r["train"])) if fam_adam else None
+        # the speed-up is a cliff where the baseline's best is its last evaluation (a rule that ends 0.1 % above it
+        # scores 0): the ratio of lowest training losses beside it is continuous
+        loss_ratio = (lambda rs: _gm([_lowest(r["train"]) / _lowest(fam_adam["runs"][r["seed"]]["train"])
+                                      for r in rs])) if fam_adam else (lambda rs: "-")
+        text += [f"**{fam_name}** (horizon {fam.horizon}, batch {fam.batch_size}; seeds {', '.join(map(str, seeds))}; "
+                 "Adam tuned for the family: "
+                 + (f"lr {fam_adam['lr']:g} {fam_adam['schedule']})" if fam_adam else "not all runs done)"),
+                 "", "| optimizer | meta-training min (outer steps) | train-loss speed-up vs Adam tuned for the "
+                 "family | vs Adam tuned per seed | vs tuned SGDM (per seed) | lowest train loss / family-tuned Adam's "
+                 "(geometric mean, min-max) | final train loss | test loss | test acc % | diverged | ms/step |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         adam_by_seed = {b["seed"]: b for b in best["adam"]}
         sgdm_by_seed = {b["seed"]: b for b in best["sgdm"]}
         for variant in RULES:
@@ -198,7 +234,9 @@ def table(rows: list, out_png: Path) -> str:
             meta = ([r for r in fr if r["kind"] == "meta" and r["rule"] == variant] or [{"minutes": 0.0,
                                                                                         "outer_steps": 0}])[-1]
             text.append(f"| {LABEL[variant]} | {meta['minutes']:.1f} ({meta['outer_steps']}) | "
+                        f"{_ms([vs_family(r) for r in rs] if vs_family else [], 2)} | "
                         f"{_ms([r['speedup_vs_adam'] for r in rs], 2)} | {_ms([r['speedup_vs_sgdm'] for r in rs], 2)} | "
+                        f"{loss_ratio(rs)} | "
                         f"{_ms([r['final_train_loss'] for r in rs], 4)} | {_ms([r['test_loss'] for r in rs], 4)} | "
                         f"{_ms([100 * r['test_acc'] for r in rs if r['test_acc'] is not None], 1)} | "
                         f"{sum(r['diverged'] for r in rs)}/{len(rs)} | {_ms([r['ms_per_step'] for r in rs], 2)} |")
@@ -209,7 +247,9 @@ def table(rows: list, out_png: Path) -> str:
             ref = [speedup(adam_by_seed[b["seed"]]["train"], b["train"]) for b in bs]
             vs_sgdm = [speedup(sgdm_by_seed[b["seed"]]["train"], b["train"]) for b in bs if b["seed"] in sgdm_by_seed]
             chosen = ", ".join(f"{b['lr']:g}{'' if b['schedule'] == 'constant' else ' cos'}" for b in bs)
-            text.append(f"| {LABEL[opt]} (lr per seed: {chosen}) | - | {_ms(ref, 2)} | {_ms(vs_sgdm, 2)} | "
+            fam_ref = [vs_family(b) for b in bs] if vs_family else []
+            text.append(f"| {LABEL[opt]} (lr per seed: {chosen}) | - | {_ms(fam_ref, 2)} | {_ms(ref, 2)} | "
+                        f"{_ms(vs_sgdm, 2)} | {loss_ratio(bs)} | "
                         f"{_ms([b['final_train_loss'] for b in bs], 4)} | {_ms([b['test_loss'] for b in bs], 4)} | "
                         f"{_ms([100 * b['test_acc'] for b in bs if b['test_acc'] is not None], 1)} | "
                         f"{sum(b['diverged'] for b in bs)}/{len(bs)} | {_ms([b['ms_per_step'] for b in bs], 2)} |")
