@@ -1,6 +1,6 @@
 """The UNF velocity field's cost, against its own channel-mixing GEMMs and the MLP field, side by side in one run.
 
-    python benchmarks/flow_field.py [--widths 16 64] [--batch 1000] [--repeats 3] [--threads 1] [--quick]
+    python benchmarks/flow_field.py [--widths 16 64] [--batch 1000] [--repeats 3] [--threads 1] [--compile] [--quick]
 
 For the digits-mlp architecture and the shipped field configuration (``DEFAULT_VELOCITY["unf"]``, hidden width
 varied), with random weights (the cost does not depend on them):
@@ -10,6 +10,9 @@ varied), with random weights (the cost does not depend on them):
   shapes on fresh operands (the GEMM floor), and the evaluation's ratio to it;
 - FLOPs (``torch.utils.flop_counter``) and bytes touched by all non-view ATen ops (each operand once per op), with
   the GFLOP/s and GB/s achieved beside this machine's square-matmul peak and copy bandwidth, measured in the run;
+- with ``--compile``, the same evaluation through ``torch.compile`` (``compile_inference``, as ``unf flow sample
+  --compile`` runs it: blocks of ``COMPILED_CHUNK_ENTRIES``), its compile apart, and its ratio to the same GEMM floor
+  (inductor calls the products as extern kernels of the same sizes, in smaller chunks);
 - sampling ``--batch`` networks at ``--nfe`` Euler steps with the UNF field (first width) and the MLP field;
 - training steps per second at batch ``--train-batch`` (forward, backward, AdamW step of the flow-matching loss).
 
@@ -70,6 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--compile", action="store_true", help="also time the evaluation through torch.compile")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
     ap.add_argument("--out", default="benchmarks/results/flow_field.jsonl")
     args = ap.parse_args(argv)
@@ -123,6 +127,17 @@ def main(argv=None) -> None:
                "bytes": sum(b for _, b, _ in log)}
         row["gflops"] = flops / row["eval_s"] / 1e9
         row["gbs"] = row["bytes"] / row["eval_s"] / 1e9
+        if args.compile:
+            velocity.compile_inference()
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                evaluate()  # compiles
+                row["compile_s"] = time.perf_counter() - t0
+                wall_c = wall_times(evaluate, args.repeats)
+            velocity.compile_inference(False)
+            row.update(eval_compiled_s=statistics.median(wall_c), eval_compiled_s_all=wall_c,
+                       ratio_to_gemms_compiled=statistics.median(wall_c) / floor,
+                       gflops_compiled=flops / statistics.median(wall_c) / 1e9)
         if width == args.widths[0]:
             flow = WeightFlow(spec, velocity, Standardizer.fit(x), Conditioning.fit([{}] * x.batch_size, []), {},
                               Source())
@@ -149,15 +164,19 @@ def main(argv=None) -> None:
           f"{meta['matmul_gflops']:.1f} GFLOP/s, copy {meta['copy_gbs']:.1f} GB/s; load average "
           f"{meta['loadavg_start'][0]:.2f} at the start")
     print(f"\n| field | width | one evaluation, {args.batch:,} networks (CPU s) | GEMMs alone | x GEMMs | GFLOP/s | "
-          f"GB/s touched | {args.batch:,} networks at {args.nfe} NFE | training steps/s (batch {args.train_batch}) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"GB/s touched | compiled evaluation (x GEMMs, GFLOP/s) | {args.batch:,} networks at {args.nfe} NFE | "
+          f"training steps/s (batch {args.train_batch}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in lines:
         if r["field"] == "unf":
+            comp = (f"{r['eval_compiled_s']:.3f} s ({r['ratio_to_gemms_compiled']:.2f}, {r['gflops_compiled']:.1f})"
+                    if "eval_compiled_s" in r else "")
             print(f"| unf | {r['width']} | {r['eval_s']:.3f} s ({r['eval_cpu_s']:.3f}) | {r['gemm_floor_s']:.3f} s | "
-                  f"{r['ratio_to_gemms']:.2f} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
+                  f"{r['ratio_to_gemms']:.2f} | {r['gflops']:.1f} | {r['gbs']:.1f} | {comp} | "
                   f"{r.get('sample_s', float('nan')):.1f} s | {r['train_steps_per_s']:.1f} |")
         else:
-            print(f"| mlp | 512 | {r['eval_s']:.3f} s | | | | | {r['sample_s']:.1f} s | {r['train_steps_per_s']:.1f} |")
+            print(f"| mlp | 512 | {r['eval_s']:.3f} s | | | | | | {r['sample_s']:.1f} s | "
+                  f"{r['train_steps_per_s']:.1f} |")
 
 
 if __name__ == "__main__":
