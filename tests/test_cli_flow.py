@@ -112,6 +112,9 @@ def test_flow_commands_report_user_errors(zoo, tmp_path, capsys):
                          "activation=relu", "--align-source", "--align-target"], "choose one")
     _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
                          "activation=relu", "--ot-candidates", "4"], "--ot-candidates 4")
+    _user_error(capsys, ["flow", "train", "--zoo", str(zoo), "--out", str(tmp_path / "r"), "--where",
+                         "activation=relu", "--velocity", "unf", "--steps", "3", "--cooldown", "5"],
+                "--cooldown 5", "--steps 3")
     assert not (tmp_path / "r").exists()
 
 

@@ -471,6 +471,29 @@ def test_training_resumes_exactly_from_a_checkpoint(spec, tmp_path):
         train_flow(ws, None, FlowConfig(steps=8, align_target=True, **cfg), out=tmp_path / "part")
 
 
+def test_cooldown_anneals_and_a_constant_run_resumes_into_it(spec, tmp_path):
+    """Warmup-stable-decay: ``cooldown`` decays the rate linearly to 0 over the last steps; a constant-rate run resumed
+    with more steps and a cooldown is the run trained with that schedule from the start."""
+    from unf.flow.train import lr_factor
+
+    cfg = FlowConfig(steps=10, warmup=2, cooldown=4)
+    assert [lr_factor(cfg, s) for s in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert [lr_factor(FlowConfig(steps=10, warmup=2), s) for s in (0, 9)] == [0.5, 1.0]
+    ws, _, _ = _two_mode_zoo(spec, n=8)
+    kw = dict(velocity_config=dict(hidden=4, depth=1, emb=8), batch_size=4, checkpoint_every=3, seed=1, warmup=2)
+    full, h_full = train_flow(ws, None, FlowConfig(steps=9, cooldown=3, **kw), out=tmp_path / "full")
+    train_flow(ws, None, FlowConfig(steps=6, **kw), out=tmp_path / "part")  # constant rate after the warm-up
+    resumed, h_res = train_flow(ws, None, FlowConfig(steps=9, cooldown=3, **kw), out=tmp_path / "part")
+    assert [h["loss"] for h in h_res] == pytest.approx([h["loss"] for h in h_full], rel=1e-5)
+    a, b = full.velocity.state_dict(), resumed.velocity.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the cooldown changed the last steps: not the constant-rate run
+    const, _ = train_flow(ws, None, FlowConfig(steps=9, **kw), out=tmp_path / "const")
+    assert not all(torch.allclose(a[k], const.velocity.state_dict()[k]) for k in a)
+    with pytest.raises(ValueError, match="cooldown"):
+        train_flow(ws, None, FlowConfig(steps=4, cooldown=5, **kw))
+
+
 def test_compiled_training_matches_eager_resumes_and_falls_back(spec, tmp_path, monkeypatch):
     """``compile=True`` gives eager's losses and weights to float tolerance, compiles once (one graph, no
     recompilation per step), is no setting of the run (an eager checkpoint resumes compiled), and falls back to eager

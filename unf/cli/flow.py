@@ -67,6 +67,10 @@ def register(sub) -> None:
                    help="with --align-target: choose the minibatch OT pairs on aligned distances, each target matched "
                         "against its K nearest noise samples (K * batch weight matchings per step; default 0: raw "
                         "distances)")
+    p.add_argument("--cooldown", type=at_least(0), default=0, metavar="N",
+                   help="decay the learning rate linearly to 0 over the last N of --steps (default 0: constant after "
+                        "the warm-up). A run trained at a constant rate can be resumed with more --steps and a "
+                        "--cooldown to anneal it")
     p.add_argument("--time-sampling", choices=["uniform", "logit-normal"], default="uniform",
                    help="how training draws the path time t: uniform (default) or sigmoid of a standard normal "
                         "(logit-normal, as Stable Diffusion 3: more steps mid-path, where a field must decide what "
@@ -203,13 +207,15 @@ def run_train(args) -> int:
         raise UserError(f"only {len(train_rows)} training networks after --where/--epoch/--holdout; a flow needs >= 2")
     meta = [zoo.metadata[i] for i in train_rows]
     ws = zoo.weight_space(train_rows)
+    if args.cooldown > args.steps:
+        raise UserError(f"--cooldown {args.cooldown} is longer than --steps {args.steps}")
     cfg = FlowConfig(velocity=args.velocity, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                      lr=args.lr if args.lr is not None else (2e-3 if args.velocity == "unf" else 5e-4),
                      canonicalize=(args.canonicalize if args.canonicalize != "auto" else
                                    "reference" if args.velocity == "mlp" else "none"), ot=not args.no_ot, align_source=args.align_source,
                      align_target=args.align_target, ot_candidates=args.ot_candidates,
                      condition=list(args.condition), select_every=args.select_every, source=args.source,
-                     time_sampling=args.time_sampling,
+                     time_sampling=args.time_sampling, cooldown=args.cooldown,
                      velocity_config={**({} if args.prediction is None else {"prediction": args.prediction}),
                                       **({} if args.hidden is None else {"hidden": args.hidden}),
                                       **({} if args.depth is None else

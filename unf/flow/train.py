@@ -48,6 +48,7 @@ class FlowConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: int = 100
+    cooldown: int = 0  # the last `cooldown` of `steps` decay the rate linearly to 0 (warmup-stable-decay)
     grad_clip: float = 1.0
     ema: float = 0.999
     ot: bool = True
@@ -88,6 +89,16 @@ class _Objective(nn.Module):
             return (self.velocity.predict(xt, t, cond).flatten() - x1).square().mean()
         v = self.velocity(xt, t, cond)
         return (v.flatten() - target.flatten()).square().mean()
+
+
+def lr_factor(cfg: FlowConfig, step: int) -> float:
+    """The learning rate over ``cfg.lr`` at 0-based ``step``: a linear warm-up over ``cfg.warmup`` steps, constant,
+    then with ``cfg.cooldown`` a linear decay to zero over the run's last ``cooldown`` steps. A constant-rate run can
+    be resumed with a cooldown (and more steps) to anneal it, the warmup-stable-decay schedule."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.cooldown <= 0:
+        return warm
+    return warm * min(1.0, max(0.0, (cfg.steps - step) / cfg.cooldown))
 
 
 def _ema_fn(decay: float):
@@ -197,14 +208,16 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     velocity = build_velocity(cfg.velocity, train.spec, **cfg.velocity_kwargs(conditioning.vocab)).to(device)
     ema = torch.optim.swa_utils.AveragedModel(velocity, avg_fn=_ema_fn(cfg.ema))
     opt = torch.optim.AdamW(velocity.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     history: list[dict] = []
     out = Path(out) if out is not None else None
     if out is not None and (out / "checkpoint.safetensors").is_file():
         history = load_checkpoint(out, cfg, velocity, ema, opt)
         sched.last_epoch = len(history)  # LambdaLR restarts from the step count
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (len(history) + 1) / max(1, cfg.warmup))
+            group["lr"] = cfg.lr * lr_factor(cfg, len(history))
+    if not 0 <= cfg.cooldown <= cfg.steps:
+        raise ValueError(f"cooldown {cfg.cooldown}: must be between 0 and steps ({cfg.steps})")
     if cfg.loss not in ("velocity", "data"):
         raise ValueError(f"loss {cfg.loss!r}: choose 'velocity' or 'data'")
     if cfg.time_sampling not in TIME_SAMPLING:
@@ -325,7 +338,8 @@ def save_checkpoint(out: Path, cfg: FlowConfig, velocity: nn.Module, ema: nn.Mod
 
 def load_checkpoint(out: Path, cfg: FlowConfig, velocity: nn.Module, ema: nn.Module,
                     opt: torch.optim.Optimizer) -> list:
-    """Restore a run; refuses a checkpoint made with other settings (``steps`` may differ: a run can be extended)."""
+    """Restore a run; refuses a checkpoint made with other settings (``steps`` and ``cooldown`` may differ: a run can
+    be extended, and annealed at its end)."""
     from safetensors import safe_open
 
     path = out / "checkpoint.safetensors"
@@ -340,7 +354,8 @@ def load_checkpoint(out: Path, cfg: FlowConfig, velocity: nn.Module, ema: nn.Mod
     want = json.loads(json.dumps(asdict(cfg)))
     # a setting added since the checkpoint was written counts as its default there
     stored = {**json.loads(json.dumps(asdict(FlowConfig()))), **stored}
-    diff = sorted(k for k in set(want) | set(stored) if k != "steps" and want.get(k) != stored.get(k))
+    # steps and cooldown may change: a run can be extended, and annealed at its end
+    diff = sorted(k for k in set(want) | set(stored) if k not in ("steps", "cooldown") and want.get(k) != stored.get(k))
     if diff:
         shown = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {want.get(k)!r}" for k in diff)
         raise CheckpointError(f"{path} was made with other settings ({shown}); use another run directory or the "
