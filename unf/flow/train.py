@@ -192,6 +192,8 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
     train = canonicalize(train.to(dtype=torch.float32), cfg.canonicalize, reference=reference, seed=cfg.seed)
     standardizer = Standardizer.fit(train)
     data = standardizer.to_std(train).to(device)
+    if not 0 <= cfg.cooldown <= cfg.steps:
+        raise ValueError(f"cooldown {cfg.cooldown}: must be between 0 and steps ({cfg.steps})")
     if cfg.source not in ("normal", "gaussian"):
         raise ValueError(f"source {cfg.source!r}: choose 'normal' or 'gaussian'")
     if cfg.ot_candidates and not (cfg.ot and cfg.align_target):
@@ -216,8 +218,6 @@ def train_flow(train: WeightSpace, rows: Optional[Sequence[Mapping]] = None, cfg
         sched.last_epoch = len(history)  # LambdaLR restarts from the step count
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, len(history))
-    if not 0 <= cfg.cooldown <= cfg.steps:
-        raise ValueError(f"cooldown {cfg.cooldown}: must be between 0 and steps ({cfg.steps})")
     if cfg.loss not in ("velocity", "data"):
         raise ValueError(f"loss {cfg.loss!r}: choose 'velocity' or 'data'")
     if cfg.time_sampling not in TIME_SAMPLING:
