@@ -163,36 +163,60 @@ def contention(repeats: int, batch: int) -> list[dict]:
     return [{**meta, **r} for r in rows]
 
 
-def _memory_child(batch: int, train: bool) -> None:
+def _memory_child(batch: int, train: bool, nfn: bool = False) -> None:
     spec = mlp_spec()
-    layer = UNFLinear(spec, 16, 16, fold_max=0)
+    names = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")
+    if nfn:
+        from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+        from nfn.layers import NPLinear
+
+        def wrap(ws):
+            return WeightSpaceFeatures([ws[n] for n in names[:3]], [ws[n] for n in names[3:]])
+
+        layer = NPLinear(network_spec_from_wsfeat(wrap(random_ws(spec, 1, 16))), 16, 16)
+
+        def call(ws):
+            out = layer(wrap(ws))
+            return list(out.weights) + list(out.biases)
+    else:
+        layer = UNFLinear(spec, 16, 16, fold_max=0)
+
+        def call(ws):
+            return list(layer(ws).values())
     with torch.set_grad_enabled(train):
-        layer(random_ws(spec, 1, 16))  # one-time set-up (threads, kernels) at a negligible size
+        call(random_ws(spec, 1, 16))  # one-time set-up (threads, kernels) at a negligible size
         ws = random_ws(spec, batch, 16, requires_grad=train)
         nbytes = sum(t.numel() * t.element_size() for t in ws.values())
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out = layer(ws)
+        out = call(ws)
         if train:
-            sum(t.sum() for t in out.values()).backward()
+            sum(t.sum() for t in out).backward()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"in_bytes": nbytes, "out_bytes": sum(t.numel() * t.element_size() for t in out.values()),
+    print(json.dumps({"in_bytes": nbytes, "out_bytes": sum(t.numel() * t.element_size() for t in out),
                       "growth": peak - base}))
 
 
 def memory(batch: int) -> None:
-    print(f"\n2. Peak memory of UNFLinear, {batch} MLPs 64-128-128-10, 16 -> 16 channels, float32 "
-          "(growth of the process's peak RSS: output, gradients and every intermediate)")
+    print(f"\n2. Peak memory, {batch} MLPs 64-128-128-10, 16 -> 16 channels, float32 "
+          "(growth of the process's peak RSS: output, gradients and every intermediate), worst of 3 processes")
     # a fixed mmap threshold makes glibc return every large block at once, so peak RSS measures live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    for train in (False, True):
-        cmd = [sys.executable, __file__, "--memory-child", str(batch)] + (["--train"] if train else [])
-        runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-                           .split("\n")[-2]) for _ in range(3)]
-        r = max(runs, key=lambda run: run["growth"])  # RSS readings vary a little: report the worst of 3 processes
-        io = r["in_bytes"] + r["out_bytes"]
-        print(f"{'forward+backward' if train else 'forward, no grad':<17} input {r['in_bytes'] / 2**20:.0f} MiB, "
-              f"output {r['out_bytes'] / 2**20:.0f} MiB, growth {r['growth'] / 2**20:.0f} MiB: "
-              f"peak / (input + output) = {(r['in_bytes'] + r['growth']) / io:.2f}")
+    try:
+        import nfn  # noqa: F401
+        layers = ("unf UNFLinear", "nfn NPLinear")
+    except ImportError:
+        layers = ("unf UNFLinear",)
+    for name in layers:
+        for train in (False, True):
+            cmd = [sys.executable, __file__, "--memory-child", str(batch)] + (["--train"] if train else []) + \
+                (["--memory-nfn"] if name.startswith("nfn") else [])
+            runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+                               .split("\n")[-2]) for _ in range(3)]
+            r = max(runs, key=lambda run: run["growth"])  # RSS readings vary a little: the worst of 3 processes
+            io = r["in_bytes"] + r["out_bytes"]
+            print(f"{name:<14} {'forward+backward' if train else 'forward, no grad':<17} input "
+                  f"{r['in_bytes'] / 2**20:.0f} MiB, output {r['out_bytes'] / 2**20:.0f} MiB, growth "
+                  f"{r['growth'] / 2**20:.0f} MiB: peak / (input + output) = {(r['in_bytes'] + r['growth']) / io:.2f}")
 
 
 def larger_specs(repeats: int) -> None:
@@ -224,6 +248,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64], help="networks per batch in part 1")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-nfn", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true", help="only part 2 (peak memory; any load)")
     ap.add_argument("--contention", action="store_true",
                     help="only part 4: part 1's layers alone and beside a second process (JSON lines to --out)")
     ap.add_argument("--out", default="benchmarks/results/unf_linear_contention.jsonl")
@@ -231,7 +257,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="part 1 also times UNFLinear through torch.compile")
     args = ap.parse_args()
     if args.memory_child is not None:
-        _memory_child(args.memory_child, args.train)
+        _memory_child(args.memory_child, args.train, args.memory_nfn)
         return
     if args.load_child is not None:
         _load_child(args.load_child)
@@ -246,6 +272,9 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {platform.machine()}, median of {args.repeats}")
+    if args.memory_only:
+        memory(args.memory_batch)
+        return
     for batch in args.batch:
         versus_nfn(args.repeats, batch, args.compile)
     if DEVICE.type == "cpu":
