@@ -7,8 +7,9 @@ step (forward, backward, optimizer step) and of the optimizer step alone, for Ad
 DeepSets, per-parameter MLP) with their shipped weights; with ``--compile`` also each rule with
 ``UNFOptimizer(compile=True)`` (its compile time, the first step, reported on its own). Medians over ``--repeats``
 (after a warm-up), min and max beside them, the ATen calls of one optimizer step (a load-independent measure of
-dispatch overhead), and the rule's matmul FLOPs with the GFLOP/s achieved, beside this machine's square-matmul peak and
-copy bandwidth measured in the same run; one JSON line per run appended to
+dispatch overhead), the rule's matmul FLOPs with the GFLOP/s achieved, and the optimizer step's minimum traffic (read
+parameters, gradients and state once, write parameters and state once) with the GB/s that step time implies, beside
+this machine's square-matmul peak and copy bandwidth measured in the same run; one JSON line per run appended to
 ``benchmarks/results/lopt_overhead.jsonl``.
 """
 from __future__ import annotations
@@ -39,6 +40,15 @@ def _times(fn, repeats, sync):
     fn()  # one more warm-up call: the first builds the plans
     out = wall_times(fn, repeats, sync=sync)
     return statistics.median(out) * 1e3, min(out) * 1e3, max(out) * 1e3
+
+
+def min_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes any optimizer step must move: parameters, gradients and state tensors read once, parameters and state
+    written once (the state as ``opt.state`` holds it: Adam's two moments, the learned rule's momenta and ``v``)."""
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state = sum(size(v) for p in params for v in opt.state[p].values() if torch.is_tensor(v) and v.dim() > 0)
+    return 2 * (sum(size(p) for p in params) + state) + sum(size(p.grad) for p in params if p.grad is not None)
 
 
 def main(argv=None):
@@ -78,11 +88,12 @@ def main(argv=None):
             first_s = time.perf_counter() - t0
             full_t = _times(full, args.repeats, sync)
             step_t = _times(opt.step, args.repeats, sync)  # gradients of the last full step stay in place
-            flops = matmul_flops(opt.step)
+            flops, nbytes = matmul_flops(opt.step), min_bytes(opt)
             rows.append({"case": case, "optimizer": name, "params": sum(p.numel() for p in model.parameters()),
                          "full_ms": full_t, "step_ms": step_t, "first_step_s": first_s,
                          "aten_calls_per_step": aten_calls(opt.step), "step_matmul_flops": flops,
-                         "step_gflops": flops / (step_t[0] / 1e3) / 1e9})
+                         "step_gflops": flops / (step_t[0] / 1e3) / 1e9, "step_min_bytes": nbytes,
+                         "step_gbs": nbytes / (step_t[0] / 1e3) / 1e9})
     base = {r["case"]: r["full_ms"][0] for r in rows if r["optimizer"] == "adam"}
     stamp = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
              "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(dev),
@@ -90,8 +101,8 @@ def main(argv=None):
              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "(OpenMP default)", **machine_peaks(dev, sync)}
     print(f"{stamp}")
     print("| case | optimizer | full step ms (median, min-max) | x Adam | optimizer step ms | ATen calls per step "
-          "| first step s | step GFLOP/s (matmul) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| first step s | step GFLOP/s (matmul) | step GB/s (minimum traffic) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     out = Path(__file__).resolve().parent / "results" / "lopt_overhead.jsonl"
     out.parent.mkdir(exist_ok=True)
     with out.open("a") as f:
@@ -99,7 +110,7 @@ def main(argv=None):
             ratio = r["full_ms"][0] / base[r["case"]]
             print(f"| {r['case']} | {r['optimizer']} | {r['full_ms'][0]:.2f} ({r['full_ms'][1]:.2f}-"
                   f"{r['full_ms'][2]:.2f}) | {ratio:.2f} | {r['step_ms'][0]:.2f} | {r['aten_calls_per_step']} | "
-                  f"{r['first_step_s']:.1f} | {r['step_gflops']:.2f} |")
+                  f"{r['first_step_s']:.1f} | {r['step_gflops']:.2f} | {r['step_gbs']:.2f} |")
             f.write(json.dumps({**stamp, **r, "ratio_vs_adam": ratio}) + "\n")
 
 
