@@ -67,6 +67,14 @@ def test_train_sample_eval_round_trip(zoo, tmp_path, capsys):
     assert all(torch.allclose(zc.weight_space()[n], churned[n], atol=1e-6) for n in ws.names)
     _user_error(capsys, ["flow", "sample", str(run), "--num", "2", "--out", str(tmp_path / "g2"), "--nfe", "10",
                          "--solver", "euler", "--churn", "3"], "--churn", "churn=3")
+    # a sampling temperature is recorded and gives the library's networks; a negative one is refused
+    assert main(["flow", "sample", str(run), "--num", "3", "--out", str(tmp_path / "cool"), "--nfe", "10",
+                 "--solver", "euler", "--temperature", "0.9", "--seed", "7", "--json", "--quiet"]) == 0
+    assert _json(capsys)[-1]["temperature"] == 0.9 and Zoo(tmp_path / "cool").manifest["info"]["temperature"] == 0.9
+    cool, _ = WeightFlow.load(run / "flow.safetensors").sample(3, 10, "euler", seed=7, temperature=0.9)
+    assert all(torch.allclose(Zoo(tmp_path / "cool").weight_space()[n], cool[n], atol=1e-6) for n in ws.names)
+    _user_error(capsys, ["flow", "sample", str(run), "--num", "2", "--out", str(tmp_path / "g3"), "--nfe", "10",
+                         "--temperature", "-1"], "--temperature", "temperature -1")
     assert main(["flow", "eval", str(gen), "--zoo", str(zoo), "--no-l2", "--json"]) == 0
     res = _json(capsys)[-1]
     assert res["generated"]["n"] == 5 and res["heldout"]["n"] == held and res["train"]["n"] == relu - held

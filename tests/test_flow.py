@@ -280,6 +280,26 @@ def test_churn_is_checked_and_seeded(spec):
     assert not torch.allclose(a.flatten(), c.flatten()) and not torch.allclose(a.flatten(), d.flatten())
 
 
+def test_temperature_scales_the_source_noise(spec):
+    """``temperature`` multiplies the source noise: with a zero field (the velocity field's output layer starts at
+    zero) a sample is its start, so its standardised entries are ``temperature`` times those at 1; at 0 every network
+    starts, and so ends, the same; 1 is the default; a negative or non-finite temperature is refused."""
+    std = Standardizer.fit(_random_ws(spec, 6))
+    flow = WeightFlow(spec, UNFVelocity(spec, hidden=4, depth=1, emb=4, prediction="velocity"), std)
+    base, _ = flow.sample(4, nfe=4, solver="euler", seed=2)
+    same, _ = flow.sample(4, nfe=4, solver="euler", seed=2, temperature=1.0)
+    assert torch.equal(base.flatten(), same.flatten())
+    hot, _ = flow.sample(4, nfe=4, solver="euler", seed=2, temperature=2.5)
+    z = lambda ws: std.to_std(ws).flatten()  # noqa: E731
+    assert torch.allclose(z(hot), 2.5 * z(base), atol=1e-5) and z(base).abs().max() > 0.1
+    cold, _ = flow.sample(4, nfe=4, solver="euler", seed=2, temperature=0.0)
+    flat = cold.flatten()
+    assert torch.equal(flat, flat[:1].expand_as(flat))
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            flow.sample(2, nfe=2, seed=0, temperature=bad)
+
+
 def test_ot_pairing_is_the_optimal_permutation():
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(6, 4, generator=g)

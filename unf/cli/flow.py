@@ -131,6 +131,9 @@ def register(sub) -> None:
                    help="evaluate the field through torch.compile: about a minute of compiling at the first "
                         "evaluation (less when inductor's on-disk cache already holds it), then about 1.9x faster "
                         "for the UNF field on a CPU; the same networks to float rounding")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scale of the source noise (default 1, as trained): below 1 trades diversity for "
+                        "typicality; choose it on the training split (BENCHMARKS.md), never on test accuracy")
 
     p = add_command(flow, "eval", run=run_eval,
                     help="accuracy and novelty of a generated zoo against the flow's training and held-out networks",
@@ -298,13 +301,14 @@ def run_sample(args) -> int:
         raise UserError(f"--out {args.out}: a zoo is already there; choose a new directory")
     run = flow.info
     start = time.perf_counter()
-    with user_error("--nfe/--churn", (ValueError,)):
+    with user_error("--nfe/--churn/--temperature", (ValueError,)):
         ws, nfe = flow.sample(args.num, args.nfe, args.solver, condition, seed=args.seed,
                               batch_size=args.batch_size, device=args.device, progress=args.progress,
-                              churn=args.churn, compile=args.compile)
+                              churn=args.churn, compile=args.compile, temperature=args.temperature)
     seconds = time.perf_counter() - start
     info(f"{args.num} networks in {seconds:.2f} s ({nfe} velocity evaluations per batch, {args.solver}"
-         + (f", churn {args.churn:g})" if args.churn else ")"))
+         + (f", churn {args.churn:g}" if args.churn else "")
+         + (f", temperature {args.temperature:g})" if args.temperature != 1.0 else ")"))
     if "activation" in flow.conditioning.names and "activation" not in condition:
         raise UserError("the flow is conditioned on activation: pass --condition activation=VALUE, so that the "
                         "generated networks are built and evaluated with it")
@@ -320,7 +324,8 @@ def run_sample(args) -> int:
         r.update(m)
     out_info = {**zoo_info, "data": run["data"], "split_seed": run["split_seed"], "generated": True,
                 "source_zoo": run.get("zoo"), "flow": str(_flow_path(args.run).resolve()), "flow_seed": args.seed,
-                "nfe": nfe, "solver": args.solver, "churn": args.churn, "condition": condition, "where": run.get("where", {}),
+                "nfe": nfe, "solver": args.solver, "churn": args.churn, "temperature": args.temperature,
+                "condition": condition, "where": run.get("where", {}),
                 "epoch": run.get("epoch"), "holdout": run.get("holdout", []), "train_ids": run.get("train_ids", []),
                 "sample_seconds": seconds}
     with user_error("--out", (OSError, FileExistsError)):
@@ -329,7 +334,8 @@ def run_sample(args) -> int:
     mean = sum(accs) / len(accs)
     info(f"stored in {args.out}; test accuracy mean {mean:.4f}")
     emit({"out": args.out, "networks": len(zoo), "seconds": seconds, "nfe": nfe, "solver": args.solver,
-          "churn": args.churn, "seed": args.seed, "test_acc_mean": mean, "device": str(args.device)})
+          "churn": args.churn, "temperature": args.temperature, "seed": args.seed, "test_acc_mean": mean,
+          "device": str(args.device)})
     return 0
 
 

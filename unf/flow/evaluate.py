@@ -63,7 +63,7 @@ def evaluate_networks(factory: Callable[..., nn.Module], ws: WeightSpace, rows: 
 def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: str, split_seed: int, num: int = 100,
                        nfe: int = 20, solver: str = "heun", seed: int = 0,
                        condition: Optional[Mapping] = None, reference: Optional[WeightSpace] = None,
-                       margin: float = 0.03) -> Callable:
+                       margin: float = 0.03, temperature: float = 1.0) -> Callable:
     """A ``select`` score for :func:`unf.flow.train_flow`: the mean accuracy of ``num`` networks sampled from a
     flow (seed ``seed``), on the TRAINING split of ``data`` -- the split the zoo's networks were trained on, so
     choosing a checkpoint by it looks at no test data. ``row``: metadata of the architecture (activation).
@@ -72,7 +72,8 @@ def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: st
     "reference_agreement", "eligible"}``, and a snapshot is eligible only if the median agreement of its samples with
     each other on the training inputs is at most the training networks' own (up to ``num`` of them) plus ``margin``.
     A field that collapses onto one network is accurate but not a generator; selection then never keeps it.
-    Eligibility bounds agreement from above only (diversity); accuracy is the score that ranks eligible snapshots."""
+    Eligibility bounds agreement from above only (diversity); accuracy is the score that ranks eligible snapshots.
+    ``temperature``: sample as ``WeightFlow.sample`` does with it (a sampling setting chosen on this split)."""
     split = datasets.load(data, seed=split_seed)
     model = build_network(factory, row)
 
@@ -90,7 +91,7 @@ def train_split_scorer(factory: Callable[..., nn.Module], row: Mapping, data: st
         ref_agreement = float(agreement(predictions(ref)).median())
 
     def score(flow):
-        ws, _ = flow.sample(num, nfe=nfe, solver=solver, condition=condition, seed=seed)
+        ws, _ = flow.sample(num, nfe=nfe, solver=solver, condition=condition, seed=seed, temperature=temperature)
         ws = recalibrated(factory, ws, [row] * num, split.x_train)
         pred = predictions(ws)
         acc = float((pred == split.y_train).double().mean())

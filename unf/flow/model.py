@@ -8,6 +8,7 @@ source distribution is N(0, I) in these coordinates.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -162,14 +163,19 @@ class WeightFlow:
     @torch.no_grad()
     def sample(self, num: int, nfe: int = 20, solver: str = "heun", condition: Optional[Mapping] = None,
                seed: int = 0, batch_size: int = 1000, device=None, dtype: torch.dtype = torch.float32,
-               progress: bool = False, churn: float = 0.0, compile: bool = False) -> tuple[WeightSpace, int]:
+               progress: bool = False, churn: float = 0.0, compile: bool = False,
+               temperature: float = 1.0) -> tuple[WeightSpace, int]:
         """``num`` new weight spaces ``[num, 1]`` in the zoo's coordinates, and the velocity evaluations spent per
         batch. The source noise is drawn on the CPU from ``seed``, so a seed gives the same networks on any device
         (to float rounding). ``condition``: column -> value (unset columns are "unknown"). ``churn > 0``: stochastic
         sampling, the SDE with the flow's marginals (:mod:`unf.flow.solvers`); its noise is drawn per batch, so
         with churn a network depends on ``batch_size`` too. ``compile``: evaluate the field through ``torch.compile``
         (the same networks to float rounding; the compile, about a minute for the UNF field on a CPU, is paid at the
-        first evaluation and pays off over many: :meth:`VelocityField.compile_inference`)."""
+        first evaluation and pays off over many: :meth:`VelocityField.compile_inference`). ``temperature``: the
+        source noise is scaled by it (as in diffusion models' temperature sampling): below 1, samples move towards
+        the source's mode, trading diversity for typicality; 0 gives every network the same start."""
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature {temperature}: a finite number >= 0 (1: the source as trained)")
         device = torch.device(device) if device is not None else next(self.velocity.parameters()).device
         self.velocity.to(device).eval()
         if compile != (self.velocity._inference is not None):
@@ -182,6 +188,8 @@ class WeightFlow:
         gen = torch.Generator().manual_seed(seed)
         dim = sum(torch.Size(self.spec[n].shape).numel() for n in self.spec.float_names)
         noise = torch.randn(num, dim, generator=gen)  # all at once: network i does not depend on batch_size
+        if temperature != 1.0:
+            noise = noise * temperature
         chunks, nfe_done = [], 0
         starts = range(0, num, batch_size)
         if progress:
