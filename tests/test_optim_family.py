@@ -202,9 +202,9 @@ def test_rollback_restarts_from_the_best_rule_at_half_the_outer_rate_and_resumes
     seen = []
     score = meta.validation_loss
 
-    def recording(cfg_, rule_, params, tasks, compiled=None):
+    def recording(cfg_, rule_, params, tasks, compiled=None, scales=None):
         seen.append(torch.cat([p.reshape(-1) for p in params.values()]).clone())
-        return score(cfg_, rule_, params, tasks, compiled)
+        return score(cfg_, rule_, params, tasks, compiled, scales)
 
     ascent = meta.es_gradient
     with monkeypatch.context() as m:
@@ -629,6 +629,51 @@ def test_loss_floor_sets_where_the_meta_loss_stops_seeing_progress():
     assert scores[1e-3] == pytest.approx(math.log(1e-3)) and math.log(1e-9) < scores[1e-12] < math.log(1e-7)
     with pytest.raises(ValueError, match="loss_floor"):
         MetaConfig(loss_floor=0.0)
+
+
+def test_adam_loss_scale_puts_every_family_in_units_of_tuned_adam_and_resumes(tmp_path, monkeypatch):
+    """``loss_scale="adam"``: each family's meta-loss is divided by minus tuned Adam's whole-horizon meta-loss on its
+    validation seeds, so tuned Adam scores exactly -1 on every family (families whose raw scores differ); the scales
+    are measured once, logged with step 1 and read back on resume (not measured again), and the setting is refused
+    without families or with the plain-ratio meta-loss."""
+    mix = [_regression_family(horizon=16, name="reg-a"), _regression_family(hidden=4, horizon=40, name="reg-b")]
+    cfg = MetaConfig(steps=6, pairs=2, unroll=4, rule=SMALL_RULE, validate_every=2, validate_tasks=1,
+                     loss_scale="adam", loss_floor=1e-6)
+    scales = meta.adam_scales(cfg, mix)
+    assert set(scales) == {"reg-a", "reg-b"} and all(v > meta.MIN_SCALE for v in scales.values())
+    assert abs(scales["reg-a"] - scales["reg-b"]) > 0.1  # the raw scores differ: scaling changes something
+    for f in mix:
+        rule, _ = meta.tuned_adam_rule(f, dict(SMALL_RULE), tasks=1)
+        params = {n: p.detach()[None] for n, p in rule.named_parameters()}
+        tasks = [FamilyTask(f, meta.VALIDATION_SEED)]
+        raw = meta.validation_loss(cfg, rule, params, tasks)
+        assert raw == pytest.approx(-scales[f.name])
+        assert meta.validation_loss(cfg, rule, params, tasks, scales=scales) == pytest.approx(-1.0)
+    full, history = meta_train(cfg, mix)
+    assert history[0]["loss_scales"] == pytest.approx(scales)
+    assert all("loss_scales" not in h for h in history[1:])
+    meta_train(MetaConfig(**{**cfg.__dict__, "steps": 4}), mix, out=tmp_path, checkpoint_every=1)
+    assert meta.checkpoint_history(tmp_path)  # a task ended within the 4 steps: there is a checkpoint to resume
+    monkeypatch.setattr(meta, "adam_scales", lambda *a, **k: pytest.fail("measured again on resume"))
+    resumed, _ = meta_train(cfg, mix, out=tmp_path, checkpoint_every=1)
+    assert torch.equal(_theta(full), _theta(resumed))
+    with pytest.raises(ValueError, match="loss_scale 'adam'.*needs families"):
+        meta_train(MetaConfig(steps=1, pairs=1, unroll=4, rule=SMALL_RULE, loss_scale="adam"))
+    with pytest.raises(ValueError, match="log_loss"):
+        MetaConfig(loss_scale="adam", log_loss=False)
+    with pytest.raises(ValueError, match="loss_scale 'x'"):
+        MetaConfig(loss_scale="x")
+
+
+def test_cli_loss_scale_needs_a_task_and_reports_the_scales(tmp_path, capsys):
+    task = tmp_path / "my_task.py"
+    task.write_text(TASK_FILE)
+    base = ["lopt", "meta-train", "--pairs", "1", "--unroll", "2", "--steps", "2", "--loss-scale", "adam"]
+    _user_error(capsys, base + ["--out", str(tmp_path / "a")], "--loss-scale", "needs families")
+    assert main(base + ["--out", str(tmp_path / "b"), "--task", f"{task}:family", "--variant", "mlp"]) == 0
+    first = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[0])
+    (name, scale), = first["loss_scales"].items()  # one family, named by its file and function
+    assert name.endswith("my_task.py:family") and scale >= meta.MIN_SCALE
 
 
 def test_cli_start_options(tmp_path, capsys, monkeypatch):

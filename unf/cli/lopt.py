@@ -72,6 +72,10 @@ def register(sub) -> None:
                    help="floor of the meta-loss's log(loss / initial loss): progress below F times the initial "
                         "loss is not seen (default 1e-3; lower it, e.g. to 1e-6, where tuned Adam trains the family "
                         "below that)")
+    p.add_argument("--loss-scale", choices=["none", "adam"], default="none",
+                   help="adam: each family's meta-loss in units of tuned Adam's on its held-out validation seeds "
+                        "(measured once per run, counted in the budget), so that in a mix (--task broad, or a "
+                        "comma-separated list) every family counts alike; needs --task (default none)")
     p.add_argument("--estimator", choices=["pes", "es"], default="pes")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3)
     p.add_argument("--compile", action="store_true",
@@ -158,13 +162,13 @@ def run_meta_train(args) -> int:
     steps = args.steps if args.steps is not None or budget is not None else 2000
     if family is not None:  # the family fixes the horizon; the mix's fields (unused) only need to stay valid
         min_h, max_h = max(args.unroll, 50), max(args.unroll, 200)
-    with user_error("--variant/--widths/--datasets/--rollback", types=(ValueError,)):
+    with user_error("--variant/--widths/--datasets/--rollback/--loss-scale", types=(ValueError,)):
         cfg = MetaConfig(steps=steps, pairs=args.pairs, sigma=args.sigma, unroll=args.unroll,
                          max_horizon=max_h, min_horizon=min_h, estimator=args.estimator,
                          outer_lr=args.outer_lr, seed=args.seed, rule={"variant": args.variant}, widths=widths,
                          datasets=tuple(d for d in datasets.split(",") if d), budget_s=budget,
                          validate_every=args.validate_every, validate_tasks=args.validate_tasks,
-                         rollback=args.rollback, loss_floor=args.loss_floor)
+                         rollback=args.rollback, loss_floor=args.loss_floor, loss_scale=args.loss_scale)
         if family is None:
             cfg.check_mix()
     rule = _start_rule(args.start, family, cfg, out)
@@ -199,6 +203,10 @@ def run_meta_train(args) -> int:
         scored = [(h["valid_loss_start"], 0) for h in history[:1] if "valid_loss_start" in h] + \
             [(h["valid_loss"], h["step"]) for h in history if "valid_loss" in h]
         kept = min(scored) if scored else None
+        scales = next((h["loss_scales"] for h in history[:1] if "loss_scales" in h), None)
+        if scales:
+            info("meta-loss scales (tuned Adam's whole-horizon meta-loss on each family's validation seeds): "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in scales.items()))
         info(f"meta-trained {args.variant} rule on {task_name or 'the MLP task mix'} for "
              f"{len(history)} steps ({minutes:.1f} min); mean meta-loss of the last {len(last)}: {mean:.4f}; "
              + (f"kept the rule of step {kept[1]} (held-out meta-loss {kept[0]:.4f}); " if kept else "")
@@ -238,7 +246,7 @@ def _start_rule(start: str, family, cfg, out: Path):
 
 def _log_row(h: dict) -> dict:
     return {k: h[k] for k in ("step", "meta_loss", "grad_norm", "seconds", "valid_loss_start", "valid_loss",
-                              "rollback") if k in h}
+                              "rollback", "loss_scales") if k in h}
 
 
 def _lrs(text: str, option: str, allow_none: bool = False) -> list:

@@ -13,7 +13,8 @@ Meta-loss: the mean over the unroll of the log of the training loss divided by t
 [``loss_floor``, ``loss_clip``] (non-finite values count as the clip): the log weighs reaching a low loss as much as
 the first drop. The floor (default 1e-3) is where the meta-loss stops seeing progress: a family on which tuned Adam
 ends far below it (digits-mlp: about 4e-5 of the initial loss) needs a lower one, or a rule that stalls at the floor
-scores as well as Adam. Outer optimizer: Adam with gradient-norm clipping.
+scores as well as Adam. With ``loss_scale="adam"`` each family's meta-loss is divided by tuned Adam's on it
+(:func:`adam_scales`), so that in a mix every family counts alike. Outer optimizer: Adam with gradient-norm clipping.
 
 Tasks: with a :class:`~unf.optim.tasks.TaskFamily` (``meta_train(cfg, family)``), every inner task is that family
 at a new seed, drawn from ``[META_SEED_BASE, 2**31)`` (evaluation seeds are below it); with a list of families (a
@@ -78,6 +79,7 @@ class MetaConfig:
     validate_every: int = 0  # > 0: every that many outer steps score the rule on held-out tasks; keep the best
     validate_tasks: int = 2  # held-out tasks per validation (family seeds VALIDATION_SEED + i; see meta_train)
     rollback: float = 0.0  # > 0 (with validation): a score this much above the best restarts from the best rule
+    loss_scale: str = "none"  # "adam": each family's meta-loss in units of tuned Adam's on it (see adam_scales)
 
     def __post_init__(self):
         if self.steps is None and self.budget_s is None:
@@ -99,6 +101,10 @@ class MetaConfig:
                              "on validation scores)")
         if not 0 < self.loss_floor < 1:
             raise ValueError(f"loss_floor {self.loss_floor}: must be in (0, 1) (a fraction of the initial loss)")
+        if self.loss_scale not in ("none", "adam"):
+            raise ValueError(f"loss_scale {self.loss_scale!r}: choose 'none' or 'adam'")
+        if self.loss_scale == "adam" and not self.log_loss:
+            raise ValueError("loss_scale 'adam' scales the log meta-loss: it needs log_loss=True")
         if self.estimator not in ("es", "pes"):
             raise ValueError(f"estimator {self.estimator!r}: choose 'es' or 'pes'")
         if self.unroll < 1 or not self.unroll <= self.min_horizon <= self.max_horizon:
@@ -107,6 +113,9 @@ class MetaConfig:
 
     def check_mix(self) -> None:
         """The checks that concern the MLP task mix only (meta-training without a family runs them)."""
+        if self.loss_scale != "none":
+            raise ValueError(f"loss_scale {self.loss_scale!r} measures tuned Adam on each task family: it needs "
+                             "families (meta-train on a task family or a mix of them)")
         if self.rule.get("variant") == "unf-exact" and (self.widths is None or len(self.datasets) != 1):
             raise ValueError("variant 'unf-exact' learns for one architecture: give widths and exactly one dataset "
                              "(or meta-train on a task family)")
@@ -297,15 +306,37 @@ def validation_tasks(cfg: MetaConfig, family=None) -> list:
             for i in range(cfg.validate_tasks)]
 
 
-def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: list, compiled=None) -> float:
+def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: list, compiled=None,
+                    scales: Optional[dict] = None) -> float:
     """The meta-loss of the rule with meta-parameters ``params`` (name -> ``[1, *shape]``) over whole tasks: each
-    task trained for its full horizon from its seed, the mean over tasks of the mean (log) loss ratio."""
+    task trained for its full horizon from its seed, the mean over tasks of the mean (log) loss ratio, divided by its
+    family's scale where ``scales`` (family name -> scale, :func:`adam_scales`) is given."""
     total = 0.0
     for task in tasks:
         inner = _Inner(task, cfg, rule, 0, 0)
-        total += float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss, compiled=compiled,
-                                    floor=cfg.loss_floor)[0])
+        value = float(inner.unroll(rule, params, task.horizon, cfg.loss_clip, cfg.log_loss, compiled=compiled,
+                                   floor=cfg.loss_floor)[0])
+        total += value / scales[task.task_family.name] if scales else value
     return total / len(tasks)
+
+
+MIN_SCALE = 0.1  # adam_scales' smallest scale (log-loss units): a family tuned Adam hardly trains is not blown up
+
+
+def adam_scales(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily]]) -> dict[str, float]:
+    """Per family (name -> scale): minus the whole-horizon meta-loss of tuned Adam (:func:`tuned_adam_rule`, its
+    constant learning rate chosen on the same held-out seeds) on the family's ``cfg.validate_tasks`` validation tasks,
+    at least ``MIN_SCALE``. With ``MetaConfig(loss_scale="adam")`` every family's meta-loss is divided by its scale,
+    so tuned Adam scores -1 on each validation family and a rule 10 % better in log-loss scores -1.1 whatever the
+    family: in a mix, the families that reach far lower losses than the others no longer dominate the meta-gradient
+    (with a low ``loss_floor`` their log-losses span ten times the others')."""
+    scales = {}
+    for f in _families(family):
+        rule, _ = tuned_adam_rule(f, dict(cfg.rule), tasks=cfg.validate_tasks)
+        params = {n: p.detach()[None] for n, p in rule.named_parameters()}
+        tasks = [FamilyTask(f, VALIDATION_SEED + i) for i in range(cfg.validate_tasks)]
+        scales[f.name] = max(-validation_loss(cfg, rule, params, tasks), MIN_SCALE)  # eager: one rule per family
+    return scales
 
 
 def tuned_adam_rule(family: Union[TaskFamily, Sequence[TaskFamily]], rule: Optional[dict] = None,
@@ -403,12 +434,20 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
     best: Optional[tuple[float, int, torch.Tensor]] = None  # (score, step, theta)
     if held_out and out is not None and (out / "checkpoint.safetensors").is_file():
         best = _read_best(out)
+    scales, scale_s = None, 0.0  # family name -> scale of its meta-loss (loss_scale "adam"), measured once per run
+    if cfg.loss_scale == "adam":
+        scales = next((h["loss_scales"] for h in history[:1] if "loss_scales" in h), None)
+        if scales is None:
+            t0 = time.perf_counter()
+            scales = adam_scales(cfg, fams)
+            scale_s = time.perf_counter() - t0
+            elapsed += scale_s
 
     compiled = CompiledRule() if compile else None
 
     def validate(at: int) -> float:
         nonlocal best
-        score = validation_loss(cfg, rule, _stack(theta[None], names, shapes), held_out, compiled)
+        score = validation_loss(cfg, rule, _stack(theta[None], names, shapes), held_out, compiled, scales)
         if best is None or score < best[0]:
             best = (score, at, theta.clone())
         return score
@@ -452,6 +491,8 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
         # a family's horizon need not be a multiple of the unroll: the task's last truncation is shorter
         losses = inner.unroll(rule, stacked, min(cfg.unroll, inner.task.horizon - inner.t), cfg.loss_clip,
                               cfg.log_loss, compiled=compiled, floor=cfg.loss_floor)
+        if scales is not None:
+            losses = losses / scales[inner.task.task_family.name]
         k = len(my_pairs)
         grad = es_gradient(losses[:k], losses[k:2 * k], direction, cfg.sigma, cfg.pairs)
         if cfg.estimator == "es":
@@ -491,6 +532,9 @@ def meta_train(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily], 
         if initial is not None and step == 1:
             history[-1]["valid_loss_start"] = initial[0]
             history[-1]["seconds"] += initial[1]
+        if scales is not None and step == 1:  # kept in the log, so a resume reads them back
+            history[-1]["loss_scales"] = scales
+            history[-1]["seconds"] += scale_s
         if log is not None:
             log(history[-1])
         if bar is not None:
@@ -611,6 +655,7 @@ def _assign(rule: LearnedRule, theta: torch.Tensor) -> None:
         vector_to_parameters(theta.clone(), rule.parameters())
 
 
-__all__ = ["CheckpointError", "DATASETS", "FamilyTask", "MetaConfig", "Task", "VALIDATION_SEED", "checkpoint_history",
+__all__ = ["CheckpointError", "DATASETS", "FamilyTask", "MetaConfig", "Task", "VALIDATION_SEED", "adam_scales",
+           "checkpoint_history",
            "es_gradient", "init_distributed", "load_checkpoint", "meta_train", "sample_task", "save_checkpoint",
            "validation_loss", "validation_tasks"]
