@@ -382,10 +382,11 @@ def test_rule_core_traces_as_one_graph():
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["whole-graph", "network-only"])
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-graph", "raw-features"])
 def test_compiled_optimizer_matches_eager_and_falls_back(monkeypatch, whole):
-    """Both compiled paths (the whole rule, for small weight spaces; the network alone, above
-    ``WHOLE_GRAPH_ENTRIES``) take the eager steps, compile once, and fall back to eager on a compiler failure."""
+    """Both compiled paths (the whole rule with the features normalised in place, for small weight spaces; above
+    ``WHOLE_GRAPH_ENTRIES``, with the features raw) take the eager steps, compile once, and fall back to eager on a
+    compiler failure."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 

@@ -546,10 +546,10 @@ def test_broad_mix_leaves_the_held_out_tasks_out_and_the_cli_meta_trains_a_mix(t
                          str(tmp_path / "r3")], "unf-exact", "mix")
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["whole-graph", "network-only"])
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-graph", "raw-features"])
 def test_compiled_meta_training_matches_eager_and_falls_back(monkeypatch, whole):
     """``meta_train(compile=True)`` runs the rule compiled (one graph for the meta-training members, one for
-    validation's single member; the whole rule, or above ``WHOLE_GRAPH_ENTRIES`` its network alone) and takes the
+    validation's single member; above ``WHOLE_GRAPH_ENTRIES`` with the features raw) and takes the
     same outer steps as eager to float rounding; a compiler failure warns and continues eagerly."""
     import torch._dynamo as dynamo
 

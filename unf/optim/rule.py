@@ -314,24 +314,31 @@ def flat_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Ten
     return (head or flat_head)(rule, plan, feats, base, base_rms, index, params, inv, times), m, v
 
 
-# Up to this many entries (all batch members together) the whole rule is compiled as one graph; above it only the
-# network is (with the features' per-tensor scaling, tensor by tensor) and the rest of the features are built
-# eagerly. Inductor turns the in-place per-tensor scaling of the flat features
-# into one kernel that tests every entry against every tensor's range: 4x the eager features' time on the
-# 112k-parameter MLP, while on small weight spaces (the 1,338-parameter digits CNN) one graph saves the dispatch of
-# the eager features (benchmarks/lopt_overhead.py, issue 27).
+def _raw_core(rule: LearnedRule, plan: SharedPlan, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+              bc1: torch.Tensor, sbc2: torch.Tensor, times: torch.Tensor, index: Optional[torch.Tensor],
+              params: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`flat_core` with the features left raw and scaled per tensor inside the network (:func:`flat_head`'s
+    ``inv``): the graph :class:`CompiledRule` compiles for large weight spaces."""
+    return flat_core(rule, plan, p, g, m, v, bc1, sbc2, times, index, params, head=flat_head)
+
+
+# Up to this many entries (all batch members together) the whole rule is compiled as one graph with the features
+# normalised in place (small weight spaces are dispatch-bound: the 1,338-parameter digits CNN); above it the features
+# are left raw and each tensor's scaling is applied as the network reads it, because inductor turns the in-place
+# per-tensor scaling of a large flat buffer into one kernel that tests every entry against every tensor's range (4x
+# the eager features' time on the 112k-parameter MLP). Both are one graph (benchmarks/lopt_overhead.py, issue 27).
 WHOLE_GRAPH_ENTRIES = 1 << 16
 
 
 class CompiledRule:
     """:func:`flat_core` through ``torch.compile``: one graph per spec and batch size, compiled at its first call and
-    not again. Small weight spaces compile whole, large ones only the network (``WHOLE_GRAPH_ENTRIES``). Each graph is
-    a :class:`~unf.nn.compiled.Compiled`: if compiling or running it fails, a warning says so and it runs eagerly
-    from then on (the same steps to float rounding)."""
+    not again; small weight spaces with the features normalised in place, large ones with them raw
+    (``WHOLE_GRAPH_ENTRIES``). Each graph is a :class:`~unf.nn.compiled.Compiled`: if compiling or running it fails,
+    a warning says so and it runs eagerly from then on (the same steps to float rounding)."""
 
     def __init__(self):
         self.whole = Compiled(flat_core, "the learned rule")
-        self.head = Compiled(flat_head, "the learned rule's network")
+        self.head = Compiled(_raw_core, "the learned rule (raw features)")
 
     @property
     def failed(self) -> bool:
@@ -340,7 +347,7 @@ class CompiledRule:
     def __call__(self, rule, plan, p, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if p.numel() <= WHOLE_GRAPH_ENTRIES:
             return self.whole(rule, plan, p, *args)
-        return flat_core(rule, plan, p, *args, head=self.head)
+        return self.head(rule, plan, p, *args)
 
 
 def segment_index(sizes: list[int], device=None) -> torch.Tensor:
