@@ -320,16 +320,18 @@ def validation_loss(cfg: MetaConfig, rule: LearnedRule, params: dict, tasks: lis
     return total / len(tasks)
 
 
-MIN_SCALE = 0.1  # adam_scales' smallest scale (log-loss units): a family tuned Adam hardly trains is not blown up
+MIN_SCALE = 1.0  # adam_scales never enlarges a meta-loss: a family on which tuned Adam gains less than e-fold keeps raw units
 
 
 def adam_scales(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily]]) -> dict[str, float]:
     """Per family (name -> scale): minus the whole-horizon meta-loss of tuned Adam (:func:`tuned_adam_rule`, its
     constant learning rate chosen on the same held-out seeds) on the family's ``cfg.validate_tasks`` validation tasks,
-    at least ``MIN_SCALE``. With ``MetaConfig(loss_scale="adam")`` every family's meta-loss is divided by its scale,
-    so tuned Adam scores -1 on each validation family and a rule 10 % better in log-loss scores -1.1 whatever the
-    family: in a mix, the families that reach far lower losses than the others no longer dominate the meta-gradient
-    (with a low ``loss_floor`` their log-losses span ten times the others')."""
+    at least ``MIN_SCALE`` (1: a meta-loss is only ever shrunk). With ``MetaConfig(loss_scale="adam")`` every family's
+    meta-loss is divided by its scale, so tuned Adam scores -1 on each family where it gains more than e-fold, and a
+    rule 10 % better in log-loss scores -1.1 whatever the family: in a mix, the families that reach far lower losses
+    than the others no longer dominate the meta-gradient (with a low ``loss_floor`` their log-losses span ten times
+    the others'), and one that no optimizer trains within its horizon (the broad mix's parity GRU) is not blown up
+    into noise."""
     scales = {}
     for f in _families(family):
         rule, _ = tuned_adam_rule(f, dict(cfg.rule), tasks=cfg.validate_tasks)
