@@ -132,8 +132,9 @@ def register(sub) -> None:
                         "evaluation (less when inductor's on-disk cache already holds it), then about 1.9x faster "
                         "for the UNF field on a CPU; the same networks to float rounding")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="scale of the source noise (default 1, as trained): below 1 trades diversity for "
-                        "typicality; choose it on the training split (BENCHMARKS.md), never on test accuracy")
+                   help="scale of the source noise (default 1, as trained). The equivariant field is sharply "
+                        "tuned to it (0.95 gained 1.7 points, 0.8 gave chance; BENCHMARKS.md): choose it on the "
+                        "training split with benchmarks/flow_temperature.py, never on test accuracy")
 
     p = add_command(flow, "eval", run=run_eval,
                     help="accuracy and novelty of a generated zoo against the flow's training and held-out networks",

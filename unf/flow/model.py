@@ -172,8 +172,9 @@ class WeightFlow:
         with churn a network depends on ``batch_size`` too. ``compile``: evaluate the field through ``torch.compile``
         (the same networks to float rounding; the compile, about a minute for the UNF field on a CPU, is paid at the
         first evaluation and pays off over many: :meth:`VelocityField.compile_inference`). ``temperature``: the
-        source noise is scaled by it (as in diffusion models' temperature sampling): below 1, samples move towards
-        the source's mode, trading diversity for typicality; 0 gives every network the same start."""
+        source noise is scaled by it (as in diffusion models' temperature sampling; 0 gives every network the same
+        start). Away from 1 the start leaves the noise the field was trained on: for the equivariant field measured
+        in BENCHMARKS.md only values near 1 work."""
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature {temperature}: a finite number >= 0 (1: the source as trained)")
         device = torch.device(device) if device is not None else next(self.velocity.parameters()).device
