@@ -46,6 +46,16 @@ def mlp_spec():
     return unf.spec_from_module(models.mlp(64, (128, 128), 10), torch.randn(1, 64))
 
 
+NAMES = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")  # part 1's MLP, nfn's order
+
+
+def nfn_features(ws):
+    """Part 1's weight space as nfn's ``WeightSpaceFeatures`` (weights, then biases)."""
+    from nfn.common import WeightSpaceFeatures
+
+    return WeightSpaceFeatures([ws[n] for n in NAMES[:3]], [ws[n] for n in NAMES[3:]])
+
+
 def random_ws(spec, batch, channels, requires_grad=False):
     return unf.WeightSpace(spec, {n: torch.randn(batch, channels, *spec[n].shape, device=DEVICE,
                                                  requires_grad=requires_grad) for n in spec.float_names})
@@ -93,19 +103,18 @@ def _mlp_case(batch: int) -> dict:
     spec = mlp_spec()
     ws = random_ws(spec, batch, 16, requires_grad=True)
     ours = UNFLinear(spec, 16, 16, fold_max=0).to(DEVICE)
-    names = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")
     def run_ours():
         sum(t.square().sum() for t in ours(ws).values()).backward()
 
     run_ours.ws = ws  # the input, for a compiled copy of the same call
     rows = {"unf UNFLinear (fold_max=0)": (run_ours, ours),
-            "floor: w*2+1": (lambda: sum((ws[n] * 2 + 1).square().sum() for n in names).backward(), None)}
+            "floor: w*2+1": (lambda: sum((ws[n] * 2 + 1).square().sum() for n in NAMES).backward(), None)}
     try:
-        from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+        from nfn.common import network_spec_from_wsfeat
         from nfn.layers import NPLinear
     except ImportError:
         return rows
-    feats = WeightSpaceFeatures([ws[n] for n in names[:3]], [ws[n] for n in names[3:]])
+    feats = nfn_features(ws)
     theirs = NPLinear(network_spec_from_wsfeat(feats), 16, 16).to(DEVICE)
 
     def run_theirs():
@@ -165,18 +174,14 @@ def contention(repeats: int, batch: int) -> list[dict]:
 
 def _memory_child(batch: int, train: bool, nfn: bool = False) -> None:
     spec = mlp_spec()
-    names = ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias")
     if nfn:
-        from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+        from nfn.common import network_spec_from_wsfeat
         from nfn.layers import NPLinear
 
-        def wrap(ws):
-            return WeightSpaceFeatures([ws[n] for n in names[:3]], [ws[n] for n in names[3:]])
-
-        layer = NPLinear(network_spec_from_wsfeat(wrap(random_ws(spec, 1, 16))), 16, 16)
+        layer = NPLinear(network_spec_from_wsfeat(nfn_features(random_ws(spec, 1, 16))), 16, 16)
 
         def call(ws):
-            out = layer(wrap(ws))
+            out = layer(nfn_features(ws))
             return list(out.weights) + list(out.biases)
     else:
         layer = UNFLinear(spec, 16, 16, fold_max=0)

@@ -336,7 +336,7 @@ def adam_scales(cfg: MetaConfig, family: Union[TaskFamily, Sequence[TaskFamily]]
     for f in _families(family):
         rule, _ = tuned_adam_rule(f, dict(cfg.rule), tasks=cfg.validate_tasks)
         params = {n: p.detach()[None] for n, p in rule.named_parameters()}
-        tasks = [FamilyTask(f, VALIDATION_SEED + i) for i in range(cfg.validate_tasks)]
+        tasks = validation_tasks(cfg, f)
         scales[f.name] = max(-validation_loss(cfg, rule, params, tasks), MIN_SCALE)  # eager: one rule per family
     return scales
 
